@@ -1,0 +1,1 @@
+"""Hydra configuration groups, installed as ``tempo_mega.configs``."""

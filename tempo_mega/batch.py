@@ -1,0 +1,274 @@
+"""RolloutBatch: the one record that flows through a TEMPO step.
+
+Padded layout (the canonical one)::
+
+    input_ids      [B, P + L]  prompt left-padded to P, response right-padded to L
+    attention_mask [B, P + L]  1 on real prompt and response tokens
+    response_mask  [B, L]      1 on valid response tokens, left-aligned (response token t in column t)
+
+so ``input_ids[:, P:]`` are the response tokens, the log-prob of response token t is read from the
+logits at position ``P + t - 1`` and the critic value V_t ("before response token t") from the
+hidden state at the same position: ``values[:, -L-1:-1]`` over prompt + response.
+
+Packed layout (``to_packed``): the real tokens of every row concatenated into one 1-D stream with
+``cu_seqlens`` (int32, [B + 1]) and per-sequence ``position_ids``; no padding anywhere.
+
+Per-row fields: ``is_labeled`` [B] bool, ``scores`` [B] float (verified +-1 for labeled rows, the
+chosen reward for unlabeled rows once known), ``group_ids`` [B] long (which prompt a sample came
+from). Per-token fields, all [B, L] and aligned with ``response_mask``: ``rollout_logprobs`` (from the
+sampler), ``old_logprobs`` and ``values`` (trainer, weights before the step), ``advantages``,
+``returns``. Non-tensor side data (answers, texts) lives in ``meta`` as lists of length B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_ROW_TENSORS = ("is_labeled", "scores", "group_ids")
+_TOKEN_TENSORS = ("rollout_logprobs", "old_logprobs", "values", "advantages", "returns")
+
+
+@dataclass
+class PackedBatch:
+    """Real tokens of every row in one stream. ``response_index`` [N_resp] maps each valid response
+    token (row-major) into the stream; ``logit_index = response_index - 1`` is where its log-prob and
+    value are read."""
+
+    input_ids: Tensor  # [N] long
+    position_ids: Tensor  # [N] long, restarting at 0 for every sequence
+    cu_seqlens: Tensor  # [B + 1] int32
+    response_index: Tensor  # [N_resp] long, positions of valid response tokens in the stream
+    max_seqlen: int
+
+    def scatter_to_padded(self, per_token: Tensor, response_mask: Tensor) -> Tensor:
+        """Put a per-stream-position quantity read at ``response_index - 1`` back into [B, L]."""
+        out = per_token.new_zeros(response_mask.shape)
+        return out.masked_scatter(response_mask.bool(), per_token[self.response_index - 1])
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    is_labeled: Tensor
+    scores: Tensor
+    group_ids: Tensor
+    rollout_logprobs: Tensor | None = None
+    old_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+    meta: dict[str, list[Any]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_samples(
+        cls,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        is_labeled: Sequence[bool],
+        group_ids: Sequence[int],
+        pad_token_id: int,
+        rollout_logprobs: Sequence[Sequence[float]] | None = None,
+        scores: Sequence[float] | None = None,
+        meta: dict[str, list[Any]] | None = None,
+    ) -> RolloutBatch:
+        """Build the padded layout from ragged token lists (one entry per sample)."""
+        b = len(prompt_ids)
+        if not (len(response_ids) == len(is_labeled) == len(group_ids) == b):
+            raise ValueError(
+                f"RolloutBatch.from_samples: length mismatch: {b} prompts, {len(response_ids)} responses, "
+                f"{len(is_labeled)} is_labeled, {len(group_ids)} group_ids"
+            )
+        p = max((len(x) for x in prompt_ids), default=0)
+        resp_len = max((len(x) for x in response_ids), default=0)
+        input_ids = torch.full((b, p + resp_len), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, p + resp_len), dtype=torch.long)
+        response_mask = torch.zeros((b, resp_len), dtype=torch.long)
+        lp = torch.zeros((b, resp_len), dtype=torch.float32) if rollout_logprobs is not None else None
+        for i, (pr, rs) in enumerate(zip(prompt_ids, response_ids)):
+            if len(pr) == 0:
+                raise ValueError(f"RolloutBatch.from_samples: sample {i} has an empty prompt")
+            input_ids[i, p - len(pr) : p] = torch.as_tensor(list(pr), dtype=torch.long)
+            attention_mask[i, p - len(pr) : p] = 1
+            if len(rs):
+                input_ids[i, p : p + len(rs)] = torch.as_tensor(list(rs), dtype=torch.long)
+            attention_mask[i, p : p + len(rs)] = 1
+            response_mask[i, : len(rs)] = 1
+            if lp is not None:
+                if len(rollout_logprobs[i]) != len(rs):
+                    raise ValueError(
+                        f"RolloutBatch.from_samples: sample {i} has {len(rs)} response tokens but "
+                        f"{len(rollout_logprobs[i])} log-probs"
+                    )
+                if len(rs):
+                    lp[i, : len(rs)] = torch.as_tensor(list(rollout_logprobs[i]), dtype=torch.float32)
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_mask=response_mask,
+            is_labeled=torch.as_tensor(list(is_labeled), dtype=torch.bool),
+            scores=torch.as_tensor(list(scores) if scores is not None else [0.0] * b, dtype=torch.float32),
+            group_ids=torch.as_tensor(list(group_ids), dtype=torch.long),
+            rollout_logprobs=lp,
+            meta={k: list(v) for k, v in (meta or {}).items()},
+        )
+
+    # ------------------------------------------------------------------ shape helpers
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    @property
+    def position_ids(self) -> Tensor:
+        """Positions counting real tokens only, so left padding does not shift RoPE."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(-1)
+
+    def num_tokens(self) -> int:
+        """Real (prompt + response) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    def row_tokens(self) -> Tensor:
+        """Real tokens per row, [B]."""
+        return self.attention_mask.sum(-1)
+
+    # ------------------------------------------------------------------ selection
+    def _tensor_fields(self) -> Iterator[tuple[str, Tensor]]:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                yield f.name, v
+
+    def select(self, index: Tensor | Sequence[int]) -> RolloutBatch:
+        """Rows ``index`` (a long index or a bool mask [B]), with ``meta`` lists selected alike."""
+        idx = torch.as_tensor(index)
+        if idx.dtype == torch.bool:
+            if idx.shape != (self.batch_size,):
+                raise ValueError(f"RolloutBatch.select: bool mask of shape {tuple(idx.shape)} for {self.batch_size} rows")
+            idx = idx.nonzero().flatten()
+        idx = idx.long()
+        kw = {name: t[idx] for name, t in self._tensor_fields()}
+        il = idx.tolist()
+        kw["meta"] = {k: [v[i] for i in il] for k, v in self.meta.items()}
+        return dataclasses.replace(self, **kw)
+
+    def trim(self) -> RolloutBatch:
+        """Drop all-padding columns on the left (prompt) and right (response)."""
+        p = self.prompt_len
+        first = int((self.attention_mask[:, :p].sum(0) > 0).long().argmax()) if p else 0
+        if p and self.attention_mask[:, :p].sum() == 0:
+            first = p
+        resp_keep = int(self.response_lengths().max()) if self.batch_size else 0
+        cols = slice(first, p + resp_keep)
+        kw = {"input_ids": self.input_ids[:, cols], "attention_mask": self.attention_mask[:, cols]}
+        for name in ("response_mask",) + _TOKEN_TENSORS:
+            t = getattr(self, name)
+            if t is not None:
+                kw[name] = t[:, :resp_keep]
+        return dataclasses.replace(self, **kw)
+
+    def split(self, rows: int) -> list[RolloutBatch]:
+        """Consecutive chunks of at most ``rows`` rows."""
+        if rows <= 0:
+            raise ValueError(f"RolloutBatch.split: rows must be positive, got {rows}")
+        return [self.select(torch.arange(s, min(s + rows, self.batch_size))) for s in range(0, self.batch_size, rows)]
+
+    def split_by_tokens(self, max_tokens: int) -> list[RolloutBatch]:
+        """Consecutive micro-batches whose real-token count stays within ``max_tokens`` (a row longer
+        than the budget gets a micro-batch of its own). Rows keep their order."""
+        if max_tokens <= 0:
+            raise ValueError(f"RolloutBatch.split_by_tokens: max_tokens must be positive, got {max_tokens}")
+        sizes = self.row_tokens().tolist()
+        chunks, start, acc = [], 0, 0
+        for i, n in enumerate(sizes):
+            if i > start and acc + n > max_tokens:
+                chunks.append((start, i))
+                start, acc = i, 0
+            acc += n
+        if start < len(sizes):
+            chunks.append((start, len(sizes)))
+        return [self.select(torch.arange(a, b)).trim() for a, b in chunks]
+
+    @staticmethod
+    def cat(batches: Sequence[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
+        """Concatenate rows, re-padding prompts (left) and responses (right) to the widest."""
+        if not batches:
+            raise ValueError("RolloutBatch.cat: nothing to concatenate")
+        p = max(b.prompt_len for b in batches)
+        resp = max(b.response_len for b in batches)
+
+        def pad(t: Tensor, left: int, right: int, value: float) -> Tensor:
+            return torch.nn.functional.pad(t, (left, right), value=value)
+
+        kw: dict[str, Any] = {}
+        kw["input_ids"] = torch.cat(
+            [pad(b.input_ids, p - b.prompt_len, resp - b.response_len, pad_token_id) for b in batches]
+        )
+        kw["attention_mask"] = torch.cat(
+            [pad(b.attention_mask, p - b.prompt_len, resp - b.response_len, 0) for b in batches]
+        )
+        kw["response_mask"] = torch.cat([pad(b.response_mask, 0, resp - b.response_len, 0) for b in batches])
+        for name in _ROW_TENSORS:
+            kw[name] = torch.cat([getattr(b, name) for b in batches])
+        for name in _TOKEN_TENSORS:
+            ts = [getattr(b, name) for b in batches]
+            if all(t is not None for t in ts):
+                kw[name] = torch.cat([pad(t, 0, resp - t.shape[1], 0.0) for t in ts])
+            elif any(t is not None for t in ts):
+                raise ValueError(f"RolloutBatch.cat: field {name!r} is set on some batches and not on others")
+        keys = set(batches[0].meta)
+        if any(set(b.meta) != keys for b in batches):
+            raise ValueError("RolloutBatch.cat: batches carry different meta keys")
+        kw["meta"] = {k: [x for b in batches for x in b.meta[k]] for k in keys}
+        return RolloutBatch(**kw)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return dataclasses.replace(self, **{n: t.to(device) for n, t in self._tensor_fields()})
+
+    # ------------------------------------------------------------------ packed layout
+    def to_packed(self) -> PackedBatch:
+        mask = self.attention_mask.bool()
+        lengths = mask.sum(-1)
+        cu = torch.zeros(self.batch_size + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0)
+        input_ids = self.input_ids[mask]
+        starts = cu[:-1].long()
+        position_ids = torch.arange(input_ids.numel()) - torch.repeat_interleave(starts, lengths)
+        # first response token of row b sits at starts[b] + prompt tokens of row b
+        prompt_real = self.attention_mask[:, : self.prompt_len].sum(-1)
+        t = torch.arange(self.response_len).expand(self.batch_size, -1)
+        stream_pos = starts[:, None] + prompt_real[:, None] + t
+        response_index = stream_pos[self.response_mask.bool()]
+        return PackedBatch(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cu_seqlens=cu,
+            response_index=response_index,
+            max_seqlen=int(lengths.max()) if self.batch_size else 0,
+        )

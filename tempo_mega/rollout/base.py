@@ -1,0 +1,58 @@
+"""The rollout side of the seam: what a sampler takes and gives back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = no top-k
+    max_response_tokens: int = 16384
+    stop_token_ids: tuple[int, ...] = ()  # EOS and other stop tokens; the stop token is kept in the response
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"sampling.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_response_tokens < 1:
+            raise ValueError(f"sampling.max_response_tokens must be >= 1, got {self.max_response_tokens}")
+
+
+@dataclass
+class Sample:
+    """One generated response. ``logprobs[t]`` is the sampler's log-prob of ``response_ids[t]`` under
+    the distribution it sampled from (after temperature, before top-p/top-k truncation)."""
+
+    prompt_index: int
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop token was produced) | "length" (max_response_tokens reached)
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
+        """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Load HF-named tensors (streamed) into the sampler's model."""
+        ...
+
+    def release_memory(self) -> None: ...
+
+    def resume_memory(self) -> None: ...
+
+    def shutdown(self) -> None: ...
