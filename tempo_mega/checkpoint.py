@@ -1,0 +1,261 @@
+"""Checkpoint directory management, independent of what is saved in a checkpoint.
+
+Layout under a root directory::
+
+    root/step_00000100/COMPLETE      {"step": 100, "time": ...}: written last, so its presence means
+    root/step_00000100/...           every other file of the checkpoint is on disk
+    root/.tmp-step_00000200-<pid>/   a checkpoint being written (or left by a crash): never read
+
+``atomic_checkpoint`` writes into a hidden temporary directory and renames it into place only after
+its contents and the ``COMPLETE`` marker are fsynced, so a crash at any point leaves either the
+previous state or a complete ``step_*`` directory. Directories being deleted are renamed to a hidden
+name first, so a crash half-way through a delete never leaves a partial ``step_*`` directory either.
+
+One process manages the directory (rank 0 in a distributed run). When several ranks write shards
+into one checkpoint, rank 0 enters ``atomic_checkpoint``, broadcasts the temporary path, and the
+ranks meet at a barrier before rank 0 leaves the block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "atomic_checkpoint",
+    "atomic_write_text",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_json",
+    "prune_checkpoints",
+    "rng_state",
+    "save_json",
+    "set_rng_state",
+]
+
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or create inside ``directory`` durable; a no-op where directories can't be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows, some network filesystems
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for dirpath, _, filenames in os.walk(directory):
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory by first renaming it to a hidden name, so a crash mid-delete leaves no
+    partially deleted ``step_*`` directory behind."""
+    doomed = path.with_name(f".del-{path.name}-{os.getpid()}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(path, doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file beside it, fsync, then ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (readers see the old file or the new one)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file; a malformed file raises ``ValueError`` naming it."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+
+
+@contextmanager
+def atomic_checkpoint(root: str | Path, step: int) -> Iterator[Path]:
+    """Yield a temporary directory to write the checkpoint of ``step`` into; publish it on success.
+
+    On a clean exit: fsync everything written, write the ``COMPLETE`` marker, and rename the directory
+    to ``root/step_{step:08d}`` (an existing checkpoint of the same step is renamed aside first, then
+    deleted). On an exception: remove the temporary directory and re-raise.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():  # left by an earlier crash of a process that had the same pid
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        save_json(tmp / COMPLETE_MARKER, {"step": step, "time": time.time()})
+        if final.exists():
+            # POSIX rename cannot replace a non-empty directory: move the old one aside. A crash
+            # between the two renames leaves no step_{step} at all, and the previous step is used.
+            old = root / f".old-{final.name}-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(old, final)  # put the previous checkpoint back
+                raise
+            _fsync_dir(root)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+            _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as (step, path), oldest first; [] when root is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and (entry / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None. Temporary and unmarked dirs are ignored."""
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (``keep_last <= 0`` keeps all).
+
+    Directories without a ``COMPLETE`` marker are not touched. Returns the deleted paths.
+    """
+    if keep_last <= 0:
+        return []
+    doomed = [path for _, path in list_checkpoints(root)[:-keep_last]]
+    for path in doomed:
+        _remove_dir(path)
+    return doomed
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of python ``random``, numpy, torch CPU and every CUDA device (if any).
+
+    Plain python containers and tensors only, so ``torch.save`` / ``torch.load(weights_only=True)``
+    round-trip it. Explicit ``numpy.random.Generator`` or ``torch.Generator`` objects are not covered.
+    """
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state(legacy=False)
+    if np_state["bit_generator"] != "MT19937":  # np.random.seed always uses MT19937
+        raise ValueError(f"unsupported numpy global bit generator {np_state['bit_generator']!r}")
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "key": [int(x) for x in np_state["state"]["key"]],
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states returned by ``rng_state``. A CUDA state is restored on as many devices as both
+    the saved state and this machine have; a mismatch is reported with a warning."""
+    import numpy as np
+    import torch
+
+    missing = {"python", "numpy", "torch"} - set(state)
+    if missing:
+        raise ValueError(f"RNG state lacks {sorted(missing)}; expected the dict returned by rng_state()")
+    python_state = state["python"]
+    # pickling/JSON may turn the nested tuples into lists; random.setstate needs tuples
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np.asarray(np_state["key"], dtype=np.uint32),
+            int(np_state["pos"]),
+            int(np_state["has_gauss"]),
+            float(np_state["gauss"]),
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is None:
+        return
+    if not torch.cuda.is_available():
+        warnings.warn(
+            "checkpoint holds CUDA RNG states but CUDA is not available: not restored", stacklevel=2
+        )
+        return
+    num_devices = torch.cuda.device_count()
+    if len(cuda) != num_devices:
+        warnings.warn(
+            f"checkpoint holds CUDA RNG states for {len(cuda)} devices, this process sees {num_devices}: "
+            f"restoring the first {min(len(cuda), num_devices)}",
+            stacklevel=2,
+        )
+    for device, device_state in enumerate(cuda[:num_devices]):
+        torch.cuda.set_rng_state(device_state, device)
