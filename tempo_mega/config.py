@@ -1,0 +1,244 @@
+"""Typed run configuration: one frozen dataclass per part, validated before any model is built.
+
+Hydra composes the YAML groups in ``configs/`` (model, algo, rollout, data, trainer, experiment);
+``load_config`` merges the result onto these dataclasses, so an unknown key or a value of the wrong
+type is rejected with the key's full name, and ``validate`` rejects impossible values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("tempo", "rlvr", "ttrl", "empo", "supervised_continuation")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local HF checkpoint dir (safetensors). None builds a fresh Qwen3 of the shape below.
+    path: str | None = None
+    # Critic checkpoint (a dir saved by the critic's save_pretrained); None = copy of the actor's trunk.
+    critic_path: str | None = None
+    # Tokenizer dir; None = model.path, or the built-in synthetic tokenizer when model.path is None.
+    tokenizer_path: str | None = None
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6  # 0 freezes the model (no update; the loss is still computed for metrics)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_tokens_per_micro_batch: int = 16384
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    mode: str = "tempo"  # tempo | rlvr | ttrl | empo | supervised_continuation
+    num_samples_per_prompt: int = 8
+    # One step's train batch = labeled + unlabeled prompts (after the group filter).
+    labeled_prompts_per_step: int = 128
+    unlabeled_prompts_per_step: int = 128
+    mini_batch_prompts: int = 64  # prompts per optimizer step (x num_samples_per_prompt rows)
+    clip_low: float = 3e-4  # GSPO
+    clip_high: float = 5e-4
+    ppo_clip_low: float = 0.2  # Stage-1 PPO
+    ppo_clip_high: float = 0.28
+    clip_range_value: float = 0.1
+    e_step_every: int = 1  # 1 = every step (released code), k > 1 periodic, 0 = frozen critic
+    filter_groups: bool = True
+    max_gen_batches: int = 10
+    score_positive: float = 1.0  # critic targets: +-1 by default (the paper writes {0, 1})
+    score_negative: float = -1.0
+    lenient_grading: bool = False  # reproduce the published lenient grader (inflates scores)
+    adv_eps: float = 1e-8
+    actor: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0))
+    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = "hf"  # hf | sglang
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_response_tokens: int = 16384
+    max_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # synthetic | files
+    train_files: list[str] = field(default_factory=list)  # labeled (jsonl, parquet, datasets dir)
+    test_files: list[str] = field(default_factory=list)  # unlabeled; answers kept for evaluation only
+    field_map: str = "default"  # default | dapo_math | aime
+    prompt_key: str | None = None  # override the field map's prompt path
+    answer_key: str | None = None
+    synthetic_num_train: int = 2000
+    synthetic_num_test: int = 64
+    synthetic_seed: int = 1234
+    max_prompt_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    total_steps: int = 10
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    layout: str = "padded"  # padded | packed
+    save_every: int = 1
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = only before the first and after the last step
+    eval_num_samples: int = 8
+    eval_max_prompts: int = 64
+    eval_temperature: float = 1.0
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "progress"])  # jsonl | progress | wandb
+    wandb_project: str = "tempo-mega"
+    wandb_mode: str = "offline"
+    # Supervised warm start (cross-entropy on reference solutions) before the first RL step; the
+    # synthetic task needs it so that a randomly initialised model can produce boxed answers at all.
+    warm_start_steps: int = 0
+    warm_start_lr: float = 3e-3
+    warm_start_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    experiment: str | None = None  # name of the experiment preset that was applied, for the record
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Reject impossible values, naming the key. Runs before any model or engine is built."""
+    a, r, d, t, m = cfg.algo, cfg.rollout, cfg.data, cfg.trainer, cfg.model
+    _check(a.mode in MODES, "algo.mode", f"must be one of {MODES}, got {a.mode!r}")
+    _check(a.num_samples_per_prompt >= 1, "algo.num_samples_per_prompt", f"must be >= 1, got {a.num_samples_per_prompt}")
+    _check(a.labeled_prompts_per_step >= 0, "algo.labeled_prompts_per_step", "must be >= 0")
+    _check(a.unlabeled_prompts_per_step >= 0, "algo.unlabeled_prompts_per_step", "must be >= 0")
+    total = a.labeled_prompts_per_step + a.unlabeled_prompts_per_step
+    _check(total >= 1, "algo.labeled_prompts_per_step", "labeled + unlabeled prompts per step must be >= 1")
+    if a.mode == "rlvr" or a.mode == "supervised_continuation":
+        _check(a.labeled_prompts_per_step >= 1, "algo.labeled_prompts_per_step", f"mode {a.mode} trains on labeled prompts: must be >= 1")
+        _check(a.unlabeled_prompts_per_step == 0, "algo.unlabeled_prompts_per_step", f"mode {a.mode} uses labeled prompts only: must be 0")
+    if a.mode == "tempo":
+        _check(a.unlabeled_prompts_per_step >= 1, "algo.unlabeled_prompts_per_step", "mode tempo needs unlabeled prompts: must be >= 1")
+    _check(a.mini_batch_prompts >= 1, "algo.mini_batch_prompts", f"must be >= 1, got {a.mini_batch_prompts}")
+    _check(0 <= a.clip_low < 1, "algo.clip_low", f"must be in [0, 1), got {a.clip_low}")
+    _check(a.clip_high >= 0, "algo.clip_high", f"must be >= 0, got {a.clip_high}")
+    _check(0 <= a.ppo_clip_low < 1, "algo.ppo_clip_low", f"must be in [0, 1), got {a.ppo_clip_low}")
+    _check(a.ppo_clip_high >= 0, "algo.ppo_clip_high", f"must be >= 0, got {a.ppo_clip_high}")
+    _check(a.clip_range_value > 0, "algo.clip_range_value", f"must be > 0, got {a.clip_range_value}")
+    _check(a.e_step_every >= 0, "algo.e_step_every", f"must be >= 0 (0 = frozen critic), got {a.e_step_every}")
+    _check(a.max_gen_batches >= 1, "algo.max_gen_batches", f"must be >= 1, got {a.max_gen_batches}")
+    _check(a.score_positive > a.score_negative, "algo.score_positive", "must be greater than algo.score_negative")
+    for role in ("actor", "critic"):
+        o: OptimConfig = getattr(a, role)
+        _check(o.lr >= 0, f"algo.{role}.lr", f"must be >= 0, got {o.lr}")
+        _check(o.weight_decay >= 0, f"algo.{role}.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        _check(o.grad_clip > 0, f"algo.{role}.grad_clip", f"must be > 0, got {o.grad_clip}")
+        _check(o.max_tokens_per_micro_batch >= 1, f"algo.{role}.max_tokens_per_micro_batch", "must be >= 1")
+        _check(o.epochs >= 1, f"algo.{role}.epochs", f"must be >= 1, got {o.epochs}")
+    _check(r.engine in ("hf", "sglang"), "rollout.engine", f"must be 'hf' or 'sglang', got {r.engine!r}")
+    _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", f"must be -1 (off) or >= 1, got {r.top_k}")
+    _check(r.max_response_tokens >= 1, "rollout.max_response_tokens", f"must be >= 1, got {r.max_response_tokens}")
+    _check(r.max_batch_size >= 1, "rollout.max_batch_size", f"must be >= 1, got {r.max_batch_size}")
+    _check(d.source in ("synthetic", "files"), "data.source", f"must be 'synthetic' or 'files', got {d.source!r}")
+    if d.source == "files":
+        _check(bool(d.train_files) or a.labeled_prompts_per_step == 0, "data.train_files", "data.source=files needs labeled train files")
+        _check(bool(d.test_files) or a.unlabeled_prompts_per_step == 0, "data.test_files", "data.source=files needs unlabeled test files")
+    _check(d.synthetic_num_train >= 1, "data.synthetic_num_train", "must be >= 1")
+    _check(d.synthetic_num_test >= 1, "data.synthetic_num_test", "must be >= 1")
+    _check(t.total_steps >= 0, "trainer.total_steps", f"must be >= 0, got {t.total_steps}")
+    _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    _check(t.layout in ("padded", "packed"), "trainer.layout", f"must be 'padded' or 'packed', got {t.layout!r}")
+    _check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
+    _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0")
+    _check(t.eval_num_samples >= 1, "trainer.eval_num_samples", "must be >= 1")
+    _check(t.warm_start_steps >= 0, "trainer.warm_start_steps", "must be >= 0")
+    for name in t.loggers:
+        _check(name in ("jsonl", "progress", "wandb"), "trainer.loggers", f"unknown logger {name!r} (jsonl | progress | wandb)")
+    _check(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
+    if m.path is None:
+        _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
+               "must divide model.num_attention_heads")
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a plain (or OmegaConf) mapping; unknown keys and wrong types raise
+    ValueError naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from omegaconf import DictConfig
+
+    def find_missing(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                find_missing(v, f"{prefix}{k}.")
+        elif node == "???":
+            raise ValueError(f"config key '{prefix[:-1]}': missing mandatory value (set {prefix[:-1]}=...)")
+
+    find_missing(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw, "")
+    schema = OmegaConf.structured(TrainConfig)
+
+    def writable(node: DictConfig) -> None:  # frozen dataclasses make every node read-only
+        OmegaConf.set_readonly(node, False)
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                writable(child)
+
+    writable(schema)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # unknown key, wrong type: say which
+        key = getattr(e, "full_key", None) or ""
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ValueError(f"config key '{key}': {msg}") from None
+    return validate(obj)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "train") -> TrainConfig:
+    """Compose ``configs/<config_name>.yaml`` with Hydra overrides (``key=value``, ``experiment=...``)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module("tempo_mega.configs", version_base=None):
+            raw = compose(config_name, overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ValueError(f"config: {str(e).splitlines()[0]} (overrides: {' '.join(overrides or [])})") from None
+    return from_dict(OmegaConf.to_container(raw, resolve=True))
