@@ -1,0 +1,26 @@
+"""Rewards: strict (or explicitly lenient) math grading, and the TTRL and EMPO test-time rewards."""
+
+from tempo_mega.rewards.clusters import cluster_answers, cluster_sizes
+from tempo_mega.rewards.empo import empo_rewards
+from tempo_mega.rewards.math import (
+    DEFAULT_TIMEOUT_S,
+    LENIENT_REL_TOL,
+    compute_score,
+    extract_answer,
+    is_equivalent,
+    normalize_answer,
+)
+from tempo_mega.rewards.ttrl import ttrl_rewards
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "LENIENT_REL_TOL",
+    "cluster_answers",
+    "cluster_sizes",
+    "compute_score",
+    "empo_rewards",
+    "extract_answer",
+    "is_equivalent",
+    "normalize_answer",
+    "ttrl_rewards",
+]
