@@ -1,0 +1,227 @@
+"""The EM loop of TEMPO, one step at a time (TEMPO_SPEC.md, "The step, exactly").
+
+    rollout a mixed labeled/unlabeled batch -> verify labeled rows -> filter groups (refill)
+    -> old log-probs and values (weights before the step) -> rewards -> advantages
+    -> E-step: critic on labeled rows -> M-step: actor on all rows -> push weights to the sampler
+
+``algo.mode`` only changes where rewards come from and which losses run:
+  tempo                    unlabeled R = critic's last-token value; em_token advantages; GSPO
+  supervised_continuation  tempo's losses on labeled prompts only (ablation)
+  ttrl / empo              unlabeled R = majority vote / semantic-cluster share; the critic fits
+                           those pseudo-rewards (the reward drifts with the policy)
+  rlvr                     Stage 1: labeled prompts only, GAE (gamma = lambda = 1) and token PPO
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tempo_mega.algo import critic_loss, em_token_advantages, filter_groups, gae_advantages
+from tempo_mega.algo import gspo_policy_loss, ppo_policy_loss
+from tempo_mega.algo.advantages import last_valid_index
+from tempo_mega.backends.base import TrainBackend
+from tempo_mega.batch import RolloutBatch
+from tempo_mega.config import TrainConfig
+from tempo_mega.rewards import compute_score, empo_rewards, ttrl_rewards
+from tempo_mega.rollout.base import RolloutEngine, SamplingParams
+from tempo_mega.telemetry.timing import PhaseTimer
+
+
+@dataclass
+class PromptSource:
+    """Where a step's prompts come from: ``draw(kind, n)`` -> list of (token ids, gold answer or None)."""
+
+    draw: Any  # Callable[[str, int], list[tuple[list[int], str | None]]], kind in {"labeled", "unlabeled"}
+    decode: Any  # Callable[[list[int]], str]
+    pad_token_id: int
+    stop_token_ids: tuple[int, ...]
+
+
+class LossFn:
+    """Binds an algo/ loss to the fields of a micro-batch; ``agg`` tells the backend how to weight
+    micro-batches (every loss used here averages over rows, except token-mean PPO)."""
+
+    def __init__(self, fn, fields: tuple[str, ...], mask_labeled_only: bool = False, agg: str = "seq", **kw):
+        self.fn, self.fields, self.mask_labeled_only, self.agg, self.kw = fn, fields, mask_labeled_only, agg, kw
+
+    def __call__(self, output: torch.Tensor, mb: RolloutBatch):
+        mask = mb.response_mask
+        if self.mask_labeled_only:
+            mask = mask * mb.is_labeled.unsqueeze(-1).to(mask.dtype)
+        return self.fn(output, *(getattr(mb, f) for f in self.fields), mask, **self.kw)
+
+
+class TempoController:
+    def __init__(self, cfg: TrainConfig, actor: TrainBackend, critic: TrainBackend, rollout: RolloutEngine,
+                 prompts: PromptSource, timer: PhaseTimer | None = None):
+        self.cfg, self.actor, self.critic, self.rollout, self.prompts = cfg, actor, critic, rollout, prompts
+        self.timer = timer or PhaseTimer()
+        a = cfg.algo
+        self.labeled_only = a.mode in ("rlvr", "supervised_continuation")
+        self.pseudo_reward = {"ttrl": ttrl_rewards, "empo": empo_rewards}.get(a.mode)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> dict[str, float]:
+        cfg, a, t = self.cfg, self.cfg.algo, self.timer
+        t.reset()
+        with t.phase("step"):
+            with t.phase("rollout"):
+                batch, m = self.collect_batch(step)
+            with t.phase("logprob"):
+                batch.old_logprobs = self.actor.forward_logprobs(batch)
+                batch.values = self.critic.forward_values(batch)
+            self.compute_advantages(batch)
+            critic_on = a.e_step_every > 0 and step % a.e_step_every == 0
+            with t.phase("e_step"):
+                critic_batch = batch.select(batch.is_labeled) if self.trains_critic_on_labeled_only else batch
+                frozen = not critic_on or len(critic_batch) == 0
+                if not frozen:
+                    m.update(self.critic.train_step(critic_batch, self.critic_loss()))
+                m["critic/updated"] = float(not frozen)
+            with t.phase("m_step"):
+                m.update(self.actor.train_step(batch, self.policy_loss()))
+            with t.phase("weight_sync"):
+                self.rollout.update_weights(self.actor.export_weights())
+        m.update(t.metrics())
+        m["perf/tokens_per_s"] = batch.num_tokens() / max(m["timing/step_s"], 1e-9)
+        m["perf/num_tokens"] = float(batch.num_tokens())
+        return m
+
+    @property
+    def trains_critic_on_labeled_only(self) -> bool:
+        # TEMPO's E-step: only verified outcomes are regression targets. TTRL/EMPO fit pseudo-rewards.
+        return self.pseudo_reward is None
+
+    # ------------------------------------------------------------------ rollout + reward + filter
+    def sampling(self, seed: int, temperature: float | None = None) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=temperature or r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_response_tokens=r.max_response_tokens,
+                              stop_token_ids=self.prompts.stop_token_ids, seed=seed)
+
+    def generate(self, prompts: list[tuple[list[int], str | None]], labeled: bool, seed: int,
+                 first_group: int, n: int | None = None, temperature: float | None = None) -> RolloutBatch:
+        """Sample n responses per prompt and score them (verified for labeled prompts)."""
+        n = n or self.cfg.algo.num_samples_per_prompt
+        samples = self.rollout.generate([p for p, _ in prompts], n, self.sampling(seed, temperature))
+        texts = [self.prompts.decode(s.response_ids) for s in samples]
+        answers = [prompts[s.prompt_index][1] for s in samples]
+        a = self.cfg.algo
+        scores = []
+        for text, gold in zip(texts, answers):
+            if labeled:
+                ok = compute_score(text, gold, lenient=a.lenient_grading) > 0
+                scores.append(a.score_positive if ok else a.score_negative)
+            else:
+                scores.append(0.0)
+        return RolloutBatch.from_samples(
+            [prompts[s.prompt_index][0] for s in samples], [s.response_ids for s in samples],
+            is_labeled=[labeled] * len(samples), group_ids=[first_group + s.prompt_index for s in samples],
+            pad_token_id=self.prompts.pad_token_id, rollout_logprobs=[s.logprobs for s in samples],
+            scores=scores, meta={"text": texts, "answer": answers,
+                                 "truncated": [s.finish_reason == "length" for s in samples]},
+        )
+
+    def collect_batch(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """Steps 1-3: one mixed batch, labeled groups filtered and refilled up to max_gen_batches."""
+        a = self.cfg.algo
+        seed = self.cfg.trainer.seed * 1_000_003 + step * 1009
+        parts: list[RolloutBatch] = []
+        next_group = 0
+        want = {"labeled": a.labeled_prompts_per_step, "unlabeled": a.unlabeled_prompts_per_step}
+        if self.labeled_only:
+            want["unlabeled"] = 0
+        gen_batches = 0
+        result = None
+        while gen_batches < a.max_gen_batches:
+            for kind, count in want.items():
+                if count > 0:
+                    drawn = self.prompts.draw(kind, count)
+                    part = self.generate(drawn, kind == "labeled", seed + gen_batches * 17 + (kind == "labeled"), next_group)
+                    next_group += len(drawn)
+                    if kind == "unlabeled" and self.pseudo_reward is not None:
+                        self.apply_pseudo_reward(part)
+                    parts.append(part)
+            gen_batches += 1
+            batch = RolloutBatch.cat(parts, pad_token_id=self.prompts.pad_token_id)
+            target = a.labeled_prompts_per_step + (0 if self.labeled_only else a.unlabeled_prompts_per_step)
+            result = filter_groups(batch.scores, batch.group_ids, batch.is_labeled,
+                                   target_num_groups=target if a.filter_groups else None)
+            if not a.filter_groups:
+                result = None
+                break
+            if result.groups_needed == 0:
+                break
+            want = {"labeled": result.groups_needed, "unlabeled": 0}  # unlabeled groups are never dropped
+        if result is not None:
+            batch = batch.select(result.keep).trim()
+        m = self.rollout_metrics(batch)
+        m["rollout/gen_batches"] = float(gen_batches)
+        if result is not None:
+            m["rollout/dropped_groups"] = float(result.dropped_groups)
+            m["rollout/groups_short"] = float(result.groups_needed)
+        return batch, m
+
+    def apply_pseudo_reward(self, part: RolloutBatch) -> None:
+        """TTRL/EMPO: each unlabeled group's responses are rewarded from the group itself."""
+        a = self.cfg.algo
+        scores = part.scores.clone()
+        for g in part.group_ids.unique().tolist():
+            idx = (part.group_ids == g).nonzero().flatten().tolist()
+            if self.cfg.algo.mode == "ttrl":
+                rewards, _ = ttrl_rewards([part.meta["text"][i] for i in idx], positive=a.score_positive,
+                                          negative=a.score_negative)
+            else:
+                rewards, _ = empo_rewards([part.meta["text"][i] for i in idx])
+            scores[idx] = torch.tensor(rewards, dtype=scores.dtype)
+        part.scores = scores
+
+    @staticmethod
+    def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+        lengths = batch.response_lengths().float()
+        lab = batch.is_labeled
+        m = {
+            "rollout/num_samples": float(len(batch)),
+            "rollout/response_len_mean": float(lengths.mean()) if len(batch) else 0.0,
+            "rollout/response_len_max": float(lengths.max()) if len(batch) else 0.0,
+            "rollout/truncated_frac": sum(batch.meta["truncated"]) / max(len(batch), 1),
+            "rollout/labeled_frac": float(lab.float().mean()) if len(batch) else 0.0,
+        }
+        if bool(lab.any()):
+            m["rollout/score_mean"] = float(batch.scores[lab].mean())
+        if bool((~lab).any()):
+            m["rollout/unlabeled_score_mean"] = float(batch.scores[~lab].mean())
+        m.setdefault("rollout/score_mean", float(batch.scores.mean()) if len(batch) else 0.0)
+        return m
+
+    # ------------------------------------------------------------------ advantages and losses
+    def compute_advantages(self, batch: RolloutBatch) -> None:
+        """Step 5. Pseudo-reward modes treat their rewards as scores (R = score on every row)."""
+        a = self.cfg.algo
+        if a.mode == "rlvr":
+            rewards = torch.zeros_like(batch.values)
+            rows = torch.arange(len(batch))
+            rewards[rows, last_valid_index(batch.response_mask)] = batch.scores.to(rewards.dtype)
+            batch.advantages, batch.returns = gae_advantages(rewards, batch.values, batch.response_mask)
+            return
+        use_score = batch.is_labeled if self.pseudo_reward is None else torch.ones_like(batch.is_labeled)
+        batch.advantages, batch.returns = em_token_advantages(batch.values, batch.scores, batch.response_mask,
+                                                              use_score, eps=a.adv_eps)
+        if self.pseudo_reward is None and bool((~batch.is_labeled).any()):
+            # the reward TEMPO gives unlabeled rows: the critic's last-token value
+            unl = ~batch.is_labeled
+            batch.scores = torch.where(unl, batch.returns[:, 0].to(batch.scores.dtype), batch.scores)
+
+    def critic_loss(self) -> LossFn:
+        return LossFn(critic_loss, ("values", "returns"), clip_range_value=self.cfg.algo.clip_range_value)
+
+    def policy_loss(self) -> LossFn:
+        a = self.cfg.algo
+        if a.mode == "rlvr":
+            return LossFn(ppo_policy_loss, ("old_logprobs", "advantages"), agg="token",
+                          clip_low=a.ppo_clip_low, clip_high=a.ppo_clip_high, loss_agg_mode="token-mean")
+        return LossFn(gspo_policy_loss, ("old_logprobs", "advantages"), clip_low=a.clip_low, clip_high=a.clip_high)
+

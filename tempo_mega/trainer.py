@@ -1,0 +1,356 @@
+"""Everything around the EM loop: build the parts from a config, resume, evaluate, log, checkpoint.
+
+``run_training(cfg)`` is what ``tempo-mega train`` runs. The step itself lives in controller.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tempo_mega.backends.torch import OptimConfig as BackendOptim
+from tempo_mega.backends.torch import TorchBackend, build_actor, build_critic
+from tempo_mega.batch import RolloutBatch
+from tempo_mega.checkpoint import (
+    atomic_checkpoint,
+    latest_checkpoint,
+    load_json,
+    prune_checkpoints,
+    rng_state,
+    save_json,
+    set_rng_state,
+)
+from tempo_mega.config import TrainConfig, to_dict
+from tempo_mega.controller import PromptSource, TempoController
+from tempo_mega.data import FIELD_MAPS, PromptRecord, PromptSampler, format_prompt, load_prompts
+from tempo_mega.data.synthetic import make_synthetic_task, solution_text
+from tempo_mega.data.tokenizer import build_synthetic_tokenizer
+from tempo_mega.eval.metrics import (
+    auroc,
+    avg_at_k,
+    distinct_answers,
+    expected_calibration_error,
+    pass_at_k_batch,
+    reward_to_prob,
+)
+from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
+from tempo_mega.rollout.hf import HFRolloutEngine
+from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
+
+log = logging.getLogger("tempo_mega")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------- data
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer_path or cfg.model.path
+    if path is None:
+        return build_synthetic_tokenizer()
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"config key 'model.tokenizer_path' / 'model.path': no directory {path}")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_records(cfg: TrainConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(labeled train records, unlabeled test records with hidden answers)."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return make_synthetic_task(d.synthetic_num_train, d.synthetic_num_test, seed=d.synthetic_seed)
+    base = FIELD_MAPS[d.field_map]
+    fmap = type(base)(prompt=d.prompt_key or base.prompt, answer=d.answer_key or base.answer, id=base.id)
+    train = [r for f in d.train_files for r in load_prompts(f, fmap, labeled=True)]
+    test = [r for f in d.test_files for r in load_prompts(f, fmap, labeled=False)]
+    return train, test
+
+
+class PromptPool:
+    """Token ids of every prompt (computed once), and the two samplers a step draws from."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, train: list[PromptRecord], test: list[PromptRecord]):
+        self.tokenizer, self.train, self.test = tokenizer, train, test
+        self._ids: dict[str, list[int]] = {}
+        self.max_prompt_tokens = cfg.data.max_prompt_tokens
+        seed = cfg.trainer.seed
+        self.samplers = {
+            "labeled": PromptSampler(train, seed=seed) if train else None,
+            "unlabeled": PromptSampler(test, seed=seed + 1) if test else None,
+        }
+
+    def ids(self, record: PromptRecord) -> list[int]:
+        if record.uid not in self._ids:
+            ids = format_prompt(record.prompt, self.tokenizer)
+            if len(ids) > self.max_prompt_tokens:
+                raise ValueError(f"{record.source}: prompt has {len(ids)} tokens, more than "
+                                 f"data.max_prompt_tokens={self.max_prompt_tokens}")
+            self._ids[record.uid] = ids
+        return self._ids[record.uid]
+
+    def draw(self, kind: str, n: int) -> list[tuple[list[int], str | None]]:
+        sampler = self.samplers[kind]
+        if sampler is None:
+            raise ValueError(f"no {kind} prompts: set data.{'train' if kind == 'labeled' else 'test'}_files "
+                             f"or algo.{kind}_prompts_per_step=0")
+        return [(self.ids(r), r.answer) for r in sampler.next_batch(n)]
+
+    def source(self) -> PromptSource:
+        tok = self.tokenizer
+        stops = {tok.eos_token_id}
+        for special in ("<|im_end|>", "<|endoftext|>"):
+            tid = tok.convert_tokens_to_ids(special)
+            if isinstance(tid, int) and tid != tok.unk_token_id and tid is not None:
+                stops.add(tid)
+        stops.discard(None)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return PromptSource(draw=self.draw, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+                            pad_token_id=pad, stop_token_ids=tuple(sorted(stops)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: s.state_dict() for k, s in self.samplers.items() if s is not None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, s in state.items():
+            self.samplers[k].load_state_dict(s)
+
+
+# ---------------------------------------------------------------------- models
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.trainer.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'trainer.device': cuda requested but no CUDA device is available")
+    return torch.device(cfg.trainer.device)
+
+
+def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[TorchBackend, TorchBackend]:
+    from transformers import Qwen3Config
+
+    m, a = cfg.model, cfg.algo
+    rows = a.mini_batch_prompts * a.num_samples_per_prompt
+    optim = {role: BackendOptim(lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, mini_batch_size=rows,
+                                max_tokens_per_micro_batch=o.max_tokens_per_micro_batch, epochs=o.epochs)
+             for role, o in (("actor", a.actor), ("critic", a.critic))}
+    common = dict(device=device, layout=cfg.trainer.layout, gradient_checkpointing=m.gradient_checkpointing,
+                  seed=cfg.trainer.seed, temperature=cfg.rollout.temperature)
+    if m.path is not None:
+        if not Path(m.path).is_dir():
+            raise FileNotFoundError(f"config key 'model.path': no directory {m.path}")
+        source = m.path
+    else:
+        torch.manual_seed(cfg.trainer.seed)
+        source = Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
+            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
+            tie_word_embeddings=m.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        )
+    actor = build_actor(source, optim["actor"], dtype=DTYPES[m.dtype], **common)
+    critic_common = {k: v for k, v in common.items() if k != "temperature"}
+    if m.critic_path is not None:
+        critic = build_critic(m.critic_path, optim["critic"], dtype=DTYPES[m.dtype], **critic_common)
+    else:
+        critic = build_critic(actor, optim["critic"], **critic_common)
+    return actor, critic
+
+
+# ---------------------------------------------------------------------- warm start
+def _token_nll(logprobs: torch.Tensor, mb: RolloutBatch):
+    from tempo_mega.algo import masked_mean
+
+    loss = -masked_mean(logprobs, mb.response_mask)
+    return loss, {"nll": float(loss.detach())}
+
+
+_token_nll.agg = "token"
+
+
+def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool, sink) -> None:
+    """Supervised warm start on reference solutions of the synthetic task (cross-entropy), so a
+    randomly initialised model produces boxed answers at all. Its optimizer state is dropped after."""
+    t = cfg.trainer
+    if t.warm_start_steps <= 0:
+        return
+    if cfg.data.source != "synthetic":
+        raise ValueError("config key 'trainer.warm_start_steps': the warm start needs reference solutions, "
+                         "which only the synthetic task has (data.source=synthetic)")
+    tok, src = pool.tokenizer, pool.source()
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    sampler = PromptSampler(pool.train, seed=t.seed + 7)
+    groups = actor.optimizer.param_groups
+    base_lr = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = t.warm_start_lr
+    try:
+        for i in range(t.warm_start_steps):
+            recs = sampler.next_batch(t.warm_start_batch_size)
+            prompts = [pool.ids(r) for r in recs]
+            responses = [tok.encode(solution_text(r), add_special_tokens=False) + [eos] for r in recs]
+            batch = RolloutBatch.from_samples(prompts, responses, is_labeled=[True] * len(recs),
+                                              group_ids=list(range(len(recs))), pad_token_id=src.pad_token_id)
+            m = actor.train_step(batch, _token_nll)
+            if i % 10 == 0 or i == t.warm_start_steps - 1:
+                sink.log({"warmup/nll": m["actor/nll"], "warmup/step": i}, step=-1)
+    finally:
+        for g, lr in zip(groups, base_lr):
+            g["lr"] = lr
+        actor.optimizer.state.clear()
+
+
+# ---------------------------------------------------------------------- evaluation
+def evaluate(ctrl: TempoController, pool: PromptPool, cfg: TrainConfig, seed: int) -> dict[str, float]:
+    """Hidden-answer accuracy on the unlabeled split and the reward-drift monitor: how well the reward
+    the current mode trains on separates truly correct from wrong responses (AUROC, calibration)."""
+    t, a = cfg.trainer, cfg.algo
+    records = pool.test[: t.eval_max_prompts]
+    if not records:
+        return {}
+    k = t.eval_num_samples
+    prompts = [(pool.ids(r), None) for r in records]
+    batch = ctrl.generate(prompts, labeled=False, seed=seed, first_group=0, n=k, temperature=t.eval_temperature)
+    texts = batch.meta["text"]
+    gold = [records[i // k].eval_answer for i in range(len(texts))]
+    correct = [compute_score(x, g, lenient=a.lenient_grading) > 0 if g is not None else False
+               for x, g in zip(texts, gold)]
+    table = torch.tensor(correct).view(len(records), k)
+    answers = [[extract_answer(texts[p * k + j]) for j in range(k)] for p in range(len(records))]
+    m = {"eval/avg@k": avg_at_k(table), "eval/pass@1": pass_at_k_batch(table, 1),
+         f"eval/pass@{k}": pass_at_k_batch(table, k), "eval/k": float(k),
+         "eval/distinct_answers": distinct_answers(answers),
+         "eval/response_len_mean": float(batch.response_lengths().float().mean()),
+         "eval/truncated_frac": sum(batch.meta["truncated"]) / len(texts),
+         "eval/grading_lenient": float(a.lenient_grading)}
+    values = ctrl.critic.forward_values(batch)
+    from tempo_mega.algo.advantages import last_valid_index
+
+    critic_reward = values.gather(1, last_valid_index(batch.response_mask)[:, None]).squeeze(1).tolist()
+    rewards = {"critic": critic_reward}
+    for name, fn in (("ttrl", ttrl_rewards), ("empo", empo_rewards)):
+        rewards[name] = [r for p in range(len(records)) for r in fn(texts[p * k:(p + 1) * k])[0]]
+    for name, r in rewards.items():
+        m[f"eval/{name}_reward_auroc"] = auroc(r, correct)
+        low, high = (0.0, 1.0) if name == "empo" else (a.score_negative, a.score_positive)
+        m[f"eval/{name}_reward_ece"] = expected_calibration_error(reward_to_prob(r, low, high), correct)
+    own = {"ttrl": "ttrl", "empo": "empo"}.get(a.mode, "critic")
+    m["eval/reward_auroc"] = m[f"eval/{own}_reward_auroc"]
+    m["eval/reward_ece"] = m[f"eval/{own}_reward_ece"]
+    return m
+
+
+# ---------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    pool: PromptPool
+    actor: TorchBackend
+    critic: TorchBackend
+    rollout: HFRolloutEngine
+    ctrl: TempoController
+    sink: Any
+    start_step: int
+
+
+def setup(cfg: TrainConfig) -> Run:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    t = cfg.trainer
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out / "checkpoints") if t.resume else None
+    if t.resume and ckpt is None:
+        log.warning("trainer.resume=true but %s holds no complete checkpoint: starting from step 0", out / "checkpoints")
+    torch.manual_seed(t.seed)
+    device = resolve_device(cfg)
+    tokenizer = load_tokenizer(cfg)
+    train, test = load_records(cfg)
+    pool = PromptPool(cfg, tokenizer, train, test)
+    actor, critic = build_models(cfg, tokenizer, device)
+    if cfg.rollout.engine != "hf":
+        raise ValueError(f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available in this build (hf)")
+    src = pool.source()
+    rollout = HFRolloutEngine(copy.deepcopy(actor.model), pad_token_id=src.pad_token_id, device=device,
+                              max_batch_size=cfg.rollout.max_batch_size)
+    # checkpoints and metric lines count completed steps: step_00000003 holds the weights after 3 steps
+    done_steps = int(load_json(ckpt / "state.json")["completed_steps"]) if ckpt is not None else 0
+    sinks = []
+    if "jsonl" in t.loggers:
+        sinks.append(JsonlSink(out / "metrics.jsonl", truncate_after_step=done_steps))
+    if "progress" in t.loggers:
+        sinks.append(ProgressSink(t.total_steps, initial_step=done_steps))
+    if "wandb" in t.loggers:
+        sinks.append(WandbSink(t.wandb_project, out.name, to_dict(cfg), out, mode=t.wandb_mode))
+    sink = MultiSink(sinks)
+    save_json(out / "config.json", to_dict(cfg))
+    ctrl = TempoController(cfg, actor, critic, rollout, src, PhaseTimer())
+    run = Run(cfg, out, pool, actor, critic, rollout, ctrl, sink, start_step=0)
+    if ckpt is not None:
+        actor.load(ckpt / "actor")
+        critic.load(ckpt / "critic")
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        pool.load_state_dict(state["samplers"])
+        set_rng_state(state["rng"])
+        rollout.update_weights(actor.export_weights())
+        run.start_step = done_steps
+        log.info("resumed from %s after %d steps", ckpt, done_steps)
+    else:
+        warm_start(cfg, actor, pool, sink)
+        if t.warm_start_steps > 0:  # the critic starts from the warmed-up actor, as Stage 1 prescribes
+            critic.model.model.load_state_dict(actor.model.model.state_dict())
+            rollout.update_weights(actor.export_weights())
+    return run
+
+
+def save_checkpoint(run: Run, completed_steps: int) -> Path:
+    root = run.out / "checkpoints"
+    with atomic_checkpoint(root, completed_steps) as d:
+        run.actor.save(d / "actor")
+        run.critic.save(d / "critic")
+        torch.save({"samplers": run.pool.state_dict(), "rng": rng_state()}, d / "trainer_state.pt")
+        save_json(d / "state.json", {"completed_steps": completed_steps})
+        save_json(d / "config.json", to_dict(run.cfg))
+    prune_checkpoints(root, run.cfg.trainer.keep_last)
+    return root
+
+
+def export_hf(run: Run, directory: Path) -> None:
+    """An HF-loadable actor (with tokenizer) and the critic beside it, for the next stage."""
+    run.actor.export_hf(directory / "actor")
+    run.pool.tokenizer.save_pretrained(directory / "actor")
+    run.critic.export_hf(directory / "critic")
+
+
+def run_training(cfg: TrainConfig) -> Run:
+    run = setup(cfg)
+    t = cfg.trainer
+    eval_seed = t.seed * 7919 + 1
+    initial: dict[str, float] = {}
+    if run.start_step == 0 and t.total_steps > 0:
+        # "before" numbers ride on the first step's line, so every line of metrics.jsonl is a step
+        initial = {k.replace("eval/", "eval_initial/", 1): v for k, v in evaluate(run.ctrl, run.pool, cfg, eval_seed).items()}
+    for step in range(run.start_step, t.total_steps):
+        metrics = run.ctrl.step(step)
+        metrics.update(initial)
+        initial = {}
+        last = step == t.total_steps - 1
+        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+            metrics.update(evaluate(run.ctrl, run.pool, cfg, eval_seed))
+        run.sink.log(metrics, step=step + 1)
+        if (t.save_every and (step + 1) % t.save_every == 0) or last:
+            save_checkpoint(run, step + 1)
+        if any(isinstance(v, float) and math.isnan(v) for k, v in metrics.items() if k.endswith("/loss")):
+            raise FloatingPointError(f"step {step}: a loss is NaN; see {run.out / 'metrics.jsonl'}")
+    if t.total_steps > 0:
+        export_hf(run, run.out / "hf")
+    run.sink.close()
+    return run
