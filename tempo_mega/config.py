@@ -83,12 +83,14 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | files
     train_files: list[str] = field(default_factory=list)  # labeled (jsonl, parquet, datasets dir)
     test_files: list[str] = field(default_factory=list)  # unlabeled; answers kept for evaluation only
-    field_map: str = "default"  # default | dapo_math | aime
+    field_map: str = "default"  # default | dapo_math | aime | synthetic: where a row keeps prompt and answer
+    test_field_map: str | None = None  # for test_files when their schema differs (e.g. aime); None = field_map
     prompt_key: str | None = None  # override the field map's prompt path
     answer_key: str | None = None
     synthetic_num_train: int = 2000
     synthetic_num_test: int = 64
     synthetic_seed: int = 1234
+    synthetic_difficulty: str = "easy"  # small | easy | medium | hard (operand ranges, see data/synthetic.py)
     max_prompt_tokens: int = 2048
 
 
@@ -171,6 +173,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if d.source == "files":
         _check(bool(d.train_files) or a.labeled_prompts_per_step == 0, "data.train_files", "data.source=files needs labeled train files")
         _check(bool(d.test_files) or a.unlabeled_prompts_per_step == 0, "data.test_files", "data.source=files needs unlabeled test files")
+    from tempo_mega.data.datasets import FIELD_MAPS
+
+    for key, name in (("data.field_map", d.field_map), ("data.test_field_map", d.test_field_map)):
+        _check(name is None or name in FIELD_MAPS, key, f"unknown field map {name!r} ({' | '.join(FIELD_MAPS)})")
+    from tempo_mega.data.synthetic import DIFFICULTIES
+
+    _check(d.synthetic_difficulty in DIFFICULTIES, "data.synthetic_difficulty",
+           f"must be one of {sorted(DIFFICULTIES)}, got {d.synthetic_difficulty!r}")
     _check(d.synthetic_num_train >= 1, "data.synthetic_num_train", "must be >= 1")
     _check(d.synthetic_num_test >= 1, "data.synthetic_num_test", "must be >= 1")
     _check(t.total_steps >= 0, "trainer.total_steps", f"must be >= 0, got {t.total_steps}")
@@ -236,6 +246,13 @@ def load_config(overrides: list[str] | None = None, config_name: str = "train") 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.config_store import ConfigStore
+
+    # every dataclass default as the base layer, so any key can be overridden without '+'
+    # (model.path is left to the model group: its "???" in a preset must survive the merge)
+    defaults = to_dict(TrainConfig())
+    del defaults["model"]["path"]
+    ConfigStore.instance().store(name="tempo_defaults", node=defaults)
     try:
         with initialize_config_module("tempo_mega.configs", version_base=None):
             raw = compose(config_name, overrides=list(overrides or []))

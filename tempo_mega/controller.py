@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from tempo_mega.config import TrainConfig
 from tempo_mega.rewards import compute_score, empo_rewards, ttrl_rewards
 from tempo_mega.rollout.base import RolloutEngine, SamplingParams
 from tempo_mega.telemetry.timing import PhaseTimer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,10 +73,17 @@ class TempoController:
         with t.phase("step"):
             with t.phase("rollout"):
                 batch, m = self.collect_batch(step)
+            if len(batch) == 0:  # every group was uninformative, even after refills: nothing to learn from
+                log.warning("step %d: no informative group after %d generation batches; no update",
+                            step, int(m["rollout/gen_batches"]))
+                m.update(t.metrics())
+                return m
             with t.phase("logprob"):
                 batch.old_logprobs = self.actor.forward_logprobs(batch)
                 batch.values = self.critic.forward_values(batch)
             self.compute_advantages(batch)
+            if bool((~batch.is_labeled).any()):  # the reward unlabeled rows were trained on, once known
+                m["rollout/unlabeled_reward_mean"] = float(batch.scores[~batch.is_labeled].mean())
             critic_on = a.e_step_every > 0 and step % a.e_step_every == 0
             with t.phase("e_step"):
                 critic_batch = batch.select(batch.is_labeled) if self.trains_critic_on_labeled_only else batch
@@ -190,11 +200,8 @@ class TempoController:
             "rollout/truncated_frac": sum(batch.meta["truncated"]) / max(len(batch), 1),
             "rollout/labeled_frac": float(lab.float().mean()) if len(batch) else 0.0,
         }
-        if bool(lab.any()):
-            m["rollout/score_mean"] = float(batch.scores[lab].mean())
-        if bool((~lab).any()):
-            m["rollout/unlabeled_score_mean"] = float(batch.scores[~lab].mean())
-        m.setdefault("rollout/score_mean", float(batch.scores.mean()) if len(batch) else 0.0)
+        # verified score of labeled rows; in pseudo-reward modes (no labeled rows) the pseudo-reward
+        m["rollout/score_mean"] = float(batch.scores[lab].mean() if bool(lab.any()) else batch.scores.mean()) if len(batch) else 0.0
         return m
 
     # ------------------------------------------------------------------ advantages and losses

@@ -28,7 +28,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def eval_rows(path: Path) -> list[dict]:
-    rows = [r for r in read_metrics(path) if "eval/avg@k" in r]
+    """Evaluations in step order: the one before training (``eval_initial/*`` on the first line) as
+    step 0, then every ``eval/*``."""
+    rows = []
+    for line in read_metrics(path):
+        if "eval_initial/avg@k" in line:
+            rows.append({"step": 0, **{k.replace("eval_initial/", "eval/", 1): v for k, v in line.items()
+                                       if k.startswith("eval_initial/")}})
+        if "eval/avg@k" in line:
+            rows.append({"step": line["step"], **{k: v for k, v in line.items() if k.startswith("eval/")}})
     for r in rows:  # pass@k under one name whatever k is
         k = int(r.get("eval/k", 0))
         if f"eval/pass@{k}" in r:

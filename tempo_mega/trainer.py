@@ -28,7 +28,7 @@ from tempo_mega.checkpoint import (
 )
 from tempo_mega.config import TrainConfig, to_dict
 from tempo_mega.controller import PromptSource, TempoController
-from tempo_mega.data import FIELD_MAPS, PromptRecord, PromptSampler, format_prompt, load_prompts
+from tempo_mega.data import FIELD_MAPS, FieldMap, PromptRecord, PromptSampler, format_prompt, load_prompts
 from tempo_mega.data.synthetic import make_synthetic_task, solution_text
 from tempo_mega.data.tokenizer import build_synthetic_tokenizer
 from tempo_mega.eval.metrics import (
@@ -64,11 +64,16 @@ def load_records(cfg: TrainConfig) -> tuple[list[PromptRecord], list[PromptRecor
     """(labeled train records, unlabeled test records with hidden answers)."""
     d = cfg.data
     if d.source == "synthetic":
-        return make_synthetic_task(d.synthetic_num_train, d.synthetic_num_test, seed=d.synthetic_seed)
-    base = FIELD_MAPS[d.field_map]
-    fmap = type(base)(prompt=d.prompt_key or base.prompt, answer=d.answer_key or base.answer, id=base.id)
-    train = [r for f in d.train_files for r in load_prompts(f, fmap, labeled=True)]
-    test = [r for f in d.test_files for r in load_prompts(f, fmap, labeled=False)]
+        return make_synthetic_task(d.synthetic_num_train, d.synthetic_num_test, seed=d.synthetic_seed,
+                                   difficulty=d.synthetic_difficulty)
+
+    def field_map(name: str) -> FieldMap:
+        base = FIELD_MAPS[name]
+        return FieldMap(prompt=d.prompt_key or base.prompt, answer=d.answer_key or base.answer, id=base.id)
+
+    train = [r for f in d.train_files for r in load_prompts(f, field_map(d.field_map), labeled=True)]
+    test_map = field_map(d.test_field_map or d.field_map)
+    test = [r for f in d.test_files for r in load_prompts(f, test_map, labeled=False)]
     return train, test
 
 
@@ -174,12 +179,13 @@ def _token_nll(logprobs: torch.Tensor, mb: RolloutBatch):
 _token_nll.agg = "token"
 
 
-def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool, sink) -> None:
+def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[str, float]:
     """Supervised warm start on reference solutions of the synthetic task (cross-entropy), so a
-    randomly initialised model produces boxed answers at all. Its optimizer state is dropped after."""
+    randomly initialised model produces boxed answers at all. Its optimizer state is dropped after.
+    Returns ``warmup/*`` metrics (first and last loss, steps)."""
     t = cfg.trainer
     if t.warm_start_steps <= 0:
-        return
+        return {}
     if cfg.data.source != "synthetic":
         raise ValueError("config key 'trainer.warm_start_steps': the warm start needs reference solutions, "
                          "which only the synthetic task has (data.source=synthetic)")
@@ -190,6 +196,7 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool, sink) ->
     base_lr = [g["lr"] for g in groups]
     for g in groups:
         g["lr"] = t.warm_start_lr
+    nll = []
     try:
         for i in range(t.warm_start_steps):
             recs = sampler.next_batch(t.warm_start_batch_size)
@@ -197,13 +204,14 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool, sink) ->
             responses = [tok.encode(solution_text(r), add_special_tokens=False) + [eos] for r in recs]
             batch = RolloutBatch.from_samples(prompts, responses, is_labeled=[True] * len(recs),
                                               group_ids=list(range(len(recs))), pad_token_id=src.pad_token_id)
-            m = actor.train_step(batch, _token_nll)
-            if i % 10 == 0 or i == t.warm_start_steps - 1:
-                sink.log({"warmup/nll": m["actor/nll"], "warmup/step": i}, step=-1)
+            nll.append(actor.train_step(batch, _token_nll)["actor/nll"])
+            if i % 50 == 0 or i == t.warm_start_steps - 1:
+                log.info("warm start %d/%d: nll %.4f", i + 1, t.warm_start_steps, nll[-1])
     finally:
         for g, lr in zip(groups, base_lr):
             g["lr"] = lr
         actor.optimizer.state.clear()
+    return {"warmup/nll_first": nll[0], "warmup/nll_last": nll[-1], "warmup/steps": float(len(nll))}
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -258,6 +266,7 @@ class Run:
     ctrl: TempoController
     sink: Any
     start_step: int
+    first_line: dict[str, float] | None = None  # metrics that ride on the first step's line
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -304,7 +313,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.start_step = done_steps
         log.info("resumed from %s after %d steps", ckpt, done_steps)
     else:
-        warm_start(cfg, actor, pool, sink)
+        run.first_line = warm_start(cfg, actor, pool)
         if t.warm_start_steps > 0:  # the critic starts from the warmed-up actor, as Stage 1 prescribes
             critic.model.model.load_state_dict(actor.model.model.state_dict())
             rollout.update_weights(actor.export_weights())
@@ -334,10 +343,11 @@ def run_training(cfg: TrainConfig) -> Run:
     run = setup(cfg)
     t = cfg.trainer
     eval_seed = t.seed * 7919 + 1
-    initial: dict[str, float] = {}
+    initial = dict(run.first_line or {})
     if run.start_step == 0 and t.total_steps > 0:
         # "before" numbers ride on the first step's line, so every line of metrics.jsonl is a step
-        initial = {k.replace("eval/", "eval_initial/", 1): v for k, v in evaluate(run.ctrl, run.pool, cfg, eval_seed).items()}
+        initial.update({k.replace("eval/", "eval_initial/", 1): v
+                        for k, v in evaluate(run.ctrl, run.pool, cfg, eval_seed).items()})
     for step in range(run.start_step, t.total_steps):
         metrics = run.ctrl.step(step)
         metrics.update(initial)

@@ -22,7 +22,7 @@ wrong and reinforces the mistake, while a verifier-grounded critic (TEMPO's E-st
 carries) can push back. The trap answer always differs from the true one: dropping carries lowers the
 sum by 10^(i+1) per carrying column i, ignoring borrows raises the difference likewise.
 
-Operand ranges by ``difficulty``: easy 1..99, medium 10..99, hard 10..999 (the multiplier b of ``mul`` is
+Operand ranges by ``difficulty``: small 1..40 (what a tiny CPU model learns in a minute), easy 1..99, medium 10..99, hard 10..999 (the multiplier b of ``mul`` is
 always 2..9). Each split cycles through the families (balanced counts) in a seeded shuffled order;
 train and test never share a problem (a + b and b + a count as one). Everything is a function of
 ``seed``. The answer is the integer result, so a reference solution is one short line:
@@ -46,10 +46,10 @@ __all__ = [
     "write_jsonl",
 ]
 
-Difficulty = Literal["easy", "medium", "hard"]
+Difficulty = Literal["small", "easy", "medium", "hard"]
 FAMILIES = ("add", "add_carry", "sub", "sub_borrow", "mul")
 TRAP_FAMILIES = ("add_carry", "sub_borrow")
-DIFFICULTIES: dict[str, tuple[int, int]] = {"easy": (1, 99), "medium": (10, 99), "hard": (10, 999)}
+DIFFICULTIES: dict[str, tuple[int, int]] = {"small": (1, 40), "easy": (1, 99), "medium": (10, 99), "hard": (10, 999)}
 _OPS = {"add": "+", "add_carry": "+", "sub": "-", "sub_borrow": "-", "mul": "*"}
 _MAX_TRIES = 20_000  # consecutive rejected draws before a family counts as exhausted
 
