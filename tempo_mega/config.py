@@ -202,10 +202,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def from_dict(raw: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a plain (or OmegaConf) mapping; unknown keys and wrong types raise
     ValueError naming the key."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from omegaconf import DictConfig
 
     def find_missing(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
@@ -242,11 +240,10 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> TrainConfig:
     """Compose ``configs/<config_name>.yaml`` with Hydra overrides (``key=value``, ``experiment=...``)."""
     from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from hydra.core.config_store import ConfigStore
 
     # every dataclass default as the base layer, so any key can be overridden without '+'
     # (model.path is left to the model group: its "???" in a preset must survive the merge)

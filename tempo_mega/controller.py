@@ -20,8 +20,14 @@ from typing import Any
 
 import torch
 
-from tempo_mega.algo import critic_loss, em_token_advantages, filter_groups, gae_advantages
-from tempo_mega.algo import gspo_policy_loss, ppo_policy_loss
+from tempo_mega.algo import (
+    critic_loss,
+    em_token_advantages,
+    filter_groups,
+    gae_advantages,
+    gspo_policy_loss,
+    ppo_policy_loss,
+)
 from tempo_mega.algo.advantages import last_valid_index
 from tempo_mega.backends.base import TrainBackend
 from tempo_mega.batch import RolloutBatch
@@ -68,7 +74,7 @@ class TempoController:
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, float]:
-        cfg, a, t = self.cfg, self.cfg.algo, self.timer
+        a, t = self.cfg.algo, self.timer
         t.reset()
         with t.phase("step"):
             with t.phase("rollout"):

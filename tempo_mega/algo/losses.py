@@ -44,6 +44,13 @@ def _f(x: Tensor) -> float:
     return float(x.detach())
 
 
+def _clip_metrics(clipped: Tensor, advantages: Tensor, mask: Tensor) -> dict[str, float]:
+    """Share of valid tokens where the clipped branch is active, in all and by the sign of A."""
+    frac = lambda sel: _f(masked_mean(sel.to(advantages.dtype), mask))  # noqa: E731
+    return {"clip_frac": frac(clipped), "clip_frac_low": frac(clipped & (advantages < 0)),
+            "clip_frac_high": frac(clipped & (advantages > 0))}
+
+
 def critic_loss(
     values: Tensor,
     old_values: Tensor,
@@ -112,11 +119,8 @@ def gspo_policy_loss(
     with torch.no_grad():
         rows = response_mask.sum(-1) > 0
         seq_ratio = torch.exp(seq_log_ratio.clamp(max=10.0))
-        clipped = loss_clipped > loss_unclipped
         metrics = {
-            "clip_frac": _f(masked_mean(clipped.to(ratio.dtype), response_mask)),
-            "clip_frac_low": _f(masked_mean((clipped & (advantages < 0)).to(ratio.dtype), response_mask)),
-            "clip_frac_high": _f(masked_mean((clipped & (advantages > 0)).to(ratio.dtype), response_mask)),
+            **_clip_metrics(loss_clipped > loss_unclipped, advantages, response_mask),
             "seq_clip_frac": _f(
                 masked_mean(((seq_ratio < 1 - clip_low) | (seq_ratio > 1 + clip_high)).to(ratio.dtype), rows)
             ),
@@ -160,11 +164,8 @@ def ppo_policy_loss(
     loss = agg_loss(token_loss, response_mask, loss_agg_mode)
 
     with torch.no_grad():
-        clipped = loss_clipped > loss_unclipped
         metrics = {
-            "clip_frac": _f(masked_mean(clipped.to(ratio.dtype), response_mask)),
-            "clip_frac_low": _f(masked_mean((clipped & (advantages < 0)).to(ratio.dtype), response_mask)),
-            "clip_frac_high": _f(masked_mean((clipped & (advantages > 0)).to(ratio.dtype), response_mask)),
+            **_clip_metrics(loss_clipped > loss_unclipped, advantages, response_mask),
             "dual_clip_frac": _f(masked_mean(dual_clipped.to(ratio.dtype), response_mask)),
             "ratio_mean": _f(masked_mean(ratio, response_mask)),
             "approx_kl": _f(masked_mean(-log_ratio, response_mask)),

@@ -79,7 +79,7 @@ def test_gspo_clipping_directions_and_log_ratio_cap():
     adv = torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=torch.float64)
     loss, m = gspo_policy_loss(new.clone().requires_grad_(True), old, adv, mask)
     # A > 0 row is clipped at 1 + 5e-4; A < 0 row takes the unclipped ratio
-    assert float(loss) == pytest.approx(0.5 * (-(1 + 5e-4) + math.exp(0.01)), abs=1e-12)
+    assert loss.item() == pytest.approx(0.5 * (-(1 + 5e-4) + math.exp(0.01)), abs=1e-12)
     assert m["clip_frac_high"] == pytest.approx(0.5) and m["clip_frac_low"] == 0.0
     # the log-ratio is capped at 10
     huge = torch.full((1, 2), 50.0, dtype=torch.float64, requires_grad=True)
