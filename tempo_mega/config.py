@@ -80,7 +80,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # synthetic | files
+    source: str = "auto"  # auto (files when any are given, else synthetic) | synthetic | files
     train_files: list[str] = field(default_factory=list)  # labeled (jsonl, parquet, datasets dir)
     test_files: list[str] = field(default_factory=list)  # unlabeled; answers kept for evaluation only
     field_map: str = "default"  # default | dapo_math | aime | synthetic: where a row keeps prompt and answer
@@ -92,6 +92,10 @@ class DataConfig:
     synthetic_seed: int = 1234
     synthetic_difficulty: str = "easy"  # small | easy | medium | hard (operand ranges, see data/synthetic.py)
     max_prompt_tokens: int = 2048
+
+    @property
+    def uses_files(self) -> bool:
+        return self.source == "files" or (self.source == "auto" and bool(self.train_files or self.test_files))
 
 
 @dataclass(frozen=True)
@@ -169,10 +173,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", f"must be -1 (off) or >= 1, got {r.top_k}")
     _check(r.max_response_tokens >= 1, "rollout.max_response_tokens", f"must be >= 1, got {r.max_response_tokens}")
     _check(r.max_batch_size >= 1, "rollout.max_batch_size", f"must be >= 1, got {r.max_batch_size}")
-    _check(d.source in ("synthetic", "files"), "data.source", f"must be 'synthetic' or 'files', got {d.source!r}")
-    if d.source == "files":
-        _check(bool(d.train_files) or a.labeled_prompts_per_step == 0, "data.train_files", "data.source=files needs labeled train files")
-        _check(bool(d.test_files) or a.unlabeled_prompts_per_step == 0, "data.test_files", "data.source=files needs unlabeled test files")
+    _check(d.source in ("auto", "synthetic", "files"), "data.source",
+           f"must be 'auto', 'synthetic' or 'files', got {d.source!r}")
+    if d.source == "synthetic":
+        _check(not d.train_files and not d.test_files, "data.source",
+               "data.source=synthetic ignores data.train_files / data.test_files: use data.source=files")
+    if d.uses_files:
+        _check(bool(d.train_files) or a.labeled_prompts_per_step == 0 or a.mode in ("ttrl", "empo"), "data.train_files",
+               f"no labeled files, but algo.labeled_prompts_per_step={a.labeled_prompts_per_step} needs labeled prompts")
+        _check(bool(d.test_files) or a.unlabeled_prompts_per_step == 0 or a.mode in ("rlvr", "supervised_continuation"),
+               "data.test_files",
+               f"no unlabeled files, but algo.unlabeled_prompts_per_step={a.unlabeled_prompts_per_step} needs unlabeled prompts")
     from tempo_mega.data.datasets import FIELD_MAPS
 
     for key, name in (("data.field_map", d.field_map), ("data.test_field_map", d.test_field_map)):
@@ -212,7 +223,14 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         elif node == "???":
             raise ValueError(f"config key '{prefix[:-1]}': missing mandatory value (set {prefix[:-1]}=...)")
 
-    find_missing(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw, "")
+    plain = OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else dict(raw)
+    find_missing(plain, "")
+    data = plain.get("data")
+    if isinstance(data, dict):  # data.train_files=PATH: one file given as a plain string
+        for key in ("train_files", "test_files"):
+            if isinstance(data.get(key), str):
+                data[key] = [data[key]]
+    raw = plain
     schema = OmegaConf.structured(TrainConfig)
 
     def writable(node: DictConfig) -> None:  # frozen dataclasses make every node read-only

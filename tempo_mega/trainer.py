@@ -63,7 +63,7 @@ def load_tokenizer(cfg: TrainConfig):
 def load_records(cfg: TrainConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """(labeled train records, unlabeled test records with hidden answers)."""
     d = cfg.data
-    if d.source == "synthetic":
+    if not d.uses_files:
         return make_synthetic_task(d.synthetic_num_train, d.synthetic_num_test, seed=d.synthetic_seed,
                                    difficulty=d.synthetic_difficulty)
 
@@ -186,7 +186,7 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[
     t = cfg.trainer
     if t.warm_start_steps <= 0:
         return {}
-    if cfg.data.source != "synthetic":
+    if cfg.data.uses_files:
         raise ValueError("config key 'trainer.warm_start_steps': the warm start needs reference solutions, "
                          "which only the synthetic task has (data.source=synthetic)")
     tok, src = pool.tokenizer, pool.source()

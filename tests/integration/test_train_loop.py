@@ -129,7 +129,8 @@ def test_user_files_jsonl_and_parquet(tmp_path):
     write_jsonl(train_recs, tmp_path / "train.jsonl")
     pq.write_table(pa.table({"problem": [r.prompt for r in test_recs], "answer": [r.hidden_answer for r in test_recs]}),
                    tmp_path / "test.parquet")
-    run = train(tmp_path / "out", "data=files", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+    # a single path as a plain string works, and giving files switches the default synthetic data off
+    run = train(tmp_path / "out", f"data.train_files={tmp_path / 'train.jsonl'}",
                 f"data.test_files=[{tmp_path / 'test.parquet'}]", "data.test_field_map=aime",
                 "trainer.total_steps=1")
     assert len(run.pool.train) == 40 and len(run.pool.test) == 8
