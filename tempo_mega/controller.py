@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -43,13 +43,13 @@ log = logging.getLogger(__name__)
 class PromptSource:
     """Where a step's prompts come from: ``draw(kind, n)`` -> list of (token ids, gold answer or None)."""
 
-    draw: Any  # Callable[[str, int], list[tuple[list[int], str | None]]], kind in {"labeled", "unlabeled"}
-    decode: Any  # Callable[[list[int]], str]
+    draw: Callable[[str, int], list[tuple[list[int], str | None]]]  # kind: "labeled" | "unlabeled"
+    decode: Callable[[list[int]], str]
     pad_token_id: int
     stop_token_ids: tuple[int, ...]
 
 
-class LossFn:
+class BoundLoss:
     """Binds an algo/ loss to the fields of a micro-batch; ``agg`` tells the backend how to weight
     micro-batches (every loss used here averages over rows, except token-mean PPO)."""
 
@@ -228,13 +228,13 @@ class TempoController:
             unl = ~batch.is_labeled
             batch.scores = torch.where(unl, batch.returns[:, 0].to(batch.scores.dtype), batch.scores)
 
-    def critic_loss(self) -> LossFn:
-        return LossFn(critic_loss, ("values", "returns"), clip_range_value=self.cfg.algo.clip_range_value)
+    def critic_loss(self) -> BoundLoss:
+        return BoundLoss(critic_loss, ("values", "returns"), clip_range_value=self.cfg.algo.clip_range_value)
 
-    def policy_loss(self) -> LossFn:
+    def policy_loss(self) -> BoundLoss:
         a = self.cfg.algo
         if a.mode == "rlvr":
-            return LossFn(ppo_policy_loss, ("old_logprobs", "advantages"), agg="token",
+            return BoundLoss(ppo_policy_loss, ("old_logprobs", "advantages"), agg="token",
                           clip_low=a.ppo_clip_low, clip_high=a.ppo_clip_high, loss_agg_mode="token-mean")
-        return LossFn(gspo_policy_loss, ("old_logprobs", "advantages"), clip_low=a.clip_low, clip_high=a.clip_high)
+        return BoundLoss(gspo_policy_loss, ("old_logprobs", "advantages"), clip_low=a.clip_low, clip_high=a.clip_high)
 
