@@ -16,8 +16,15 @@ def _train(overrides: list[str]) -> int:
     from tempo_mega.config import load_config
     from tempo_mega.trainer import run_training
 
+    from tempo_mega.trainer import Preempted
+
     cfg = load_config(overrides)
-    run = run_training(cfg)
+    try:
+        run = run_training(cfg)
+    except Preempted as p:
+        print(f"preempted: checkpoint after {p.completed_steps} steps in {cfg.trainer.output_dir}/checkpoints; "
+              f"rerun with trainer.resume=true (exit code {p.code} asks SLURM to requeue)")
+        return int(p.code)
     print(f"done: {run.out}/metrics.jsonl, checkpoints in {run.out}/checkpoints, HF export in {run.out}/hf")
     return 0
 

@@ -117,9 +117,17 @@ class TrainerConfig:
     wandb_mode: str = "offline"
     # Supervised warm start (cross-entropy on reference solutions) before the first RL step; the
     # synthetic task needs it so that a randomly initialised model can produce boxed answers at all.
+    profile_steps: list[int] = field(default_factory=list)  # torch profiler Chrome traces in <output_dir>/profile
     warm_start_steps: int = 0
     warm_start_lr: float = 3e-3
     warm_start_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    # auto: the Triton kernels where CUDA and Triton are present; true: always the fused paths (Triton on
+    # CUDA, their chunked torch versions elsewhere); false: plain torch heads and losses.
+    enable: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     experiment: str | None = None  # name of the experiment preset that was applied, for the record
 
 
@@ -203,6 +212,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(t.warm_start_steps >= 0, "trainer.warm_start_steps", "must be >= 0")
     for name in t.loggers:
         _check(name in ("jsonl", "progress", "wandb"), "trainer.loggers", f"unknown logger {name!r} (jsonl | progress | wandb)")
+    _check(str(cfg.kernels.enable).lower() in ("auto", "true", "false"), "kernels.enable",
+           f"must be auto, true or false, got {cfg.kernels.enable!r}")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {m.dtype!r}")
     if m.path is None:
         _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",

@@ -135,6 +135,20 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.trainer.device)
 
 
+def kernels_enabled(cfg: TrainConfig, device: torch.device) -> bool:
+    """kernels.enable: auto = on where CUDA and Triton are present. Says once which path runs."""
+    from tempo_mega.kernels import triton_available
+
+    choice = str(cfg.kernels.enable).lower()
+    on = device.type == "cuda" and triton_available() if choice == "auto" else choice == "true"
+    if on:
+        impl = "Triton" if device.type == "cuda" and triton_available() else "chunked torch (no Triton on this device)"
+        log.warning("kernels: fused log-prob and value head on, %s implementation", impl)
+    else:
+        log.info("kernels: off (kernels.enable=%s, device %s): plain torch heads and losses", choice, device.type)
+    return on
+
+
 def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[TorchBackend, TorchBackend]:
     from transformers import Qwen3Config
 
@@ -144,7 +158,8 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
                                 max_tokens_per_micro_batch=o.max_tokens_per_micro_batch, epochs=o.epochs)
              for role, o in (("actor", a.actor), ("critic", a.critic))}
     common = dict(device=device, layout=cfg.trainer.layout, gradient_checkpointing=m.gradient_checkpointing,
-                  seed=cfg.trainer.seed, temperature=cfg.rollout.temperature)
+                  seed=cfg.trainer.seed, temperature=cfg.rollout.temperature,
+                  use_kernels=kernels_enabled(cfg, device))
     if m.path is not None:
         if not Path(m.path).is_dir():
             raise FileNotFoundError(f"config key 'model.path': no directory {m.path}")
@@ -339,6 +354,74 @@ def export_hf(run: Run, directory: Path) -> None:
     run.critic.export_hf(directory / "critic")
 
 
+REQUEUE_EXIT_CODE = 85  # "checkpointed on a preemption signal: requeue me" (scripts/slurm reads it)
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint that follows SIGTERM/SIGUSR1; exits with REQUEUE_EXIT_CODE."""
+
+    def __init__(self, completed_steps: int):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.completed_steps = completed_steps
+
+
+class PreemptionWatch:
+    """Remembers SIGTERM / SIGUSR1 (SLURM's warning before the time limit) instead of dying mid-step:
+    the loop finishes the step, checkpoints and exits with REQUEUE_EXIT_CODE."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionWatch:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers only install there
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            log.warning("received signal %d: checkpointing after the current step, then exiting for requeue", signum)
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def profile_step(cfg: TrainConfig, out: Path, step: int):
+    """A torch profiler around the steps listed in trainer.profile_steps (Chrome trace per step)."""
+    import contextlib
+
+    if step not in cfg.trainer.profile_steps:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    trace_dir = out / "profile"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+
+    def export(prof) -> None:
+        prof.export_chrome_trace(str(trace_dir / f"step_{step:06d}.json"))
+
+    @contextlib.contextmanager
+    def ctx():
+        with profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+            yield
+        export(prof)
+
+    return ctx()
+
+
 def run_training(cfg: TrainConfig) -> Run:
     run = setup(cfg)
     t = cfg.trainer
@@ -348,18 +431,23 @@ def run_training(cfg: TrainConfig) -> Run:
         # "before" numbers ride on the first step's line, so every line of metrics.jsonl is a step
         initial.update({k.replace("eval/", "eval_initial/", 1): v
                         for k, v in evaluate(run.ctrl, run.pool, cfg, eval_seed).items()})
-    for step in range(run.start_step, t.total_steps):
-        metrics = run.ctrl.step(step)
-        metrics.update(initial)
-        initial = {}
-        last = step == t.total_steps - 1
-        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            metrics.update(evaluate(run.ctrl, run.pool, cfg, eval_seed))
-        run.sink.log(metrics, step=step + 1)
-        if (t.save_every and (step + 1) % t.save_every == 0) or last:
-            save_checkpoint(run, step + 1)
-        if any(isinstance(v, float) and math.isnan(v) for k, v in metrics.items() if k.endswith("/loss")):
-            raise FloatingPointError(f"step {step}: a loss is NaN; see {run.out / 'metrics.jsonl'}")
+    with PreemptionWatch() as watch:
+        for step in range(run.start_step, t.total_steps):
+            with profile_step(cfg, run.out, step):
+                metrics = run.ctrl.step(step)
+            metrics.update(initial)
+            initial = {}
+            last = step == t.total_steps - 1
+            if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+                metrics.update(evaluate(run.ctrl, run.pool, cfg, eval_seed))
+            run.sink.log(metrics, step=step + 1)
+            if (t.save_every and (step + 1) % t.save_every == 0) or last or watch.signal is not None:
+                save_checkpoint(run, step + 1)
+            if any(isinstance(v, float) and math.isnan(v) for k, v in metrics.items() if k.endswith("/loss")):
+                raise FloatingPointError(f"step {step}: a loss is NaN; see {run.out / 'metrics.jsonl'}")
+            if watch.signal is not None and not last:
+                run.sink.close()
+                raise Preempted(step + 1)
     if t.total_steps > 0:
         export_hf(run, run.out / "hf")
     run.sink.close()

@@ -86,6 +86,21 @@ class ValueHeadModel(nn.Module):
             self.value_head.weight.copy_(w)
             self.value_head.bias.zero_()
 
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+    @contextlib.contextmanager
+    def trunk_without_final_norm(self) -> Iterator[None]:
+        """The trunk returns pre-norm hidden states inside this block, for the fused norm + value head.
+        The norm module stays registered, so parameter names and checkpoints do not change."""
+        norm = self.model.norm
+        self.model.norm = nn.Identity()
+        try:
+            yield
+        finally:
+            self.model.norm = norm
+
     def score(self, hidden: Tensor) -> Tensor:
         """hidden [..., H] -> values [...] float32."""
         with torch.autocast(hidden.device.type, enabled=False):
@@ -144,7 +159,7 @@ class TorchBackend:
     def __init__(self, role: str, model: nn.Module, optim: OptimConfig | None = None, *,
                  device: str | torch.device = "cpu", temperature: float = 1.0, layout: str = "padded",
                  gradient_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None,
-                 seed: int = 0):
+                 seed: int = 0, use_kernels: bool = False):
         if role not in ROLES:
             raise ValueError(f"TorchBackend: role must be one of {ROLES}, got {role!r}")
         if layout not in LAYOUTS:
@@ -164,6 +179,9 @@ class TorchBackend:
         if autocast_dtype is None and self.device.type == "cuda":
             autocast_dtype = torch.bfloat16
         self.autocast_dtype = autocast_dtype
+        # tempo_mega.kernels for the heads: log-probs without full-vocabulary logits (actor), the final
+        # RMSNorm fused with the value projection (critic). Triton on CUDA, chunked torch elsewhere.
+        self.use_kernels = use_kernels
         if gradient_checkpointing:
             trunk, kwargs = self.model.model, {"use_reentrant": False}
             if hasattr(trunk, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -210,7 +228,8 @@ class TorchBackend:
         trunk = self.model.model
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
-        with autocast:
+        skip_norm = self.role == "critic" and self.use_kernels
+        with autocast, (self.model.trunk_without_final_norm() if skip_norm else contextlib.nullcontext()):
             if self.layout == "packed":
                 packed = batch.to("cpu").to_packed()
                 attn = self._packed_attention_mask(packed.cu_seqlens, packed.input_ids.numel())
@@ -224,9 +243,18 @@ class TorchBackend:
                                position_ids=batch.position_ids.to(self.device)).last_hidden_state
                 p, resp_len = batch.prompt_len, batch.response_len
                 h = hidden[:, p - 1 : p - 1 + resp_len][mask]  # [N_resp, H]
-            if self.role == "actor":
+            if self.role == "actor" and self.use_kernels:
+                from tempo_mega.kernels import fused_linear_logprob
+
+                vals = fused_linear_logprob(h, self.model.lm_head.weight, targets, temperature=self.temperature)
+            elif self.role == "actor":
                 logits = self.model.lm_head(h).float() / self.temperature  # [N_resp, V]
                 vals = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+            elif self.use_kernels:
+                from tempo_mega.kernels import fused_value_head
+
+                head, norm = self.model.value_head, self.model.final_norm
+                vals = fused_value_head(h, norm.weight, head.weight[0], head.bias, eps=norm.variance_epsilon)
             else:
                 vals = self.model.score(h)
         return torch.zeros(mask.shape, dtype=torch.float32, device=self.device).masked_scatter(mask, vals)

@@ -180,3 +180,37 @@ def test_demo_pipeline_tiny(tmp_path):
         assert f"| {name} | before |" in table and f"| {name} | after |" in table
     assert (out / "curves.png").stat().st_size > 1000
     assert (out / "tempo" / "hf" / "actor" / "model.safetensors").exists()
+
+
+def test_preemption_signal_checkpoints_then_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "tempo_mega.cli", "train", "experiment=debug_cpu", "trainer.total_steps=40",
+            "trainer.save_every=0", "trainer.eval_every=0", f"trainer.output_dir={out}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 85, stdout + stderr
+    done = [x["step"] for x in lines(out)]
+    assert 1 <= len(done) < 40 and done == list(range(1, len(done) + 1))
+    assert (out / "checkpoints" / f"step_{len(done):08d}" / "COMPLETE").exists()
+    r = cli("train", "experiment=debug_cpu", f"trainer.total_steps={len(done) + 2}", f"trainer.output_dir={out}",
+            "trainer.resume=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [x["step"] for x in lines(out)] == list(range(1, len(done) + 3))
+
+
+def test_profiler_trace_for_listed_steps(tmp_path):
+    train(tmp_path, "trainer.total_steps=2", "trainer.profile_steps=[1]")
+    traces = sorted((tmp_path / "profile").glob("*.json"))
+    assert [t.name for t in traces] == ["step_000001.json"]
+    assert json.loads(traces[0].read_text())["traceEvents"]
