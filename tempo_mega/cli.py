@@ -2,6 +2,7 @@
 
     tempo-mega train [hydra overrides...]      e.g. experiment=debug_cpu trainer.total_steps=2
     tempo-mega demo [--out DIR] [overrides...]  warm start -> Stage 1 RLVR -> TEMPO and TTRL, table + plot
+    tempo-mega report RUN_DIR                   Markdown summary and PNG plots of a run's metrics.jsonl
     tempo-mega selfcheck                        the TEMPO math on a hand-computed case
 """
 
@@ -14,9 +15,7 @@ import sys
 
 def _train(overrides: list[str]) -> int:
     from tempo_mega.config import load_config
-    from tempo_mega.trainer import run_training
-
-    from tempo_mega.trainer import Preempted
+    from tempo_mega.trainer import Preempted, run_training
 
     cfg = load_config(overrides)
     try:
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="tempo-mega", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "demo", "selfcheck"])
+    parser.add_argument("command", choices=["train", "demo", "report", "selfcheck"])
     parser.add_argument("-v", "--verbose", action="store_true")
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -75,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from tempo_mega.demo import main as demo_main
 
             return demo_main(rest)
+        if args.command == "report":
+            from tempo_mega.report import main as report_main
+
+            return report_main(rest)
         return _selfcheck()
     except (ValueError, FileNotFoundError) as e:  # user mistakes: one clear line, no traceback
         print(f"tempo-mega {args.command}: error: {e}", file=sys.stderr)
