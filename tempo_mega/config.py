@@ -117,6 +117,7 @@ class TrainerConfig:
     wandb_mode: str = "offline"
     # Supervised warm start (cross-entropy on reference solutions) before the first RL step; the
     # synthetic task needs it so that a randomly initialised model can produce boxed answers at all.
+    gpu_peak: str = "h100_sxm_bf16"  # peak FLOP/s for MFU (a key of telemetry.flops.PEAK_FLOPS); CUDA runs only
     profile_steps: list[int] = field(default_factory=list)  # torch profiler Chrome traces in <output_dir>/profile
     warm_start_steps: int = 0
     warm_start_lr: float = 3e-3
@@ -210,6 +211,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0")
     _check(t.eval_num_samples >= 1, "trainer.eval_num_samples", "must be >= 1")
     _check(t.warm_start_steps >= 0, "trainer.warm_start_steps", "must be >= 0")
+    from tempo_mega.telemetry.flops import PEAK_FLOPS
+
+    _check(t.gpu_peak in PEAK_FLOPS, "trainer.gpu_peak", f"unknown peak {t.gpu_peak!r} ({' | '.join(PEAK_FLOPS)})")
     for name in t.loggers:
         _check(name in ("jsonl", "progress", "wandb"), "trainer.loggers", f"unknown logger {name!r} (jsonl | progress | wandb)")
     _check(str(cfg.kernels.enable).lower() in ("auto", "true", "false"), "kernels.enable",

@@ -42,6 +42,8 @@ from tempo_mega.eval.metrics import (
 from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
 from tempo_mega.rollout.hf import HFRolloutEngine
 from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
+from tempo_mega.telemetry.flops import phase_mfu
+from tempo_mega.telemetry.nvml import NvmlSampler, tokens_per_joule
 
 log = logging.getLogger("tempo_mega")
 
@@ -422,6 +424,19 @@ def profile_step(cfg: TrainConfig, out: Path, step: int):
     return ctx()
 
 
+def throughput_metrics(run: Run, m: dict[str, float]) -> dict[str, float]:
+    """Tokens per joule where NVML measured energy; MFU per phase on CUDA (one GPU per backend here)."""
+    out = {}
+    if "gpu/energy_j" in m and "perf/num_tokens" in m:
+        out["perf/tokens_per_joule"] = tokens_per_joule(m["perf/num_tokens"], m["gpu/energy_j"])
+    if run.actor.device.type == "cuda" and "timing/step_s" in m:
+        a = run.cfg.algo
+        out.update(phase_mfu(m, run.actor.model.config, run.critic.model.config, 1, run.cfg.trainer.gpu_peak,
+                             actor_epochs=a.actor.epochs, critic_epochs=a.critic.epochs,
+                             critic_labeled_only=a.mode in ("tempo", "supervised_continuation")))
+    return out
+
+
 def run_training(cfg: TrainConfig) -> Run:
     run = setup(cfg)
     t = cfg.trainer
@@ -431,10 +446,13 @@ def run_training(cfg: TrainConfig) -> Run:
         # "before" numbers ride on the first step's line, so every line of metrics.jsonl is a step
         initial.update({k.replace("eval/", "eval_initial/", 1): v
                         for k, v in evaluate(run.ctrl, run.pool, cfg, eval_seed).items()})
-    with PreemptionWatch() as watch:
+    gpu = NvmlSampler().start()  # says once and logs nothing where there is no GPU
+    with PreemptionWatch() as watch, gpu:
         for step in range(run.start_step, t.total_steps):
             with profile_step(cfg, run.out, step):
                 metrics = run.ctrl.step(step)
+            metrics.update(gpu.step_metrics())
+            metrics.update(throughput_metrics(run, metrics))
             metrics.update(initial)
             initial = {}
             last = step == t.total_steps - 1
