@@ -51,16 +51,28 @@ class PromptSource:
 
 class BoundLoss:
     """Binds an algo/ loss to the fields of a micro-batch; ``agg`` tells the backend how to weight
-    micro-batches (every loss used here averages over rows, except token-mean PPO)."""
+    micro-batches (every loss used here averages over rows, except token-mean PPO).
 
-    def __init__(self, fn, fields: tuple[str, ...], mask_labeled_only: bool = False, agg: str = "seq", **kw):
-        self.fn, self.fields, self.mask_labeled_only, self.agg, self.kw = fn, fields, mask_labeled_only, agg, kw
+    With ``kernel`` (a packed tempo_mega.kernels loss that equals ``fn``), the loss and its gradient
+    come from the kernel on the packed valid tokens; the metrics still come from ``fn``, without grad.
+    """
+
+    def __init__(self, fn, fields: tuple[str, ...], agg: str = "seq", kernel=None, **kw):
+        self.fn, self.fields, self.agg, self.kernel, self.kw = fn, fields, agg, kernel, kw
 
     def __call__(self, output: torch.Tensor, mb: RolloutBatch):
         mask = mb.response_mask
-        if self.mask_labeled_only:
-            mask = mask * mb.is_labeled.unsqueeze(-1).to(mask.dtype)
-        return self.fn(output, *(getattr(mb, f) for f in self.fields), mask, **self.kw)
+        inputs = [output, *(getattr(mb, f).to(output.device) for f in self.fields)]
+        if self.kernel is None:
+            return self.fn(*inputs, mask.to(output.device), **self.kw)
+        from tempo_mega.kernels import pack_padded
+
+        with torch.no_grad():
+            _, metrics = self.fn(*(x.detach() for x in inputs), mask.to(output.device), **self.kw)
+        mask = mask.to(output.device)
+        packed = [pack_padded(x, mask)[0] for x in inputs]
+        cu_seqlens = pack_padded(output.detach(), mask)[1]
+        return self.kernel(*packed, cu_seqlens, **self.kw), metrics
 
 
 class TempoController:
@@ -229,12 +241,21 @@ class TempoController:
             batch.scores = torch.where(unl, batch.returns[:, 0].to(batch.scores.dtype), batch.scores)
 
     def critic_loss(self) -> BoundLoss:
-        return BoundLoss(critic_loss, ("values", "returns"), clip_range_value=self.cfg.algo.clip_range_value)
+        kernel = self._kernel("seq_clipped_value_loss")
+        return BoundLoss(critic_loss, ("values", "returns"), kernel=kernel, clip_range_value=self.cfg.algo.clip_range_value)
+
+    def _kernel(self, name: str):
+        if not getattr(self.actor, "use_kernels", False):
+            return None
+        import tempo_mega.kernels as kernels
+
+        return getattr(kernels, name)
 
     def policy_loss(self) -> BoundLoss:
         a = self.cfg.algo
         if a.mode == "rlvr":
             return BoundLoss(ppo_policy_loss, ("old_logprobs", "advantages"), agg="token",
                           clip_low=a.ppo_clip_low, clip_high=a.ppo_clip_high, loss_agg_mode="token-mean")
-        return BoundLoss(gspo_policy_loss, ("old_logprobs", "advantages"), clip_low=a.clip_low, clip_high=a.clip_high)
+        return BoundLoss(gspo_policy_loss, ("old_logprobs", "advantages"), kernel=self._kernel("gspo_loss"),
+                         clip_low=a.clip_low, clip_high=a.clip_high)
 
