@@ -229,6 +229,7 @@ class TorchBackend:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
         skip_norm = self.role == "critic" and self.use_kernels
+        norm = self.model.final_norm if skip_norm else None  # taken before the trunk runs without it
         with autocast, (self.model.trunk_without_final_norm() if skip_norm else contextlib.nullcontext()):
             if self.layout == "packed":
                 packed = batch.to("cpu").to_packed()
@@ -253,7 +254,7 @@ class TorchBackend:
             elif self.use_kernels:
                 from tempo_mega.kernels import fused_value_head
 
-                head, norm = self.model.value_head, self.model.final_norm
+                head = self.model.value_head
                 vals = fused_value_head(h, norm.weight, head.weight[0], head.bias, eps=norm.variance_epsilon)
             else:
                 vals = self.model.score(h)

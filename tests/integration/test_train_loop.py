@@ -214,3 +214,14 @@ def test_profiler_trace_for_listed_steps(tmp_path):
     traces = sorted((tmp_path / "profile").glob("*.json"))
     assert [t.name for t in traces] == ["step_000001.json"]
     assert json.loads(traces[0].read_text())["traceEvents"]
+
+
+def test_kernels_enabled_train_like_plain_torch(tmp_path):
+    """kernels.enable=true routes the heads and losses through tempo_mega.kernels (on CPU their torch
+    paths: chunked log-probs, fused norm + value head, packed losses); the run must match plain torch."""
+    plain = train(tmp_path / "plain", "kernels.enable=false")
+    fused = train(tmp_path / "fused", "kernels.enable=true")
+    assert fused.actor.use_kernels and fused.critic.use_kernels and not plain.actor.use_kernels
+    for x, y in zip(lines(tmp_path / "plain"), lines(tmp_path / "fused")):
+        for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm", "critic/value_mse"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
