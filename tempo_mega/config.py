@@ -118,10 +118,15 @@ class TrainerConfig:
     # Supervised warm start (cross-entropy on reference solutions) before the first RL step; the
     # synthetic task needs it so that a randomly initialised model can produce boxed answers at all.
     gpu_peak: str = "h100_sxm_bf16"  # peak FLOP/s for MFU (a key of telemetry.flops.PEAK_FLOPS); CUDA runs only
-    profile_steps: list[int] = field(default_factory=list)  # torch profiler Chrome traces in <output_dir>/profile
     warm_start_steps: int = 0
     warm_start_lr: float = 3e-3
     warm_start_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    steps: list[int] = field(default_factory=list)  # 0-based step indices: a torch profiler Chrome trace each
+    dir: str | None = None  # default <trainer.output_dir>/profile
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     experiment: str | None = None  # name of the experiment preset that was applied, for the record
 
 

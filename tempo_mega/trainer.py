@@ -401,15 +401,16 @@ class PreemptionWatch:
 
 
 def profile_step(cfg: TrainConfig, out: Path, step: int):
-    """A torch profiler around the steps listed in trainer.profile_steps (Chrome trace per step)."""
+    """A torch profiler around the steps listed in profile.steps (a Chrome trace per step; NVTX ranges
+    around the phases come from PhaseTimer, for nsys)."""
     import contextlib
 
-    if step not in cfg.trainer.profile_steps:
+    if step not in cfg.profile.steps:
         return contextlib.nullcontext()
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    trace_dir = out / "profile"
+    trace_dir = Path(cfg.profile.dir) if cfg.profile.dir else out / "profile"
     trace_dir.mkdir(parents=True, exist_ok=True)
 
     def export(prof) -> None:

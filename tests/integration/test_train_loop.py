@@ -210,7 +210,7 @@ def test_preemption_signal_checkpoints_then_resume_finishes(tmp_path):
 
 
 def test_profiler_trace_for_listed_steps(tmp_path):
-    train(tmp_path, "trainer.total_steps=2", "trainer.profile_steps=[1]")
+    train(tmp_path, "trainer.total_steps=2", "profile.steps=[1]")
     traces = sorted((tmp_path / "profile").glob("*.json"))
     assert [t.name for t in traces] == ["step_000001.json"]
     assert json.loads(traces[0].read_text())["traceEvents"]
