@@ -2,6 +2,8 @@
 
     tempo-mega train [hydra overrides...]      e.g. experiment=debug_cpu trainer.total_steps=2
     tempo-mega demo [--out DIR] [overrides...]  warm start -> Stage 1 RLVR -> TEMPO and TTRL, table + plot
+    tempo-mega doctor                           versions, GPUs, and what each feature is missing
+    tempo-mega launch slurm --nodes N ...       write (and --submit) a SLURM script for a run
     tempo-mega report RUN_DIR                   Markdown summary and PNG plots of a run's metrics.jsonl
     tempo-mega selfcheck                        the TEMPO math on a hand-computed case
 """
@@ -21,9 +23,12 @@ def _train(overrides: list[str]) -> int:
     try:
         run = run_training(cfg)
     except Preempted as p:
+        from tempo_mega.launch.slurm import request_requeue
+
+        code = request_requeue(f"checkpointed after {p.completed_steps} steps")  # the sbatch script's marker
         print(f"preempted: checkpoint after {p.completed_steps} steps in {cfg.trainer.output_dir}/checkpoints; "
-              f"rerun with trainer.resume=true (exit code {p.code} asks SLURM to requeue)")
-        return int(p.code)
+              f"rerun with trainer.resume=true (exit code {code} asks SLURM to requeue)")
+        return code
     print(f"done: {run.out}/metrics.jsonl, checkpoints in {run.out}/checkpoints, HF export in {run.out}/hf")
     return 0
 
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="tempo-mega", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "demo", "report", "selfcheck"])
+    parser.add_argument("command", choices=["train", "demo", "report", "doctor", "launch", "selfcheck"])
     parser.add_argument("-v", "--verbose", action="store_true")
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -74,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
             from tempo_mega.demo import main as demo_main
 
             return demo_main(rest)
+        if args.command == "doctor":
+            from tempo_mega.doctor import main as doctor_main
+
+            return doctor_main(rest)
+        if args.command == "launch":
+            if not rest or rest[0] != "slurm":
+                print("tempo-mega launch: error: usage: tempo-mega launch slurm [options] [-- overrides]", file=sys.stderr)
+                return 2
+            from tempo_mega.launch.slurm import main as slurm_main
+
+            return slurm_main(rest[1:])
         if args.command == "report":
             from tempo_mega.report import main as report_main
 

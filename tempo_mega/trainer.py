@@ -39,6 +39,7 @@ from tempo_mega.eval.metrics import (
     pass_at_k_batch,
     reward_to_prob,
 )
+from tempo_mega.launch.slurm import REQUEUE_EXIT_CODE  # "checkpointed on a preemption signal: requeue me"
 from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
 from tempo_mega.rollout.hf import HFRolloutEngine
 from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
@@ -356,7 +357,6 @@ def export_hf(run: Run, directory: Path) -> None:
     run.critic.export_hf(directory / "critic")
 
 
-REQUEUE_EXIT_CODE = 85  # "checkpointed on a preemption signal: requeue me" (scripts/slurm reads it)
 
 
 class Preempted(SystemExit):

@@ -17,8 +17,8 @@ Preemption and time limits (the requeue contract):
   waits ``--shutdown-timeout`` seconds before killing them.
 - A trainer that has written a checkpoint and wants the job to go on exits with
   ``REQUEUE_EXIT_CODE`` (85) and writes the file ``$TEMPO_REQUEUE_MARKER`` (``<output-dir>/REQUEUE_REQUESTED``;
-  both are exported to the ranks). The marker is what reaches the script: torchrun exits 1 whatever
-  its ranks' exit codes were. The script then runs ``scontrol requeue $SLURM_JOB_ID`` (at most
+  both are exported to the ranks): ``sys.exit(request_requeue())`` does both. The marker is what
+  reaches the script: torchrun exits 1 whatever its ranks' exit codes were. The script then runs ``scontrol requeue $SLURM_JOB_ID`` (at most
   ``--max-requeues`` times, counted by ``SLURM_RESTART_COUNT``).
 - Every run of the script passes ``trainer.output_dir=<output-dir> trainer.resume=true``, so the
   requeued job (same job id, same script, same log file: ``--open-mode=append``) resumes from the
@@ -37,6 +37,7 @@ with ``kill <pid>`` when the script exits.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import shutil
@@ -50,6 +51,7 @@ __all__ = [
     "REQUEUE_MARKER_NAME",
     "SlurmJob",
     "main",
+    "request_requeue",
     "render_sbatch",
 ]
 
@@ -169,6 +171,18 @@ class SlurmJob:
             raise ValueError(f"--sglang-port must be a TCP port, got {self.sglang_port}")
         if not re.match(r"^[+~]?[A-Za-z_][\w.]*$", self.sglang_urls_key):
             raise ValueError(f"--sglang-urls-key {self.sglang_urls_key!r} is not a config key")
+
+
+def request_requeue(reason: str = "checkpointed", env: dict[str, str] | None = None) -> int:
+    """The trainer's side of the contract, after its checkpoint is complete: write the marker the
+    sbatch script looks for (call it on one rank; any rank works) and return the exit code to leave
+    with (every rank may exit with it). Outside such a job (no ``TEMPO_REQUEUE_MARKER``) it writes
+    nothing and still returns ``REQUEUE_EXIT_CODE``."""
+    env = dict(os.environ if env is None else env)
+    marker = env.get("TEMPO_REQUEUE_MARKER")
+    if marker:
+        Path(marker).write_text(reason + "\n")
+    return int(env.get("TEMPO_REQUEUE_EXIT_CODE", REQUEUE_EXIT_CODE))
 
 
 def _q(value: str) -> str:
