@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tempo_mega.algo.advantages import last_valid_index
 from tempo_mega.backends.torch import OptimConfig as BackendOptim
 from tempo_mega.backends.torch import TorchBackend, build_actor, build_critic
 from tempo_mega.batch import RolloutBatch
@@ -233,6 +234,18 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[
 
 
 # ---------------------------------------------------------------------- evaluation
+def trap_metrics(records: list[PromptRecord], answers: list[list[str | None]], correct: torch.Tensor) -> dict[str, float]:
+    """On prompts that have a known tempting wrong answer (the synthetic task's carry/borrow families):
+    their accuracy and how often the model gives exactly that wrong answer. A self-consistency reward
+    that locks onto the trap shows up as a rising ``eval/trap_answer_frac``."""
+    rows = [i for i, r in enumerate(records) if r.meta.get("trap_answer") is not None]
+    if not rows:
+        return {}
+    hits = [a == records[i].meta["trap_answer"] for i in rows for a in answers[i]]
+    return {"eval/trap_family_avg@k": float(correct[rows].float().mean()),
+            "eval/trap_answer_frac": sum(hits) / len(hits)}
+
+
 def evaluate(ctrl: TempoController, pool: PromptPool, cfg: TrainConfig, seed: int) -> dict[str, float]:
     """Hidden-answer accuracy on the unlabeled split and the reward-drift monitor: how well the reward
     the current mode trains on separates truly correct from wrong responses (AUROC, calibration)."""
@@ -255,8 +268,8 @@ def evaluate(ctrl: TempoController, pool: PromptPool, cfg: TrainConfig, seed: in
          "eval/response_len_mean": float(batch.response_lengths().float().mean()),
          "eval/truncated_frac": sum(batch.meta["truncated"]) / len(texts),
          "eval/grading_lenient": float(a.lenient_grading)}
+    m.update(trap_metrics(records, answers, table))
     values = ctrl.critic.forward_values(batch)
-    from tempo_mega.algo.advantages import last_valid_index
 
     critic_reward = values.gather(1, last_valid_index(batch.response_mask)[:, None]).squeeze(1).tolist()
     rewards = {"critic": critic_reward}

@@ -225,3 +225,17 @@ def test_kernels_enabled_train_like_plain_torch(tmp_path):
     for x, y in zip(lines(tmp_path / "plain"), lines(tmp_path / "fused")):
         for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm", "critic/value_mse"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+def test_study_script_tiny(tmp_path):
+    """scripts/study.py in its tiny configuration: every method runs from one Stage-1 checkpoint."""
+    from tempo_mega.study import METHODS, main
+
+    assert main(["--out", str(tmp_path), "--tiny", "--seeds", "0", "--steps", "2"]) == 0
+    table = (tmp_path / "study.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table
+        assert len(lines(tmp_path / method / "seed0")) == 2
+    assert (tmp_path / "study_curves.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "study.json").read_text())
+    assert set(summary) == set(METHODS)
