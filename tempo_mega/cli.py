@@ -2,15 +2,16 @@
 
     tempo-mega train [hydra overrides...]      e.g. experiment=debug_cpu trainer.total_steps=2
     tempo-mega demo [--out DIR] [overrides...]  warm start -> Stage 1 RLVR -> TEMPO and TTRL, table + plot
+    tempo-mega eval --model DIR --bench NAME=FILE -n 16   avg@k / pass@k on benchmark files (strict grading)
     tempo-mega doctor                           versions, GPUs, and what each feature is missing
     tempo-mega launch slurm --nodes N ...       write (and --submit) a SLURM script for a run
     tempo-mega report RUN_DIR                   Markdown summary and PNG plots of a run's metrics.jsonl
     tempo-mega selfcheck                        the TEMPO math on a hand-computed case
+    (prefix -v for INFO logging: tempo-mega -v train ...)
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -63,40 +64,52 @@ def _selfcheck() -> int:
     return 0 if all(checks.values()) else 1
 
 
+COMMANDS = ("train", "demo", "eval", "report", "doctor", "launch", "selfcheck")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="tempo-mega", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "demo", "report", "doctor", "launch", "selfcheck"])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = any(a in ("-v", "--verbose") for a in argv[:1])
+    if verbose:
+        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"tempo-mega: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if args.command == "train":
+        if command == "train":
             return _train(rest)
-        if args.command == "demo":
+        if command == "demo":
             from tempo_mega.demo import main as demo_main
 
             return demo_main(rest)
-        if args.command == "doctor":
+        if command == "eval":
+            from tempo_mega.eval.runner import main as eval_main
+
+            return eval_main(rest)
+        if command == "doctor":
             from tempo_mega.doctor import main as doctor_main
 
             return doctor_main(rest)
-        if args.command == "launch":
+        if command == "launch":
             if not rest or rest[0] != "slurm":
-                print("tempo-mega launch: error: usage: tempo-mega launch slurm [options] [-- overrides]", file=sys.stderr)
+                print("tempo-mega launch: error: usage: tempo-mega launch slurm [options]", file=sys.stderr)
                 return 2
             from tempo_mega.launch.slurm import main as slurm_main
 
             return slurm_main(rest[1:])
-        if args.command == "report":
+        if command == "report":
             from tempo_mega.report import main as report_main
 
             return report_main(rest)
         return _selfcheck()
     except (ValueError, FileNotFoundError) as e:  # user mistakes: one clear line, no traceback
-        print(f"tempo-mega {args.command}: error: {e}", file=sys.stderr)
+        print(f"tempo-mega {command}: error: {e}", file=sys.stderr)
         return 2
 
 
