@@ -41,6 +41,7 @@ from tempo_mega.eval.metrics import (
     reward_to_prob,
 )
 from tempo_mega.launch.slurm import REQUEUE_EXIT_CODE  # "checkpointed on a preemption signal: requeue me"
+from tempo_mega.models import fresh_qwen3_config, stop_token_ids
 from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
 from tempo_mega.rollout.hf import HFRolloutEngine
 from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
@@ -112,15 +113,9 @@ class PromptPool:
 
     def source(self) -> PromptSource:
         tok = self.tokenizer
-        stops = {tok.eos_token_id}
-        for special in ("<|im_end|>", "<|endoftext|>"):
-            tid = tok.convert_tokens_to_ids(special)
-            if isinstance(tid, int) and tid != tok.unk_token_id and tid is not None:
-                stops.add(tid)
-        stops.discard(None)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return PromptSource(draw=self.draw, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                            pad_token_id=pad, stop_token_ids=tuple(sorted(stops)))
+                            pad_token_id=pad, stop_token_ids=stop_token_ids(tok))
 
     def state_dict(self) -> dict[str, Any]:
         return {k: s.state_dict() for k, s in self.samplers.items() if s is not None}
@@ -154,8 +149,6 @@ def kernels_enabled(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[TorchBackend, TorchBackend]:
-    from transformers import Qwen3Config
-
     m, a = cfg.model, cfg.algo
     rows = a.mini_batch_prompts * a.num_samples_per_prompt
     optim = {role: BackendOptim(lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, mini_batch_size=rows,
@@ -170,14 +163,7 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
         source = m.path
     else:
         torch.manual_seed(cfg.trainer.seed)
-        source = Qwen3Config(
-            vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
-            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
-            tie_word_embeddings=m.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        )
+        source = fresh_qwen3_config(m, tokenizer)
     actor = build_actor(source, optim["actor"], dtype=DTYPES[m.dtype], **common)
     critic_common = {k: v for k, v in common.items() if k != "temperature"}
     if m.critic_path is not None:
