@@ -61,18 +61,16 @@ class BoundLoss:
         self.fn, self.fields, self.agg, self.kernel, self.kw = fn, fields, agg, kernel, kw
 
     def __call__(self, output: torch.Tensor, mb: RolloutBatch):
-        mask = mb.response_mask
+        mask = mb.response_mask.to(output.device)
         inputs = [output, *(getattr(mb, f).to(output.device) for f in self.fields)]
         if self.kernel is None:
-            return self.fn(*inputs, mask.to(output.device), **self.kw)
+            return self.fn(*inputs, mask, **self.kw)
         from tempo_mega.kernels import pack_padded
 
         with torch.no_grad():
-            _, metrics = self.fn(*(x.detach() for x in inputs), mask.to(output.device), **self.kw)
-        mask = mask.to(output.device)
-        packed = [pack_padded(x, mask)[0] for x in inputs]
-        cu_seqlens = pack_padded(output.detach(), mask)[1]
-        return self.kernel(*packed, cu_seqlens, **self.kw), metrics
+            _, metrics = self.fn(*(x.detach() for x in inputs), mask, **self.kw)
+        packed = [pack_padded(x, mask) for x in inputs]
+        return self.kernel(*(x for x, _ in packed), packed[0][1], **self.kw), metrics
 
 
 class TempoController:
@@ -99,6 +97,7 @@ class TempoController:
             with t.phase("logprob"):
                 batch.old_logprobs = self.actor.forward_logprobs(batch)
                 batch.values = self.critic.forward_values(batch)
+            m.update(logprob_mismatch(batch))
             self.compute_advantages(batch)
             if bool((~batch.is_labeled).any()):  # the reward unlabeled rows were trained on, once known
                 m["rollout/unlabeled_reward_mean"] = float(batch.scores[~batch.is_labeled].mean())
@@ -259,3 +258,14 @@ class TempoController:
         return BoundLoss(gspo_policy_loss, ("old_logprobs", "advantages"), kernel=self._kernel("gspo_loss"),
                          clip_low=a.clip_low, clip_high=a.clip_high)
 
+
+def logprob_mismatch(batch: RolloutBatch) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's for the same tokens and weights: near 0
+    for the HF engine, the precision/kernel gap for SGLang (input for a truncated-IS correction)."""
+    if batch.rollout_logprobs is None or batch.old_logprobs is None:
+        return {}
+    mask = batch.response_mask.bool()
+    diff = (batch.rollout_logprobs - batch.old_logprobs).abs()[mask]
+    if diff.numel() == 0:
+        return {}
+    return {"rollout/logprob_diff_mean": float(diff.mean()), "rollout/logprob_diff_max": float(diff.max())}
