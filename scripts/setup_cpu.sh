@@ -7,6 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# megatron-core for the CPU (gloo) tests of the Megatron backend: --no-deps, because its only real
+# dependencies (torch, numpy, packaging) are already here and nothing may pull a CUDA torch.
+# 0.16.1 is the newest release for Python 3.11; NGC (Python 3.12) pins its own in the Dockerfile.
+python -m pip install --quiet --disable-pip-version-check --no-deps "megatron-core==0.16.1"
+python -m pip install --quiet --disable-pip-version-check psutil  # dist_checkpointing needs it
 python - <<'PY'
 import importlib.util, torch
 assert not torch.cuda.is_available() or torch.version.cuda, "unexpected torch build"

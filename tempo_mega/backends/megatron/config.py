@@ -1,0 +1,82 @@
+"""``MegatronConfig``: how the Megatron backend shards and runs a model. Validated on construction;
+checks that need the model (heads, layers) or the world size live in ``MegatronConfig.validate_for``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECOMPUTE = ("none", "selective", "full")
+FP8 = ("none", "e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+PARAMS_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class MegatronConfig:
+    """Parallel layout and numerics of the Megatron backend (config key prefix ``megatron.``).
+
+    The data-parallel size is what is left: ``world_size / (tp * pp * cp)``.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    virtual_pipeline_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    recompute: str = "none"  # "none" | "selective" (core attention) | "full" (whole layers)
+    fp8: str = "none"  # "none" | "e4m3" | "hybrid" (TE only)
+    fp8_recipe: str = "delayed"
+    params_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"megatron.{key} must be >= 1, got {getattr(self, key)}")
+        vpp = self.virtual_pipeline_parallel_size
+        if vpp is not None:
+            if vpp < 1:
+                raise ValueError(f"megatron.virtual_pipeline_parallel_size must be >= 1 or null, got {vpp}")
+            if vpp > 1 and self.pipeline_parallel_size < 2:
+                raise ValueError("megatron.virtual_pipeline_parallel_size > 1 needs "
+                                 f"megatron.pipeline_parallel_size >= 2, got {self.pipeline_parallel_size}")
+        if self.sequence_parallel and self.tensor_parallel_size < 2:
+            raise ValueError("megatron.sequence_parallel needs megatron.tensor_parallel_size >= 2")
+        for key, allowed in (("recompute", RECOMPUTE), ("fp8", FP8), ("fp8_recipe", FP8_RECIPES),
+                             ("params_dtype", PARAMS_DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"megatron.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.fp8 != "none" and self.params_dtype == "float32":
+            raise ValueError("megatron.fp8 needs megatron.params_dtype bfloat16 or float16, got float32")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by megatron.tensor_parallel_size "
+                f"({self.tensor_parallel_size}) x megatron.pipeline_parallel_size "
+                f"({self.pipeline_parallel_size}) x megatron.context_parallel_size ({self.context_parallel_size})")
+        return world_size // self.model_parallel_size
+
+    def validate_for(self, *, num_attention_heads: int, num_key_value_heads: int, num_layers: int,
+                     vocab_size: int, world_size: int | None = None) -> None:
+        """Checks against the model shape (and the world size when given), naming the config key."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if num_attention_heads % tp:
+            raise ValueError(f"megatron.tensor_parallel_size={tp} does not divide the model's "
+                             f"num_attention_heads={num_attention_heads}")
+        if num_key_value_heads % tp:
+            raise ValueError(f"megatron.tensor_parallel_size={tp} does not divide the model's "
+                             f"num_key_value_heads={num_key_value_heads}")
+        if vocab_size % tp:
+            raise ValueError(f"megatron.tensor_parallel_size={tp} does not divide the model's "
+                             f"vocab_size={vocab_size}")
+        stages = pp * (self.virtual_pipeline_parallel_size or 1)
+        if num_layers % stages:
+            raise ValueError(f"megatron.pipeline_parallel_size={pp} x megatron.virtual_pipeline_parallel_size="
+                             f"{self.virtual_pipeline_parallel_size} does not divide num_hidden_layers={num_layers}")
+        if world_size is not None:
+            self.data_parallel_size(world_size)

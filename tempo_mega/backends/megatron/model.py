@@ -1,0 +1,127 @@
+"""Building the megatron-core models: parallel state, layer spec, actor ``GPTModel`` and critic.
+
+The critic is a ``GPTModel`` whose ``output_layer`` is a ``ValueHead`` ([1, hidden] + bias, float32,
+replicated over TP): ``GPTModel.forward`` then returns values [b, s, 1] instead of logits, the trunk,
+checkpointing and pipeline code stay megatron's own, and the head is checkpointed as
+``output_layer.weight`` / ``output_layer.bias``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from torch import Tensor, nn
+
+from tempo_mega.backends.megatron.config import MegatronConfig
+from tempo_mega.backends.megatron.convert import gpt_model_kwargs, to_transformer_config
+
+log = logging.getLogger(__name__)
+
+_SPEC_LOGGED = False
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # a broken TE install raises RuntimeError, not ImportError
+        return False
+    return True
+
+
+def layer_spec(*, use_te: bool | None = None):
+    """(spec, te_layout): the Transformer Engine spec when TE imports (or ``use_te``), else the local
+    spec (which has no sequence parallel). Said once in the log."""
+    global _SPEC_LOGGED
+    te = transformer_engine_available() if use_te is None else use_te
+    if not _SPEC_LOGGED:
+        log.info("megatron layer spec: %s", "transformer_engine" if te else
+                 "local (transformer_engine not importable: no sequence parallel, no FP8)")
+        _SPEC_LOGGED = True
+    if te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True), True
+    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"), False
+
+
+def init_parallel(megatron_config: MegatronConfig, *, seed: int = 0) -> None:
+    """torch.distributed (from the torchrun env if not yet up; a 1-process gloo group otherwise) and
+    megatron's parallel state with the configured sizes; model-parallel RNG seeded."""
+    mc = megatron_config
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29517")
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    mc.data_parallel_size(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+        if have != (mc.tensor_parallel_size, mc.pipeline_parallel_size):
+            raise ValueError(f"megatron parallel state already initialized with TP, PP = {have}, config asks "
+                             f"megatron.tensor_parallel_size={mc.tensor_parallel_size}, "
+                             f"megatron.pipeline_parallel_size={mc.pipeline_parallel_size}")
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=mc.tensor_parallel_size,
+            pipeline_model_parallel_size=mc.pipeline_parallel_size,
+            virtual_pipeline_model_parallel_size=mc.virtual_pipeline_parallel_size,
+            context_parallel_size=mc.context_parallel_size,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+class ValueHead(nn.Module):
+    """``nn.Linear(hidden, 1)`` in float32 with the ``output_layer`` call convention of megatron:
+    ``(hidden [s, b, H], weight=None, runtime_gather_output=None) -> (values [s, b, 1], None)``."""
+
+    def __init__(self, hidden_size: int, *, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        # same init as the torch backend's ValueHeadModel: N(0, 1/(hidden + 1)), bias 0
+        self.weight = nn.Parameter(torch.randn(1, hidden_size, generator=gen) / math.sqrt(hidden_size + 1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden: Tensor, weight: Tensor | None = None,
+                runtime_gather_output: bool | None = None) -> tuple[Tensor, None]:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return nn.functional.linear(hidden.float(), self.weight.float(), self.bias.float()), None
+
+
+def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
+                use_te: bool | None = None, **config_overrides: Any) -> tuple[GPTModel, bool]:
+    """(model for this rank's PP stage, te_layout). ``init_parallel`` must have run. Weights are
+    megatron's random init (load HF weights with ``convert.hf_to_mcore_state_dict``)."""
+    if role not in ("actor", "critic"):
+        raise ValueError(f"build_model: role must be 'actor' or 'critic', got {role!r}")
+    mc = megatron_config
+    spec, te_layout = layer_spec(use_te=use_te)
+    if not te_layout:
+        if mc.sequence_parallel:
+            raise ValueError("megatron.sequence_parallel=True needs Transformer Engine (the local spec has none)")
+        if mc.fp8 != "none":
+            raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
+    config = to_transformer_config(hf_config, mc, **config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPTModel(config=config, transformer_layer_spec=spec,
+                         pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage(),
+                         **gpt_model_kwargs(hf_config, role=role))
+    if role == "critic" and model.post_process:
+        model.output_layer = ValueHead(config.hidden_size, seed=seed)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model, te_layout
