@@ -1,0 +1,870 @@
+"""SGLangRolloutEngine: the RolloutEngine seam over SGLang servers (HTTP) or an in-process ``sglang.Engine``.
+
+Written against SGLang 0.5.x's HTTP API as read in its source (``srt/entrypoints/http_server.py``,
+``srt/managers/io_struct.py``): ``GenerateReqInput``, ``UpdateWeightFromDiskReqInput`` (``model_path``),
+``UpdateWeightsFromTensorReqInput`` (``serialized_named_tensors``: one base64 string per TP rank),
+``InitWeightsUpdateGroupReqInput`` / ``UpdateWeightsFromDistributedReqInput`` (``names``, ``dtypes``,
+``shapes``, ``group_name``), ``Release/ResumeMemoryOccupationReqInput`` (``tags``), ``AbortReq``
+(``rid``, ``abort_all``). Tensor and distributed updates are wrapped in ``/begin_weight_update`` ...
+``/end_weight_update`` (0.5.23); an older server that answers 404 there is driven without them.
+
+Generation: one ``/generate`` request per prompt with ``sampling_params.n = n``, all prompts submitted at
+once (a thread per in-flight request). Per prompt rather than per sample because SGLang then prefills the
+shared prompt once and the n samples share its KV prefix; the unit of retry is the prompt, so results are
+keyed by prompt index and a resubmitted prompt replaces, never adds to, what it had.
+
+Log-probs: SGLang returns ``log(probs)`` after temperature and before top-p/top-k truncation (the same
+contract as ``Sample.logprobs`` and the HF engine). ``SamplingParams.seed`` is not sent (SGLang's
+per-request seed needs deterministic inference mode); this is said once in the log.
+
+Faults: a request that times out, a refused/reset connection or an HTTP 5xx marks its server failed. A
+server we launched is restarted (its pid terminated, then killed), a server given by URL is marked down
+until ``/health`` answers again; either gets the last weights again (last disk checkpoint, or
+``weights_source()``) before it serves. The failed prompts are resubmitted, at most ``max_retries`` times
+each; then a RuntimeError names the prompts and the last error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tempo_mega.rollout.base import Sample, SamplingParams
+
+__all__ = [
+    "SGLangConfig",
+    "SGLangRolloutEngine",
+    "SGLangServerError",
+    "build_sglang_engine",
+    "bucket_named_tensors",
+    "logprob_mismatch",
+]
+
+log = logging.getLogger(__name__)
+
+_MODES = ("server", "engine")
+_SYNC_MODES = ("tensor", "distributed", "disk")
+_KV_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SGLangConfig:
+    """How to reach SGLang. ``urls`` non-empty: connect to running servers; otherwise launch
+    ``num_engines`` servers (``model_path`` required), engine k on GPUs ``[k*tp_size, (k+1)*tp_size)``."""
+
+    mode: str = "server"  # "server" (HTTP) | "engine" (in-process sglang.Engine)
+    urls: tuple[str, ...] = ()
+    # launch settings
+    model_path: str | None = None
+    num_engines: int = 1
+    tp_size: int = 1
+    mem_fraction_static: float | None = None
+    chunked_prefill_size: int | None = None
+    disable_cuda_graph: bool = False
+    quantization: str | None = None  # e.g. "fp8"
+    kv_cache_dtype: str = "auto"  # "fp8_e4m3" halves the KV cache of 16K-token rollouts
+    enable_memory_saver: bool = True  # needed by /release_memory_occupation
+    extra_args: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    base_port: int = 30000
+    launch_module: str = "sglang.launch_server"  # tests point this at tempo_mega.rollout.fake_sglang
+    # requests and faults
+    request_timeout_s: float = 3600.0  # one /generate of up to n x 16K tokens
+    health_timeout_s: float = 600.0  # launch until /health answers
+    max_retries: int = 2
+    max_concurrent_requests: int = 1024
+    # weights
+    weight_sync: str = "tensor"  # "tensor" | "distributed" | "disk"
+    bucket_bytes: int = 512 * 2**20
+    disk_dir: str | None = None  # where "disk" sync writes checkpoints (default: a temp dir)
+    group_master_address: str = "127.0.0.1"  # "distributed": the trainer's NCCL rendezvous
+    group_master_port: int = 29600
+    probe: bool = True
+    probe_tolerance: float = 1e-2  # max |engine - trainer| log-prob on the probe sequence
+    probe_ids: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, msg: str) -> ValueError:
+            return ValueError(f"rollout.sglang.{key}: {msg}")
+
+        # Hydra hands over lists (ListConfig); keep the frozen config hashable
+        for key in ("urls", "extra_args", "probe_ids"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+
+        if self.mode not in _MODES:
+            raise bad("mode", f"must be one of {_MODES}, got {self.mode!r}")
+        if self.weight_sync not in _SYNC_MODES:
+            raise bad("weight_sync", f"must be one of {_SYNC_MODES}, got {self.weight_sync!r}")
+        if self.kv_cache_dtype not in _KV_DTYPES:
+            raise bad("kv_cache_dtype", f"must be one of {_KV_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.mode == "engine" and self.urls:
+            raise bad("urls", "engine mode runs in process; urls are for mode=server")
+        if not self.urls and not self.model_path:
+            raise bad("model_path", "required to launch servers (or give urls to connect to)")
+        for key in ("num_engines", "tp_size", "max_concurrent_requests", "bucket_bytes"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.max_retries < 0:
+            raise bad("max_retries", f"must be >= 0, got {self.max_retries}")
+        for key in ("request_timeout_s", "health_timeout_s", "probe_tolerance"):
+            if not getattr(self, key) > 0:
+                raise bad(key, f"must be > 0, got {getattr(self, key)}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise bad("mem_fraction_static", f"must be in (0, 1), got {self.mem_fraction_static}")
+        if len(self.probe_ids) < 2:
+            raise bad("probe_ids", "needs at least 2 tokens")
+
+
+class SGLangServerError(RuntimeError):
+    """A server answered with an error (HTTP 4xx): a bad request, not a fault; never retried."""
+
+
+class _ServerDown(RuntimeError):
+    """A server did not answer: timeout, refused/reset connection, HTTP 5xx. Caught and recovered from
+    inside the engine; a RuntimeError (naming the URL) where it does surface."""
+
+
+def logprob_mismatch(rollout_lp: Tensor, trainer_lp: Tensor, mask: Tensor) -> dict[str, float]:
+    """rollout_lp, trainer_lp: [B, L] float; mask: [B, L] (1 = response token). Mean and max of
+    |rollout - trainer| over masked tokens, as ``rollout/logprob_diff_mean`` / ``_max``."""
+    m = mask.bool()
+    if not bool(m.any()):
+        return {"rollout/logprob_diff_mean": 0.0, "rollout/logprob_diff_max": 0.0}
+    diff = (rollout_lp.float() - trainer_lp.float()).abs()[m]
+    return {"rollout/logprob_diff_mean": float(diff.mean()), "rollout/logprob_diff_max": float(diff.max())}
+
+
+def bucket_named_tensors(
+    named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, Tensor]]]:
+    """Group a stream of named tensors into lists of at most ``bucket_bytes`` (a bigger tensor alone)."""
+    bucket: list[tuple[str, Tensor]] = []
+    size = 0
+    for name, t in named_tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+def _http(url: str, path: str, body: dict | None, timeout_s: float, method: str = "POST"):
+    """One JSON request. Returns the parsed JSON body (or the text if not JSON). Raises ``_ServerDown``
+    for timeouts, connection errors and 5xx, ``SGLangServerError`` for other HTTP errors."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")[:2000]
+        if e.code >= 500:
+            raise _ServerDown(f"{url}{path}: HTTP {e.code}: {text}") from e
+        raise SGLangServerError(f"{url}{path}: HTTP {e.code}: {text}") from e
+    except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, OSError) as e:
+        raise _ServerDown(f"{url}{path}: {type(e).__name__}: {e}") from e
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def _check_success(resp, what: str) -> None:
+    """Weight-update endpoints answer ``{"success": bool, "message": str}``; 0.4 servers a tuple-like list."""
+    if isinstance(resp, dict) and resp.get("success") is False:
+        raise SGLangServerError(f"{what} failed: {resp.get('message')}")
+    if isinstance(resp, (list, tuple)) and resp and resp[0] is False:
+        raise SGLangServerError(f"{what} failed: {resp[1:]}")
+
+
+@dataclass
+class _Server:
+    url: str
+    proc: subprocess.Popen | None = None  # set when we launched it
+    port: int | None = None
+    healthy: bool = True
+    outstanding: int = 0
+    restarts: int = 0
+    weights_stale: bool = False  # needs the last weights again before serving
+    last_error: str = ""
+
+    @property
+    def launched(self) -> bool:
+        return self.port is not None
+
+
+@dataclass
+class _PromptResult:
+    samples: list[Sample] = field(default_factory=list)
+    attempts: int = 0
+    last_error: str = ""
+
+
+class SGLangRolloutEngine:
+    """RolloutEngine over SGLang. Build with ``build_sglang_engine``; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: SGLangConfig,
+        *,
+        pad_token_id: int,
+        trainer_logprob_fn: Callable[[list[int]], Sequence[float] | Tensor] | None = None,
+        weights_source: Callable[[], Iterable[tuple[str, Tensor]]] | None = None,
+        start: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.pad_token_id = pad_token_id
+        self.trainer_logprob_fn = trainer_logprob_fn
+        self.weights_source = weights_source
+        self.servers: list[_Server] = []
+        self.pids: list[int] = []  # every process we started, for shutdown and for the record
+        self.last_metrics: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._aborting = threading.Event()
+        self._finished: dict[int, list[Sample]] = {}
+        self._engine = None  # in-process sglang.Engine
+        self._disk_root: Path | None = None
+        self._last_disk_dir: Path | None = None
+        self._disk_version = 0
+        self._group_ready = False
+        self._synced = False
+        self._group = None
+        self._begin_end_supported: dict[str, bool] = {}
+        self._warned_seed = False
+        self._closed = False
+        self._log_dir = Path(tempfile.mkdtemp(prefix="tempo_sglang_logs_"))
+        atexit.register(self.shutdown)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        cfg = self.cfg
+        if cfg.mode == "engine":
+            self._engine = self._make_inprocess_engine()
+            return
+        if cfg.urls:
+            self.servers = [_Server(url=u.rstrip("/")) for u in cfg.urls]
+            for s in self.servers:
+                self._wait_healthy(s, proc=None)
+            return
+        for k in range(cfg.num_engines):
+            port = cfg.base_port + k
+            s = _Server(url=f"http://{cfg.host}:{port}", port=port)
+            self.servers.append(s)
+            self._launch(s, k)
+        for s in self.servers:
+            self._wait_healthy(s, proc=s.proc)
+
+    def _launch_command(self, port: int, engine_index: int, model_path: str) -> list[str]:
+        cfg = self.cfg
+        cmd = [sys.executable, "-m", cfg.launch_module, "--model-path", model_path]
+        cmd += ["--host", cfg.host, "--port", str(port), "--tp-size", str(cfg.tp_size)]
+        cmd += ["--base-gpu-id", str(engine_index * cfg.tp_size)]
+        if cfg.mem_fraction_static is not None:
+            cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+        if cfg.chunked_prefill_size is not None:
+            cmd += ["--chunked-prefill-size", str(cfg.chunked_prefill_size)]
+        if cfg.disable_cuda_graph:
+            cmd += ["--disable-cuda-graph"]
+        if cfg.quantization:
+            cmd += ["--quantization", cfg.quantization]
+        if cfg.kv_cache_dtype != "auto":
+            cmd += ["--kv-cache-dtype", cfg.kv_cache_dtype]
+        if cfg.enable_memory_saver:
+            cmd += ["--enable-memory-saver"]
+        return cmd + list(cfg.extra_args)
+
+    def _launch(self, s: _Server, engine_index: int) -> None:
+        assert s.port is not None and self.cfg.model_path is not None
+        cmd = self._launch_command(s.port, engine_index, self.cfg.model_path)
+        logf = open(self._log_dir / f"server{engine_index}_{s.restarts}.log", "wb")  # noqa: SIM115 (lives with the process)
+        s.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        logf.close()
+        self.pids.append(s.proc.pid)
+        log.info("launched SGLang server pid %d on %s: %s", s.proc.pid, s.url, " ".join(cmd))
+
+    def _wait_healthy(self, s: _Server, proc: subprocess.Popen | None) -> None:
+        deadline = time.monotonic() + self.cfg.health_timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(
+                    f"SGLang server {s.url} (pid {proc.pid}) exited with code {proc.returncode} while starting; "
+                    f"log: {self._log_dir}"
+                )
+            try:
+                _http(s.url, "/health", None, timeout_s=min(5.0, self.cfg.health_timeout_s), method="GET")
+                s.healthy = True
+                return
+            except (_ServerDown, SGLangServerError) as e:
+                last = str(e)
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"SGLang server {s.url} not healthy after rollout.sglang.health_timeout_s="
+            f"{self.cfg.health_timeout_s}: {last}"
+        )
+
+    def _stop_proc(self, proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=grace_s)
+
+    def shutdown(self) -> None:
+        """Stop what we started (only those pids), forget given URLs. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for s in self.servers:
+            if s.proc is not None:
+                self._stop_proc(s.proc)
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._group is not None:
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None
+        if self._disk_root is not None and self.cfg.disk_dir is None:
+            shutil.rmtree(self._disk_root, ignore_errors=True)
+        atexit.unregister(self.shutdown)
+
+    # ------------------------------------------------------------------ routing and transport
+    def _pick(self) -> _Server:
+        with self._lock:
+            live = [s for s in self.servers if s.healthy]
+            if not live:
+                raise _ServerDown("no healthy SGLang server")
+            s = min(live, key=lambda x: x.outstanding)  # least outstanding requests
+            s.outstanding += 1
+            return s
+
+    def _call(self, path: str, body: dict, timeout_s: float | None = None) -> list:
+        """The same control call on every healthy server (engine mode: the in-process engine)."""
+        if self._engine is not None:
+            return [self._engine_call(path, body)]
+        return [
+            _http(s.url, path, body, timeout_s or self.cfg.request_timeout_s)
+            for s in self.servers
+            if s.healthy
+        ]
+
+    def _engine_call(self, path: str, body: dict):
+        eng = self._engine
+        name = path.strip("/")
+        if name == "generate":
+            return eng.generate(**body)
+        fn = getattr(eng, name, None)
+        if fn is None:
+            if name in ("begin_weight_update", "end_weight_update"):
+                return None  # older Engine without the session calls
+            raise RuntimeError(f"sglang.Engine has no {name}()")
+        out = fn(**body)
+        _check_success(out, name)
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def _sampling_dict(self, n: int, sampling: SamplingParams) -> dict:
+        if sampling.seed is not None and not self._warned_seed:
+            log.warning(
+                "SGLangRolloutEngine: sampling.seed is not sent to SGLang (runs are not reproducible)"
+            )
+            self._warned_seed = True
+        return {
+            "n": n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "max_new_tokens": sampling.max_response_tokens,
+            "stop_token_ids": list(sampling.stop_token_ids),
+            "skip_special_tokens": False,
+            "no_stop_trim": True,  # keep the stop token (it is in the ids either way; this keeps text consistent)
+        }
+
+    @staticmethod
+    def _parse_output(out: dict, prompt_index: int) -> Sample:
+        meta = out["meta_info"]
+        entries = meta.get("output_token_logprobs") or []
+        ids = [int(e[1]) for e in entries] if entries else list(out.get("output_ids") or [])
+        lps = [float(e[0]) for e in entries]
+        fr = meta.get("finish_reason") or {}
+        kind = fr.get("type", "length") if isinstance(fr, dict) else str(fr)
+        return Sample(
+            prompt_index=prompt_index,
+            response_ids=ids,
+            logprobs=lps,
+            finish_reason=kind if kind in ("stop", "length", "abort") else "length",
+            extra={"weight_version": meta.get("weight_version")},
+        )
+
+    def _generate_prompt(self, s: _Server, i: int, prompt: list[int], sp: dict, n: int) -> list[Sample]:
+        body = {"input_ids": prompt, "sampling_params": sp, "return_logprob": True, "logprob_start_len": -1}
+        try:
+            resp = _http(s.url, "/generate", body, self.cfg.request_timeout_s)
+        except _ServerDown as e:
+            s.last_error = str(e)
+            s.healthy = False
+            raise
+        finally:
+            with self._lock:
+                s.outstanding -= 1
+        outs = resp if isinstance(resp, list) else [resp]
+        if len(outs) != n:
+            raise SGLangServerError(f"{s.url}/generate returned {len(outs)} outputs for n={n}")
+        return [self._parse_output(o, i) for o in outs]
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
+        """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i. After
+        ``abort()``, returns only the prompts that finished (still prompt-major)."""
+        if self._closed:
+            raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
+        if n < 1:
+            raise ValueError(f"SGLangRolloutEngine.generate: n must be >= 1, got {n}")
+        prompts = [list(p) for p in prompt_ids]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"SGLangRolloutEngine.generate: prompt {i} is empty")
+        sp = self._sampling_dict(n, sampling)
+        self._aborting.clear()
+        t0 = time.perf_counter()
+        results = {i: _PromptResult() for i in range(len(prompts))}
+        self._finished = {}
+        retries = 0
+        if self._engine is not None:
+            outs = self._engine.generate(
+                input_ids=prompts, sampling_params=sp, return_logprob=True, logprob_start_len=-1
+            )
+            for k, o in enumerate(outs):
+                results[k // n].samples.append(self._parse_output(o, k // n))
+        else:
+            pending = list(results)
+            while pending:
+                self._recover()
+                for i in pending:
+                    results[i].attempts += 1
+                failed = self._run_round(prompts, pending, sp, n, results)
+                if not failed or self._aborting.is_set():
+                    break
+                retries += len(failed)
+                over = [i for i in failed if results[i].attempts > self.cfg.max_retries]
+                if over:
+                    raise RuntimeError(
+                        f"SGLangRolloutEngine.generate: prompts {over} failed {self.cfg.max_retries + 1} times "
+                        f"(rollout.sglang.max_retries={self.cfg.max_retries}); last error: {results[over[0]].last_error}"
+                    )
+                pending = failed
+        samples = [s for i in range(len(prompts)) for s in results[i].samples]
+        if self._aborting.is_set():  # keep the prompts whose n samples all finished
+            done = [
+                i
+                for i in results
+                if len(results[i].samples) == n
+                and all(s.finish_reason != "abort" for s in results[i].samples)
+            ]
+            samples = [s for i in done for s in results[i].samples]
+        elif len(samples) != len(prompts) * n:
+            raise RuntimeError(
+                f"SGLangRolloutEngine.generate: {len(samples)} samples for {len(prompts)} x {n}"
+            )
+        self._metrics(samples, time.perf_counter() - t0, retries)
+        return samples
+
+    def _run_round(self, prompts, pending: list[int], sp: dict, n: int, results) -> list[int]:
+        failed: list[int] = []
+        workers = min(len(pending), self.cfg.max_concurrent_requests)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-gen") as pool:
+            # all servers picked before any request starts, in prompt order (least outstanding, ties to
+            # the first): the assignment does not depend on thread timing
+            picks = [(i, self._pick()) for i in pending]
+            futures = {pool.submit(self._generate_prompt, s, i, prompts[i], sp, n): i for i, s in picks}
+            for fut in as_completed(futures):  # record each prompt as it lands (abort() reports them)
+                i = futures[fut]
+                try:
+                    results[i].samples = fut.result()
+                    if all(x.finish_reason != "abort" for x in results[i].samples):
+                        with self._lock:
+                            self._finished[i] = results[i].samples
+                except _ServerDown as e:
+                    results[i].samples = []  # a resubmission replaces, never adds
+                    results[i].last_error = str(e)
+                    failed.append(i)
+                except SGLangServerError as e:
+                    if not self._aborting.is_set():
+                        raise
+                    results[i].last_error = str(e)
+        return failed
+
+    def _metrics(self, samples: list[Sample], elapsed_s: float, retries: int) -> None:
+        lens = [len(s.response_ids) for s in samples]
+        tokens = sum(lens)
+        self.last_metrics = {
+            "rollout/tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0,
+            "rollout/response_len_mean": tokens / len(lens) if lens else 0.0,
+            "rollout/response_len_max": float(max(lens, default=0)),
+            "rollout/truncation_rate": (
+                sum(s.finish_reason == "length" for s in samples) / len(samples) if samples else 0.0
+            ),
+            "rollout/retried_requests": float(retries),
+            "timing/rollout_s": elapsed_s,
+        }
+
+    def abort_snapshot(self) -> dict[int, list[Sample]]:
+        """The prompts of the running ``generate`` that finished so far, by prompt index."""
+        with self._lock:
+            return dict(self._finished)
+
+    def abort(self) -> dict[int, list[Sample]]:
+        """Abort every in-flight request (``/abort_request`` with ``abort_all``). The running ``generate``
+        returns the prompts that finished; this returns those finished so far, by prompt index."""
+        if self._engine is not None:
+            raise NotImplementedError(
+                "SGLangRolloutEngine.abort: server mode only (engine mode blocks in generate)"
+            )
+        self._aborting.set()
+        for s in self.servers:
+            if s.healthy:
+                try:
+                    _http(s.url, "/abort_request", {"rid": "", "abort_all": True}, timeout_s=30.0)
+                except _ServerDown:
+                    s.healthy = False
+        return self.abort_snapshot()
+
+    # ------------------------------------------------------------------ faults
+    def _recover(self) -> None:
+        """Bring failed servers back (restart ours, re-check given URLs), re-sync their weights."""
+        for k, s in enumerate(self.servers):
+            if s.healthy and not s.weights_stale:
+                continue
+            if not s.healthy:
+                if s.launched:
+                    log.warning("SGLang server %s failed (%s); restarting", s.url, s.last_error)
+                    if s.proc is not None:
+                        self._stop_proc(s.proc, grace_s=5.0)
+                    s.restarts += 1
+                    self._launch(s, k)
+                    self._wait_healthy(s, proc=s.proc)
+                    s.weights_stale = True
+                else:
+                    try:
+                        _http(
+                            s.url,
+                            "/health",
+                            None,
+                            timeout_s=min(5.0, self.cfg.request_timeout_s),
+                            method="GET",
+                        )
+                    except (_ServerDown, SGLangServerError):
+                        log.warning("SGLang server %s is down (%s)", s.url, s.last_error)
+                        continue
+                    s.healthy = True
+                    s.weights_stale = True  # it may have been restarted by someone else
+            if s.weights_stale:
+                self._resync(s)
+        if not any(s.healthy for s in self.servers):
+            raise RuntimeError(
+                "SGLangRolloutEngine: no SGLang server is healthy: "
+                + "; ".join(f"{s.url}: {s.last_error}" for s in self.servers)
+            )
+
+    def _resync(self, s: _Server) -> None:
+        if self._last_disk_dir is not None:
+            resp = _http(
+                s.url,
+                "/update_weights_from_disk",
+                {"model_path": str(self._last_disk_dir)},
+                self.cfg.request_timeout_s,
+            )
+            _check_success(resp, f"{s.url}/update_weights_from_disk")
+        elif not self._synced:
+            pass  # never synced: the server runs the weights it started with
+        elif self.weights_source is not None:
+            self._push(self.weights_source(), only=[s])
+        else:
+            raise RuntimeError(
+                f"SGLangRolloutEngine: {s.url} came back without the last weights, and weight_sync="
+                f"{self.cfg.weight_sync!r} keeps no copy; pass weights_source= to build_sglang_engine"
+            )
+        _http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
+        s.weights_stale = False
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Push HF-named tensors (streamed) to every server, flush its cache, then probe."""
+        t0 = time.perf_counter()
+        if self._engine is None:
+            self._recover()
+        try:
+            self._push(named_tensors, only=None)
+        except _ServerDown as e:
+            # the stream is spent: only a disk copy or weights_source can bring every server up to date
+            if self._engine is not None or (self._last_disk_dir is None and self.weights_source is None):
+                raise RuntimeError(
+                    f"SGLangRolloutEngine.update_weights: a server failed during the push ({e}) and weight_sync="
+                    f"{self.cfg.weight_sync!r} keeps no copy to re-push; pass weights_source= to build_sglang_engine"
+                ) from e
+            log.warning("SGLang server failed during the weight push (%s); recovering", e)
+            for s in self.servers:
+                s.weights_stale = True
+            self._synced = True
+            self._recover()
+        self._synced = True
+        self._call("/flush_cache", {})
+        self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
+        if self.cfg.probe and self.trainer_logprob_fn is not None:
+            self.last_metrics["rollout/probe_logprob_diff_max"] = self.probe()
+
+    def _push(self, named_tensors: Iterable[tuple[str, Tensor]], only: list[_Server] | None) -> None:
+        mode = self.cfg.weight_sync
+        if mode == "disk":
+            path = self._save_disk(named_tensors)
+            self._post_each(only, "/update_weights_from_disk", {"model_path": str(path)})
+        elif mode == "tensor":
+            self._session(only, "/begin_weight_update")
+            for bucket in bucket_named_tensors(named_tensors, self.cfg.bucket_bytes):
+                if self._engine is not None:
+                    self._engine_call(
+                        "/update_weights_from_tensor", {"named_tensors": bucket, "flush_cache": False}
+                    )
+                    continue
+                from sglang.srt.utils import MultiprocessingSerializer  # CUDA IPC handles: same node only
+
+                blob = MultiprocessingSerializer.serialize(bucket, output_str=True)
+                body = {"serialized_named_tensors": [blob] * self.cfg.tp_size, "flush_cache": False}
+                self._post_each(only, "/update_weights_from_tensor", body)
+            self._session(only, "/end_weight_update")
+        else:
+            self._push_distributed(named_tensors, only)
+
+    def _post_each(self, only: list[_Server] | None, path: str, body: dict) -> None:
+        if self._engine is not None:
+            self._engine_call(path, body)
+            return
+        for s in only if only is not None else [x for x in self.servers if x.healthy]:
+            try:
+                resp = _http(s.url, path, body, self.cfg.request_timeout_s)
+            except _ServerDown as e:
+                s.healthy, s.last_error = False, str(e)
+                raise
+            _check_success(resp, f"{s.url}{path}")
+
+    def _session(self, only: list[_Server] | None, path: str) -> None:
+        """/begin_weight_update and /end_weight_update (SGLang >= 0.5.23); a 404 means an older server."""
+        if self._engine is not None:
+            self._engine_call(path, {})
+            return
+        for s in only if only is not None else [x for x in self.servers if x.healthy]:
+            if self._begin_end_supported.get(s.url) is False:
+                continue
+            try:
+                _check_success(_http(s.url, path, {}, self.cfg.request_timeout_s), f"{s.url}{path}")
+                self._begin_end_supported[s.url] = True
+            except SGLangServerError as e:
+                if "HTTP 404" not in str(e):
+                    raise
+                log.info("%s has no %s (SGLang < 0.5.23): updating without the session", s.url, path)
+                self._begin_end_supported[s.url] = False
+
+    def _save_disk(self, named_tensors: Iterable[tuple[str, Tensor]]) -> Path:
+        """Write an HF safetensors dir (shards of ~bucket_bytes + index); keep only the newest one."""
+        from safetensors.torch import save_file
+
+        if self._disk_root is None:
+            root = self.cfg.disk_dir or tempfile.mkdtemp(prefix="tempo_sglang_weights_")
+            self._disk_root = Path(root)
+            self._disk_root.mkdir(parents=True, exist_ok=True)
+        self._disk_version += 1
+        out = self._disk_root / f"v{self._disk_version:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for k, bucket in enumerate(bucket_named_tensors(named_tensors, self.cfg.bucket_bytes)):
+            fname = f"model-{k:05d}.safetensors"
+            # clone: tied or sliced tensors share storage, which safetensors refuses to save
+            save_file({n: t.detach().to("cpu").contiguous().clone() for n, t in bucket}, str(out / fname))
+            for n, t in bucket:
+                weight_map[n] = fname
+                total += t.numel() * t.element_size()
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
+        if self.cfg.model_path and Path(self.cfg.model_path).is_dir():
+            for extra in ("config.json", "generation_config.json"):
+                src = Path(self.cfg.model_path) / extra
+                if src.exists():
+                    shutil.copy(src, out / extra)
+        previous, self._last_disk_dir = self._last_disk_dir, out
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        return out
+
+    def _push_distributed(
+        self, named_tensors: Iterable[tuple[str, Tensor]], only: list[_Server] | None
+    ) -> None:
+        """NCCL broadcast from this process (rank 0) to every server's TP ranks (GPU only)."""
+        cfg = self.cfg
+        if only is not None and self._group_ready:
+            raise RuntimeError("SGLangRolloutEngine: a restarted server cannot rejoin the NCCL weight group")
+        if not self._group_ready:
+            world = 1 + cfg.tp_size * max(len(self.servers), 1)
+            body_for = lambda k: {  # noqa: E731
+                "master_address": cfg.group_master_address,
+                "master_port": cfg.group_master_port,
+                "rank_offset": 1 + k * cfg.tp_size,
+                "world_size": world,
+                "group_name": "tempo_weight_update",
+                "backend": "nccl",
+            }
+            with ThreadPoolExecutor(max_workers=len(self.servers) + 1) as pool:
+                futs = (
+                    [
+                        pool.submit(
+                            _http, s.url, "/init_weights_update_group", body_for(k), cfg.request_timeout_s
+                        )
+                        for k, s in enumerate(self.servers)
+                    ]
+                    if self._engine is None
+                    else [pool.submit(self._engine_call, "/init_weights_update_group", body_for(0))]
+                )
+                self._group = _init_weight_group(cfg.group_master_address, cfg.group_master_port, world)
+                for f in futs:
+                    _check_success(f.result(), "init_weights_update_group")
+            self._group_ready = True
+        self._session(only, "/begin_weight_update")
+        for bucket in bucket_named_tensors(named_tensors, cfg.bucket_bytes):
+            body = {
+                "names": [n for n, _ in bucket],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": "tempo_weight_update",
+                "flush_cache": False,
+            }
+            with ThreadPoolExecutor(max_workers=len(self.servers) + 1) as pool:
+                fut = pool.submit(self._post_each, only, "/update_weights_from_distributed", body)
+                for _, t in bucket:
+                    torch.distributed.broadcast(t.detach().cuda().contiguous(), src=0, group=self._group)
+                fut.result()
+        self._session(only, "/end_weight_update")
+
+    def probe(self) -> float:
+        """Engine vs trainer log-probs of ``cfg.probe_ids`` on every server; raises RuntimeError past
+        ``probe_tolerance``. Returns the max |difference|."""
+        if self.trainer_logprob_fn is None:
+            raise RuntimeError("SGLangRolloutEngine.probe: no trainer_logprob_fn was given")
+        ids = list(self.cfg.probe_ids)
+        want = torch.as_tensor(self.trainer_logprob_fn(ids), dtype=torch.float64).flatten()
+        if want.numel() != len(ids) - 1:
+            raise ValueError(
+                f"trainer_logprob_fn returned {want.numel()} log-probs for {len(ids)} ids (want len-1)"
+            )
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        }
+        worst = 0.0
+        for resp in self._call("/generate", body):
+            out = resp[0] if isinstance(resp, list) else resp
+            entries = out["meta_info"]["input_token_logprobs"]
+            got = torch.tensor([e[0] for e in entries[-(len(ids) - 1) :]], dtype=torch.float64)
+            diff = float((got - want).abs().max())
+            worst = max(worst, diff if math.isfinite(diff) else math.inf)
+        if worst > self.cfg.probe_tolerance:
+            raise RuntimeError(
+                f"SGLang weight-sync probe failed: max |engine - trainer| log-prob = {worst:.4g} on "
+                f"{len(ids)} probe tokens, over rollout.sglang.probe_tolerance={self.cfg.probe_tolerance}; "
+                "the rollout engine is not running the trainer's weights"
+            )
+        return worst
+
+    # ------------------------------------------------------------------ memory
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Free weights and KV cache on the GPUs (``tags`` e.g. ["kv_cache"]; None = everything)."""
+        self._call("/release_memory_occupation", {} if tags is None else {"tags": list(tags)})
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        self._call("/resume_memory_occupation", {} if tags is None else {"tags": list(tags)})
+
+    # ------------------------------------------------------------------ in-process engine
+    def _make_inprocess_engine(self):
+        try:
+            import sglang
+        except ImportError as e:
+            raise RuntimeError(
+                "rollout.sglang.mode=engine needs sglang installed (pip install 'tempo-mega[sglang]')"
+            ) from e
+        cfg = self.cfg
+        kw: dict = {
+            "model_path": cfg.model_path,
+            "tp_size": cfg.tp_size,
+            "disable_cuda_graph": cfg.disable_cuda_graph,
+        }
+        if cfg.mem_fraction_static is not None:
+            kw["mem_fraction_static"] = cfg.mem_fraction_static
+        if cfg.chunked_prefill_size is not None:
+            kw["chunked_prefill_size"] = cfg.chunked_prefill_size
+        if cfg.quantization:
+            kw["quantization"] = cfg.quantization
+        if cfg.kv_cache_dtype != "auto":
+            kw["kv_cache_dtype"] = cfg.kv_cache_dtype
+        if cfg.enable_memory_saver:
+            kw["enable_memory_saver"] = True
+        return sglang.Engine(**kw)
+
+
+def _init_weight_group(master_address: str, master_port: int, world_size: int):
+    """Rank 0 of a process group outside the default world, joined by SGLang's
+    ``init_weights_update_group`` (which rendezvous at ``tcp://master_address:master_port``)."""
+    from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
+
+    store, rank, world_size = next(
+        rendezvous(f"tcp://{master_address}:{master_port}", rank=0, world_size=world_size)
+    )
+    pg, _ = _new_process_group_helper(world_size, rank, [], "nccl", store, group_name="tempo_weight_update")
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def build_sglang_engine(
+    cfg: SGLangConfig,
+    *,
+    pad_token_id: int,
+    trainer_logprob_fn: Callable[[list[int]], Sequence[float] | Tensor] | None = None,
+    weights_source: Callable[[], Iterable[tuple[str, Tensor]]] | None = None,
+) -> SGLangRolloutEngine:
+    """Launch or connect, wait until healthy. ``trainer_logprob_fn(ids) -> [len(ids)-1]`` log-probs of
+    ``ids[1:]`` under the trainer's current weights (temperature 1) enables the post-sync probe;
+    ``weights_source()`` re-streams the current weights when a restarted server needs them and the sync
+    mode keeps no disk copy."""
+    return SGLangRolloutEngine(
+        cfg, pad_token_id=pad_token_id, trainer_logprob_fn=trainer_logprob_fn, weights_source=weights_source
+    )

@@ -1,0 +1,435 @@
+"""SGLangRolloutEngine against a fake SGLang server (tempo_mega.rollout.fake_sglang) on 127.0.0.1: the fake
+runs a real tiny Qwen3, so samples, weight updates and the probe are checked against plain transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from tempo_mega.rollout.base import RolloutEngine, SamplingParams
+from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+from tempo_mega.rollout.sglang import (
+    SGLangConfig,
+    SGLangRolloutEngine,
+    _http,
+    bucket_named_tensors,
+    build_sglang_engine,
+    logprob_mismatch,
+)
+
+VOCAB = 64
+PAD = 0
+STOP = 7
+PROMPTS = [[5, 17, 9], [3, 44, 61, 12, 8], [20, 7, 31], [11, 12]]
+
+
+def tiny_qwen3(seed: int) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=PAD,
+    )
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    tiny_qwen3(0).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def fake(model_dir):
+    servers: list[FakeSGLangServer] = []
+
+    def make(**knobs) -> FakeSGLangServer:
+        s = FakeSGLangServer(model_dir, **knobs)
+        s.start()
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def trainer_logprob_fn(model):
+    @torch.inference_mode()
+    def fn(ids: list[int]) -> torch.Tensor:
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+    return fn
+
+
+def url_cfg(*urls: str, **kw) -> SGLangConfig:
+    kw.setdefault("request_timeout_s", 20.0)
+    kw.setdefault("health_timeout_s", 10.0)
+    kw.setdefault("weight_sync", "disk")
+    return SGLangConfig(urls=tuple(urls), **kw)
+
+
+SAMPLING = SamplingParams(temperature=1.0, max_response_tokens=6, stop_token_ids=(STOP,))
+
+
+def stats(url: str) -> dict:
+    return _http(url, "/fake/stats", None, 5.0, method="GET")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ValueError, match="rollout.sglang.weight_sync"):
+        SGLangConfig(urls=("http://x",), weight_sync="nfs")
+    with pytest.raises(ValueError, match="rollout.sglang.model_path"):
+        SGLangConfig()
+    with pytest.raises(ValueError, match="rollout.sglang.kv_cache_dtype"):
+        SGLangConfig(model_path="m", kv_cache_dtype="fp4")
+    cfg = SGLangConfig(model_path="m", kv_cache_dtype="fp8_e4m3", quantization="fp8", extra_args=["--x", "1"])
+    assert cfg.extra_args == ("--x", "1") and hash(cfg)
+
+
+def test_launch_command_carries_the_settings():
+    cfg = SGLangConfig(
+        model_path="/m",
+        tp_size=2,
+        mem_fraction_static=0.7,
+        chunked_prefill_size=8192,
+        disable_cuda_graph=True,
+        kv_cache_dtype="fp8_e4m3",
+        extra_args=("--context-length", "20480"),
+    )
+    eng = SGLangRolloutEngine(cfg, pad_token_id=PAD, start=False)
+    cmd = eng._launch_command(30001, 1, "/m")
+    eng.shutdown()
+    joined = " ".join(cmd)
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    for piece in (
+        "--model-path /m",
+        "--port 30001",
+        "--tp-size 2",
+        "--base-gpu-id 2",
+        "--mem-fraction-static 0.7",
+        "--chunked-prefill-size 8192",
+        "--disable-cuda-graph",
+        "--kv-cache-dtype fp8_e4m3",
+        "--enable-memory-saver",
+        "--context-length 20480",
+    ):
+        assert piece in joined
+
+
+def test_helpers():
+    named = [(f"t{i}", torch.zeros(i + 1, dtype=torch.float32)) for i in range(5)]  # 4..20 bytes
+    buckets = list(bucket_named_tensors(named, bucket_bytes=12))
+    assert [[n for n, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
+    a = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]])
+    b = torch.tensor([[0.1, -1.0, -9.0], [-0.2, 0.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    m = logprob_mismatch(a, b, mask)
+    assert m["rollout/logprob_diff_max"] == pytest.approx(0.3)
+    assert m["rollout/logprob_diff_mean"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+@torch.inference_mode()
+def reference_logprobs(model, prompt, response) -> list[float]:
+    ids = torch.tensor([prompt + response])
+    lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return [float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(response)]
+
+
+def test_generate_prompt_major_concurrent_and_exact(fake):
+    a, b = fake(slow_s=0.3), fake(slow_s=0.3)
+    eng = build_sglang_engine(url_cfg(a.url, b.url), pad_token_id=PAD)
+    assert isinstance(eng, RolloutEngine)
+    n = 3
+    t0 = time.monotonic()
+    samples = eng.generate(PROMPTS, n, SAMPLING)
+    elapsed = time.monotonic() - t0
+    assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    # 4 prompts, 2 servers, 0.3 s each: overlapping requests on both servers, far below 4 x 0.3 s serial
+    sa, sb = stats(a.url), stats(b.url)
+    assert sa["generate_requests"] + sb["generate_requests"] == len(PROMPTS)
+    assert sa["max_in_flight"] >= 2 and sb["max_in_flight"] >= 2
+    assert elapsed < 1.0
+    model = tiny_qwen3(0)
+    for s in samples:
+        assert len(s.response_ids) == len(s.logprobs) >= 1
+        assert s.finish_reason in ("stop", "length")
+        if s.finish_reason == "stop":
+            assert s.response_ids[-1] == STOP and STOP not in s.response_ids[:-1]
+        else:
+            assert len(s.response_ids) == SAMPLING.max_response_tokens and STOP not in s.response_ids
+        ref = reference_logprobs(model, PROMPTS[s.prompt_index], s.response_ids)
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(ref), atol=1e-4, rtol=0)
+    # the n samples of a prompt differ (own seeds); the same call again gives the same samples
+    assert len({tuple(s.response_ids) for s in samples[:n]}) > 1
+    again = eng.generate(PROMPTS, n, SAMPLING)
+    assert [s.response_ids for s in again] == [s.response_ids for s in samples]
+    m = eng.last_metrics
+    assert m["rollout/response_len_max"] == max(len(s.response_ids) for s in again)
+    assert m["rollout/truncation_rate"] == sum(s.finish_reason == "length" for s in again) / len(again)
+    assert m["rollout/tokens_per_s"] > 0
+    eng.shutdown()
+
+
+def test_finish_reasons_mapped(fake):
+    s = fake()
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
+    # every token a stop token: one-token responses ending in "stop"
+    all_stop = SamplingParams(max_response_tokens=4, stop_token_ids=tuple(range(VOCAB)))
+    out = eng.generate(PROMPTS[:2], 2, all_stop)
+    assert all(x.finish_reason == "stop" and len(x.response_ids) == 1 for x in out)
+    no_stop = SamplingParams(max_response_tokens=3)
+    out = eng.generate(PROMPTS[:2], 2, no_stop)
+    assert all(x.finish_reason == "length" and len(x.response_ids) == 3 for x in out)
+    assert eng.last_metrics["rollout/truncation_rate"] == 1.0
+    eng.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def test_disk_sync_changes_outputs_and_probe_passes(fake, model_dir):
+    s = fake()
+    new = tiny_qwen3(1)
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    before = eng.generate(PROMPTS, 2, SAMPLING)
+    eng.update_weights(new.state_dict().items())
+    assert eng.last_metrics["timing/weight_sync_s"] > 0
+    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    after = eng.generate(PROMPTS, 2, SAMPLING)
+    assert [x.response_ids for x in after] != [x.response_ids for x in before]
+    for x in after:
+        ref = reference_logprobs(new, PROMPTS[x.prompt_index], x.response_ids)
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(ref), atol=1e-4, rtol=0)
+    counts = stats(s.url)["counts"]
+    assert counts["/update_weights_from_disk"] == 1 and counts["/flush_cache"] == 1
+    eng.shutdown()
+
+
+def test_probe_catches_a_wrong_weight(fake):
+    s = fake()
+    good = tiny_qwen3(1)
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(good))
+    corrupted = dict(good.state_dict())
+    name = "model.layers.0.mlp.down_proj.weight"
+    corrupted[name] = corrupted[name] * -3.0
+    with pytest.raises(RuntimeError, match=r"probe failed: max \|engine - trainer\| log-prob = "):
+        eng.update_weights(corrupted.items())
+    eng.shutdown()
+
+
+def test_release_resume(fake):
+    s = fake()
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
+    eng.release_memory()
+    assert stats(s.url)["released"]
+    eng.resume_memory()
+    assert not stats(s.url)["released"]
+    eng.release_memory(tags=["kv_cache"])
+    eng.resume_memory(tags=["kv_cache"])
+    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)) == 2
+    eng.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def test_hung_server_times_out_and_errors_after_max_retries(fake):
+    s = fake(hang=True)
+    eng = build_sglang_engine(url_cfg(s.url, request_timeout_s=0.5, max_retries=1), pad_token_id=PAD)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"failed 2 times \(rollout.sglang.max_retries=1\).*timed out"):
+        eng.generate(PROMPTS[:2], 2, SAMPLING)
+    assert time.monotonic() - t0 < 5.0
+    assert stats(s.url)["generate_requests"] == 4  # 2 prompts x 2 attempts
+    eng.shutdown()
+
+
+def test_down_url_server_work_moves_to_the_live_one(fake):
+    a, b = fake(), fake()
+    eng = build_sglang_engine(url_cfg(a.url, b.url, request_timeout_s=5.0), pad_token_id=PAD)
+    ref = eng.generate(PROMPTS, 2, SAMPLING)
+    b.stop()  # a given server dies: marked down, never restarted by us
+    out = eng.generate(PROMPTS, 2, SAMPLING)
+    assert [x.response_ids for x in out] == [x.response_ids for x in ref]
+    assert not eng.servers[1].healthy
+    eng.shutdown()
+
+
+def test_server_dying_during_weight_push_is_recovered(fake):
+    a, b = fake(), fake()
+    new = tiny_qwen3(1)
+    eng = build_sglang_engine(
+        url_cfg(a.url, b.url, request_timeout_s=5.0),
+        pad_token_id=PAD,
+        trainer_logprob_fn=trainer_logprob_fn(new),
+    )
+    b.stop()  # still marked healthy: the push to it fails, it is marked down, the live one is (re)synced
+    eng.update_weights(new.state_dict().items())
+    assert not eng.servers[1].healthy and eng.servers[0].healthy
+    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    eng.shutdown()
+
+
+def launch_cfg(model_dir, tmp_path, port: int, extra=(), **kw) -> SGLangConfig:
+    return SGLangConfig(
+        model_path=model_dir,
+        launch_module="tempo_mega.rollout.fake_sglang",
+        base_port=port,
+        num_engines=kw.pop("num_engines", 1),
+        extra_args=tuple(extra),
+        request_timeout_s=20.0,
+        health_timeout_s=30.0,
+        weight_sync="disk",
+        disk_dir=str(tmp_path / "weights"),
+        **kw,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tmp_path):
+    new = tiny_qwen3(1)
+    # reference: the same weights on an in-process fake, no faults
+    ref_server = fake()
+    ref = build_sglang_engine(url_cfg(ref_server.url), pad_token_id=PAD)
+    ref.update_weights(new.state_dict().items())
+    expected = ref.generate(PROMPTS, 2, SAMPLING)
+    ref.shutdown()
+
+    marker = tmp_path / "crashed"
+    extra = ["--slow-s", "0.3", "--crash-after-requests", "3", "--crash-once-file", str(marker)]
+    cfg = launch_cfg(model_dir, tmp_path, free_port(), extra, max_retries=2)
+    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    first_pid = eng.pids[0]
+    eng.update_weights(new.state_dict().items())
+    # 1 request was the probe; the 3rd generate request kills the process while others are in flight
+    samples = eng.generate(PROMPTS, 2, SAMPLING)
+    assert marker.exists()
+    assert len(eng.pids) == 2 and eng.servers[0].restarts == 1
+    assert eng.servers[0].proc.pid != first_pid
+    # exactly one sample per (prompt, j), prompt-major, the restarted server runs the synced weights
+    assert [(x.prompt_index, x.response_ids) for x in samples] == [
+        (x.prompt_index, x.response_ids) for x in expected
+    ]
+    assert eng.last_metrics["rollout/retried_requests"] >= 1
+    assert eng.probe() < 1e-4
+    eng.shutdown()
+
+
+def test_shutdown_stops_only_our_pids(model_dir, tmp_path):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cfg = launch_cfg(model_dir, tmp_path, free_port(), num_engines=2)
+        eng = build_sglang_engine(cfg, pad_token_id=PAD)
+        assert len(eng.pids) == 2 and bystander.pid not in eng.pids
+        assert len(eng.generate(PROMPTS, 1, SAMPLING)) == len(PROMPTS)
+        pids_reported = {stats(s.url)["pid"] for s in eng.servers}
+        assert pids_reported == set(eng.pids)
+        eng.shutdown()
+        eng.shutdown()  # idempotent
+        assert all(s.proc.poll() is not None for s in eng.servers)
+        assert bystander.poll() is None
+        with pytest.raises(RuntimeError, match="shut down"):
+            eng.generate(PROMPTS, 1, SAMPLING)
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=10)
+
+
+def test_launch_failure_is_reported(tmp_path):
+    cfg = SGLangConfig(
+        model_path=str(tmp_path / "missing"),
+        launch_module="tempo_mega.rollout.fake_sglang",
+        base_port=free_port(),
+        health_timeout_s=30.0,
+    )
+    with pytest.raises(RuntimeError, match="exited with code"):
+        build_sglang_engine(cfg, pad_token_id=PAD)
+
+
+def test_abort_returns_what_finished(fake):
+    fast, hung = fake(slow_s=0.3), fake(hang=True)
+    eng = build_sglang_engine(url_cfg(fast.url, hung.url), pad_token_id=PAD)
+    out: list = []
+    th = threading.Thread(target=lambda: out.append(eng.generate(PROMPTS, 2, SAMPLING)))
+    th.start()
+    deadline = time.monotonic() + 10
+    while len(eng.abort_snapshot()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # least-outstanding routing: prompts 0, 2 on the fast server (0.3 s each), 1, 3 on the hung one
+    finished = eng.abort()
+    th.join(timeout=20)
+    assert not th.is_alive()
+    done = sorted(finished)
+    assert done == [0, 2] and stats(fast.url)["generate_requests"] == 2
+    assert [x.prompt_index for x in out[0]] == [i for i in done for _ in range(2)]
+    assert [x.response_ids for x in out[0]] == [x.response_ids for i in done for x in finished[i]]
+    assert stats(hung.url)["counts"]["/abort_request"] == 1
+    eng.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_inprocess_engine_and_tensor_sync(tmp_path):  # pragma: no cover - needs sglang + CUDA
+    pytest.importorskip("sglang")
+    model = tiny_qwen3(0)
+    model.save_pretrained(tmp_path)
+    new = tiny_qwen3(1)
+    cfg = SGLangConfig(mode="engine", model_path=str(tmp_path), weight_sync="tensor", probe_tolerance=5e-2)
+    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
+    samples = eng.generate(PROMPTS, 2, SAMPLING)
+    assert [x.prompt_index for x in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
+    eng.shutdown()
+
+
+@pytest.mark.gpu
+def test_server_distributed_sync(tmp_path):  # pragma: no cover - needs sglang + CUDA (2 GPUs)
+    pytest.importorskip("sglang")
+    model = tiny_qwen3(0)
+    model.save_pretrained(tmp_path)
+    new = tiny_qwen3(1)
+    cfg = SGLangConfig(
+        model_path=str(tmp_path), weight_sync="distributed", base_port=free_port(), probe_tolerance=5e-2
+    )
+    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng.update_weights(new.state_dict().items())
+    eng.shutdown()
