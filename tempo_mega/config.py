@@ -76,6 +76,9 @@ class RolloutConfig:
     top_k: int = -1
     max_response_tokens: int = 16384
     max_batch_size: int = 64
+    # rollout.engine=sglang: the keys of tempo_mega.rollout.sglang.SGLangConfig (mode, urls, model_path,
+    # tp_size, mem_fraction_static, weight_sync, bucket_bytes, probe, ...), checked when the engine is built
+    sglang: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,11 @@ def load_config(overrides: list[str] | None = None, config_name: str = "train") 
     # (model.path is left to the model group: its "???" in a preset must survive the merge)
     defaults = to_dict(TrainConfig())
     del defaults["model"]["path"]
+    # every SGLang engine key too, so `rollout.sglang.weight_sync=disk` works without '+'
+    from tempo_mega.rollout.sglang import SGLangConfig
+
+    sglang_defaults = {f.name: f.default for f in dataclasses.fields(SGLangConfig)}  # all have plain defaults
+    defaults["rollout"]["sglang"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sglang_defaults.items()}
     ConfigStore.instance().store(name="tempo_defaults", node=defaults)
     try:
         with initialize_config_module("tempo_mega.configs", version_base=None):

@@ -173,6 +173,31 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
     return actor, critic
 
 
+def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, device: torch.device):
+    """The sampler: the HF engine (a copy of the actor) or SGLang (rollout.sglang.*), which is given
+    the trainer's log-probs for its post-sync probe and the actor's weights to re-sync a restarted server."""
+    if cfg.rollout.engine == "hf":
+        return HFRolloutEngine(copy.deepcopy(actor.model), pad_token_id=pad_token_id, device=device,
+                               max_batch_size=cfg.rollout.max_batch_size)
+    from tempo_mega.rollout.sglang import SGLangConfig, build_sglang_engine
+
+    try:
+        sg = SGLangConfig(**cfg.rollout.sglang)
+    except TypeError as e:
+        raise ValueError(f"config key 'rollout.sglang': {e}") from None
+
+    @torch.no_grad()
+    def trainer_logprobs(ids: list[int]) -> list[float]:
+        x = torch.tensor([ids], device=actor.device)
+        logits = actor.model(input_ids=x).logits.float()[0, :-1]
+        return logits.log_softmax(-1).gather(-1, x[0, 1:, None]).squeeze(-1).tolist()
+
+    engine = build_sglang_engine(sg, pad_token_id=pad_token_id, trainer_logprob_fn=trainer_logprobs,
+                                 weights_source=actor.export_weights)
+    engine.update_weights(actor.export_weights())  # the servers start from the trainer's weights
+    return engine
+
+
 # ---------------------------------------------------------------------- warm start
 def _token_nll(logprobs: torch.Tensor, mb: RolloutBatch):
     from tempo_mega.algo import masked_mean
@@ -302,11 +327,8 @@ def setup(cfg: TrainConfig) -> Run:
     train, test = load_records(cfg)
     pool = PromptPool(cfg, tokenizer, train, test)
     actor, critic = build_models(cfg, tokenizer, device)
-    if cfg.rollout.engine != "hf":
-        raise ValueError(f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available in this build (hf)")
     src = pool.source()
-    rollout = HFRolloutEngine(copy.deepcopy(actor.model), pad_token_id=src.pad_token_id, device=device,
-                              max_batch_size=cfg.rollout.max_batch_size)
+    rollout = build_rollout(cfg, actor, src.pad_token_id, device)
     # checkpoints and metric lines count completed steps: step_00000003 holds the weights after 3 steps
     done_steps = int(load_json(ckpt / "state.json")["completed_steps"]) if ckpt is not None else 0
     sinks = []
@@ -465,8 +487,10 @@ def run_training(cfg: TrainConfig) -> Run:
                 raise FloatingPointError(f"step {step}: a loss is NaN; see {run.out / 'metrics.jsonl'}")
             if watch.signal is not None and not last:
                 run.sink.close()
+                run.rollout.shutdown()
                 raise Preempted(step + 1)
     if t.total_steps > 0:
         export_hf(run, run.out / "hf")
     run.sink.close()
+    run.rollout.shutdown()  # servers we launched stop here (and at exit in any case)
     return run

@@ -239,3 +239,26 @@ def test_study_script_tiny(tmp_path):
     assert (tmp_path / "study_curves.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "study.json").read_text())
     assert set(summary) == set(METHODS)
+
+
+def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
+    """rollout.engine=sglang and nothing else changes: the loop runs against the fake SGLang server
+    (HTTP /generate with log-probs, disk weight sync, the post-sync probe)."""
+    from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+
+    train(tmp_path / "base", "trainer.total_steps=1")
+    actor_dir = tmp_path / "base" / "hf" / "actor"
+    server = FakeSGLangServer(str(actor_dir))
+    url = server.start()
+    try:
+        run = train(tmp_path / "sg", "trainer.total_steps=2", "rollout.engine=sglang", f"model.path={actor_dir}",
+                    f"model.critic_path={tmp_path / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
+                    "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}")
+        got = lines(tmp_path / "sg")
+        assert [x["step"] for x in got] == [1, 2]
+        for line in got:  # the sampler's log-probs are the trainer's, through HTTP and disk sync
+            assert line["rollout/logprob_diff_max"] < 1e-3
+            assert math.isfinite(line["actor/loss"])
+        assert type(run.rollout).__name__ == "SGLangRolloutEngine"
+    finally:
+        server.stop()
