@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from tempo_mega.batch import RolloutBatch
@@ -40,3 +41,32 @@ class TrainBackend(Protocol):
     def save(self, directory: str | Path) -> None: ...
 
     def load(self, directory: str | Path) -> None: ...
+
+
+def weight_units(batch: RolloutBatch, agg: str) -> int:
+    """Rows with at least one valid response token ("seq") or valid response tokens ("token")."""
+    mask = batch.response_mask
+    return int((mask.sum(-1) > 0).sum()) if agg == "seq" else int(mask.sum())
+
+
+def accumulate_gradients(micro_batches: Iterable[RolloutBatch], denom: int, loss_fn: LossFn,
+                         forward: Callable[[RolloutBatch], Tensor], totals: dict[str, float],
+                         frozen: bool = False) -> int:
+    """Forward and backward every micro-batch of one mini-batch, each loss weighted by its share of the
+    mini-batch (``weight_units / denom``), so the accumulated gradient is that of the loss on the whole
+    mini-batch; weighted metrics are added into ``totals``. ``frozen``: loss and metrics only, no
+    gradient. Returns the number of micro-batches that counted."""
+    agg = getattr(loss_fn, "agg", "seq")
+    n = 0
+    for micro in micro_batches:
+        w = weight_units(micro, agg) / denom
+        if w == 0:
+            continue
+        n += 1
+        with torch.set_grad_enabled(not frozen):
+            loss, metrics = loss_fn(forward(micro), micro)
+        if not frozen:
+            (loss * w).backward()
+        for k, v in {**metrics, "loss": loss.detach()}.items():
+            totals[k] += w * float(v)
+    return n

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tempo_mega.backends.base import LossFn
+from tempo_mega.backends.base import LossFn, accumulate_gradients, weight_units
 from tempo_mega.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -301,21 +301,12 @@ class TorchBackend:
                 torch.manual_seed(self.seed * 1_000_003 + self.num_train_steps)
                 for _ in range(o.epochs):
                     for mini in batch.split(o.mini_batch_size):
-                        denom = _weight_units(mini, agg)
+                        denom = weight_units(mini, agg)
                         if denom == 0:
                             continue
                         n_mini += 1
-                        for micro in mini.split_by_tokens(o.max_tokens_per_micro_batch):
-                            w = _weight_units(micro, agg) / denom
-                            if w == 0:
-                                continue
-                            n_micro += 1
-                            with torch.set_grad_enabled(not frozen):
-                                loss, metrics = loss_fn(self._forward(micro), micro)
-                            if not frozen:
-                                (loss * w).backward()
-                            for k, v in {**metrics, "loss": loss.detach()}.items():
-                                totals[k] += w * float(v)
+                        n_micro += accumulate_gradients(mini.split_by_tokens(o.max_tokens_per_micro_batch),
+                                                        denom, loss_fn, self._forward, totals, frozen)
                         if frozen:
                             continue
                         norm = self._clip_and_step()
@@ -398,12 +389,6 @@ class TorchBackend:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-
-def _weight_units(batch: RolloutBatch, agg: str) -> int:
-    """Rows with at least one valid response token ("seq") or valid response tokens ("token")."""
-    mask = batch.response_mask
-    return int((mask.sum(-1) > 0).sum()) if agg == "seq" else int(mask.sum())
 
 
 def _load_causal_lm(source: str | Path | PretrainedConfig | nn.Module, dtype: torch.dtype | None,

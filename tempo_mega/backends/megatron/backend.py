@@ -29,11 +29,11 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from torch import Tensor
 
-from tempo_mega.backends.base import LossFn
+from tempo_mega.backends.base import LossFn, accumulate_gradients, weight_units
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, mcore_to_hf_tensors
 from tempo_mega.backends.megatron.model import build_model, init_parallel
-from tempo_mega.backends.torch import OptimConfig, _weight_units
+from tempo_mega.backends.torch import OptimConfig
 from tempo_mega.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -195,23 +195,13 @@ class MegatronBackend:
                 torch.manual_seed(self.seed * 1_000_003 + self.num_train_steps)
                 for _ in range(o.epochs):
                     for mini in batch.split(o.mini_batch_size):
-                        denom = _weight_units(mini, agg)
+                        denom = weight_units(mini, agg)
                         if denom == 0:
                             continue
                         n_mini += 1
                         rows = self._dp_rows(mini.batch_size)
                         micros = mini.select(rows).split_by_tokens(o.max_tokens_per_micro_batch) if len(rows) else []
-                        for micro in micros:
-                            w = _weight_units(micro, agg) / denom
-                            if w == 0:
-                                continue
-                            n_micro += 1
-                            with torch.set_grad_enabled(not frozen):
-                                loss, metrics = loss_fn(self._forward(micro), micro)
-                            if not frozen:
-                                (loss * w).backward()
-                            for k, v in {**metrics, "loss": loss.detach()}.items():
-                                totals[k] += w * float(v)
+                        n_micro += accumulate_gradients(micros, denom, loss_fn, self._forward, totals, frozen)
                         if frozen:
                             continue
                         norm = self._clip_and_step()
