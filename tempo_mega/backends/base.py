@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -70,3 +72,57 @@ def accumulate_gradients(micro_batches: Iterable[RolloutBatch], denom: int, loss
         for k, v in {**metrics, "loss": loss.detach()}.items():
             totals[k] += w * float(v)
     return n
+
+
+@dataclass
+class PassStats:
+    """What ``optimizer_passes`` did: weighted metric sums and counters."""
+
+    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    n_mini: int = 0
+    n_micro: int = 0
+    steps: int = 0
+    skipped: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+
+    def metrics(self, role: str, lr: float) -> dict[str, float]:
+        """Metrics averaged over mini-batches, namespaced ``{role}/...``."""
+        out = {f"{role}/{k}": v / max(self.n_mini, 1) for k, v in self.totals.items()}
+        if self.grad_norms:
+            out[f"{role}/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        out.update({f"{role}/lr": lr, f"{role}/num_optimizer_steps": float(self.steps),
+                    f"{role}/skipped_steps": float(self.skipped), f"{role}/num_micro_batches": float(self.n_micro)})
+        return out
+
+
+def optimizer_passes(batch: RolloutBatch, loss_fn: LossFn, *, epochs: int, mini_batch_size: int,
+                     max_tokens_per_micro_batch: int, forward: Callable[[RolloutBatch], Tensor],
+                     clip_and_step: Callable[[], float | None], frozen: bool = False,
+                     shard: Callable[[RolloutBatch], RolloutBatch] | None = None) -> PassStats:
+    """The optimizer loop every backend shares: for each epoch, for each mini-batch of rows (in order),
+    accumulate the gradient over token-budget micro-batches, then clip and step. Mini-batches without
+    a valid token are skipped (AdamW would still move the weights); ``clip_and_step`` returns the
+    pre-clip grad norm, or None when the step was skipped. ``shard`` picks this rank's rows of a
+    mini-batch (data parallel); the weights still use the whole mini-batch as the denominator."""
+    agg = getattr(loss_fn, "agg", "seq")
+    if agg not in ("seq", "token"):
+        raise ValueError(f"train_step: loss_fn.agg must be 'seq' or 'token', got {agg!r}")
+    stats = PassStats()
+    for _ in range(epochs):
+        for mini in batch.split(mini_batch_size):
+            denom = weight_units(mini, agg)
+            if denom == 0:
+                continue
+            stats.n_mini += 1
+            part = shard(mini) if shard is not None else mini
+            micros = part.split_by_tokens(max_tokens_per_micro_batch) if len(part) else []
+            stats.n_micro += accumulate_gradients(micros, denom, loss_fn, forward, stats.totals, frozen)
+            if frozen:
+                continue
+            norm = clip_and_step()
+            if norm is None:
+                stats.skipped += 1
+            else:
+                stats.steps += 1
+                stats.grad_norms.append(norm)
+    return stats

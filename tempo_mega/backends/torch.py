@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tempo_mega.backends.base import LossFn, accumulate_gradients, weight_units
+from tempo_mega.backends.base import LossFn, optimizer_passes
 from tempo_mega.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -287,45 +286,21 @@ class TorchBackend:
         still move the weights). A non-finite grad norm skips the step with a warning.
         Returns metrics averaged over mini-batches, namespaced ``{role}/...``.
         """
-        agg = getattr(loss_fn, "agg", "seq")
-        if agg not in ("seq", "token"):
-            raise ValueError(f"train_step: loss_fn.agg must be 'seq' or 'token', got {agg!r}")
-        o, frozen = self.optim, self.optim.lr == 0
-        totals: dict[str, float] = defaultdict(float)
-        grad_norms: list[float] = []
-        n_mini = n_micro = steps = skipped = 0
+        o = self.optim
         devices = [self.device] if self.device.type == "cuda" else []
         self.model.train()
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed * 1_000_003 + self.num_train_steps)
-                for _ in range(o.epochs):
-                    for mini in batch.split(o.mini_batch_size):
-                        denom = weight_units(mini, agg)
-                        if denom == 0:
-                            continue
-                        n_mini += 1
-                        n_micro += accumulate_gradients(mini.split_by_tokens(o.max_tokens_per_micro_batch),
-                                                        denom, loss_fn, self._forward, totals, frozen)
-                        if frozen:
-                            continue
-                        norm = self._clip_and_step()
-                        if norm is None:
-                            skipped += 1
-                        else:
-                            steps += 1
-                            grad_norms.append(norm)
+                stats = optimizer_passes(batch, loss_fn, epochs=o.epochs, mini_batch_size=o.mini_batch_size,
+                                         max_tokens_per_micro_batch=o.max_tokens_per_micro_batch,
+                                         forward=self._forward, clip_and_step=self._clip_and_step,
+                                         frozen=o.lr == 0)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
         self.num_train_steps += 1
-        r = self.role
-        out = {f"{r}/{k}": v / max(n_mini, 1) for k, v in totals.items()}
-        if grad_norms:
-            out[f"{r}/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        out.update({f"{r}/lr": self.optimizer.param_groups[0]["lr"], f"{r}/num_optimizer_steps": float(steps),
-                    f"{r}/skipped_steps": float(skipped), f"{r}/num_micro_batches": float(n_micro)})
-        return out
+        return stats.metrics(self.role, self.optimizer.param_groups[0]["lr"])
 
     def _clip_and_step(self) -> float | None:
         """Clip, step, zero grads; returns the pre-clip grad norm, or None if it was not finite."""

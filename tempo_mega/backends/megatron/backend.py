@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from torch import Tensor
 
-from tempo_mega.backends.base import LossFn, accumulate_gradients, weight_units
+from tempo_mega.backends.base import LossFn, optimizer_passes
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, mcore_to_hf_tensors
 from tempo_mega.backends.megatron.model import build_model, init_parallel
@@ -182,51 +181,27 @@ class MegatronBackend:
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         """Same rule as ``TorchBackend.train_step``: epochs x mini-batches, micro-batches weighted by
         rows or tokens (``loss_fn.agg``) over the whole mini-batch (all DP ranks), clip, AdamW."""
-        agg = getattr(loss_fn, "agg", "seq")
-        if agg not in ("seq", "token"):
-            raise ValueError(f"train_step: loss_fn.agg must be 'seq' or 'token', got {agg!r}")
-        o, frozen = self.optim, self.optim.lr == 0
-        totals: dict[str, float] = defaultdict(float)
-        grad_norms: list[float] = []
-        n_mini = n_micro = steps = skipped = 0
+        o = self.optim
         self.model.train()
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 1_000_003 + self.num_train_steps)
-                for _ in range(o.epochs):
-                    for mini in batch.split(o.mini_batch_size):
-                        denom = weight_units(mini, agg)
-                        if denom == 0:
-                            continue
-                        n_mini += 1
-                        rows = self._dp_rows(mini.batch_size)
-                        micros = mini.select(rows).split_by_tokens(o.max_tokens_per_micro_batch) if len(rows) else []
-                        n_micro += accumulate_gradients(micros, denom, loss_fn, self._forward, totals, frozen)
-                        if frozen:
-                            continue
-                        norm = self._clip_and_step()
-                        if norm is None:
-                            skipped += 1
-                        else:
-                            steps += 1
-                            grad_norms.append(norm)
+                stats = optimizer_passes(batch, loss_fn, epochs=o.epochs, mini_batch_size=o.mini_batch_size,
+                                         max_tokens_per_micro_batch=o.max_tokens_per_micro_batch,
+                                         forward=self._forward, clip_and_step=self._clip_and_step,
+                                         frozen=o.lr == 0,
+                                         shard=lambda mini: mini.select(self._dp_rows(mini.batch_size)))
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
         self.num_train_steps += 1
-        if self.dp_size > 1:
-            keys = sorted(totals)
-            t = torch.tensor([totals[k] for k in keys] + [float(n_micro)], dtype=torch.float64)
+        if self.dp_size > 1:  # metric sums and micro-batch counts over all DP ranks
+            keys = sorted(stats.totals)
+            t = torch.tensor([stats.totals[k] for k in keys] + [float(stats.n_micro)], dtype=torch.float64)
             dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-            totals = dict(zip(keys, t[:-1].tolist()))
-            n_micro = int(t[-1])
-        r = self.role
-        out = {f"{r}/{k}": v / max(n_mini, 1) for k, v in totals.items()}
-        if grad_norms:
-            out[f"{r}/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        out.update({f"{r}/lr": self.optimizer.param_groups[0]["lr"], f"{r}/num_optimizer_steps": float(steps),
-                    f"{r}/skipped_steps": float(skipped), f"{r}/num_micro_batches": float(n_micro)})
-        return out
+            stats.totals = dict(zip(keys, t[:-1].tolist()))
+            stats.n_micro = int(t[-1])
+        return stats.metrics(self.role, self.optimizer.param_groups[0]["lr"])
 
     def _clip_and_step(self) -> float | None:
         """Sum grads over DP, clip by the global norm (TP shards counted once each, replicated
