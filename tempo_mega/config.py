@@ -148,7 +148,35 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    backend: str = "torch"  # train backend of actor and critic: torch (one process) | megatron (TP/DP)
+    # backend=megatron: the keys of tempo_mega.backends.megatron.MegatronConfig (tensor_parallel_size,
+    # pipeline_parallel_size, params_dtype, ...); params_dtype null (the default here) follows model.dtype
+    megatron: dict[str, Any] = field(default_factory=dict)
     experiment: str | None = None  # name of the experiment preset that was applied, for the record
+
+
+BACKENDS = ("torch", "megatron")
+
+
+def megatron_config(cfg: TrainConfig):
+    """The ``MegatronConfig`` of ``cfg.megatron`` (``params_dtype`` unset or null: ``model.dtype``).
+    Raises ValueError naming the key (``megatron.<key>``)."""
+    from tempo_mega.backends.megatron.config import MegatronConfig
+
+    known = {f.name for f in dataclasses.fields(MegatronConfig)}
+    unknown = sorted(set(cfg.megatron) - known)
+    _check(not unknown, f"megatron.{unknown[0] if unknown else ''}",
+           f"unknown key (known: {', '.join(sorted(known))})")
+    raw = dict(cfg.megatron)
+    if raw.get("params_dtype") is None:
+        raw["params_dtype"] = cfg.model.dtype
+    try:
+        return MegatronConfig(**raw)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        hits = [(msg.index(f"megatron.{k}"), -len(k), k) for k in known if f"megatron.{k}" in msg]
+        key = f"megatron.{min(hits)[2]}" if hits else "megatron"
+        raise ValueError(f"config key '{key}': {msg}") from None
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -231,6 +259,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if m.path is None:
         _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
                "must divide model.num_attention_heads")
+    _check(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {cfg.backend!r}")
+    if cfg.backend == "megatron":
+        mc = megatron_config(cfg)
+        tp, pp = mc.tensor_parallel_size, mc.pipeline_parallel_size
+        _check(pp == 1, "megatron.pipeline_parallel_size", f"backend=megatron trains with PP=1 for now, got {pp}")
+        _check(mc.context_parallel_size == 1, "megatron.context_parallel_size",
+               f"backend=megatron trains with CP=1 for now, got {mc.context_parallel_size}")
+        _check(not mc.use_distributed_optimizer, "megatron.use_distributed_optimizer",
+               "not supported by backend=megatron yet")
+        if m.path is None:  # the model's shape is known here; a checkpoint's is checked when it is loaded
+            _check(m.num_attention_heads % tp == 0, "megatron.tensor_parallel_size",
+                   f"{tp} does not divide model.num_attention_heads={m.num_attention_heads}")
+            _check(m.num_key_value_heads % tp == 0, "megatron.tensor_parallel_size",
+                   f"{tp} does not divide model.num_key_value_heads={m.num_key_value_heads}")
+        _check(t.layout == "padded", "trainer.layout", "backend=megatron supports the padded layout only")
+        _check(r.engine == "hf", "rollout.engine", "backend=megatron feeds the hf rollout engine only (for now)")
     return cfg
 
 
@@ -296,6 +340,11 @@ def load_config(overrides: list[str] | None = None, config_name: str = "train") 
 
     sglang_defaults = {f.name: f.default for f in dataclasses.fields(SGLangConfig)}  # all have plain defaults
     defaults["rollout"]["sglang"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sglang_defaults.items()}
+    # and every MegatronConfig key, so `megatron.tensor_parallel_size=2` works without '+'
+    from tempo_mega.backends.megatron.config import MegatronConfig
+
+    defaults["megatron"] = {f.name: f.default for f in dataclasses.fields(MegatronConfig)}
+    defaults["megatron"]["params_dtype"] = None  # null: follow model.dtype
     ConfigStore.instance().store(name="tempo_defaults", node=defaults)
     try:
         with initialize_config_module("tempo_mega.configs", version_base=None):

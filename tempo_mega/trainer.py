@@ -164,6 +164,8 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
     else:
         torch.manual_seed(cfg.trainer.seed)
         source = fresh_qwen3_config(m, tokenizer)
+    if cfg.backend == "megatron":
+        return build_megatron_models(cfg, source, optim)
     actor = build_actor(source, optim["actor"], dtype=DTYPES[m.dtype], **common)
     critic_common = {k: v for k, v in common.items() if k != "temperature"}
     if m.critic_path is not None:
@@ -173,11 +175,59 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
     return actor, critic
 
 
+def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOptim]):
+    """backend=megatron: actor and critic as ``MegatronBackend``s, started from the same HF weights the
+    torch backend would use (``source``: a checkpoint dir or a fresh Qwen3 config, built from
+    trainer.seed). torch.distributed and megatron's parallel state come up through the backend's own
+    ``init_parallel`` where they are not up yet (world size from the torchrun environment, else 1;
+    gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as dist
+
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+    from tempo_mega.backends.megatron.model import init_parallel
+    from tempo_mega.backends.torch import ValueHeadModel, _load_causal_lm
+    from tempo_mega.config import megatron_config
+
+    m, seed = cfg.model, cfg.trainer.seed
+    mc = megatron_config(cfg)
+    # the HF models exactly as the torch backend builds them (same init, same RNG use)
+    hf_actor = _load_causal_lm(source, DTYPES[m.dtype], "sdpa", seed)
+    if m.critic_path is not None:
+        hf_critic = ValueHeadModel.from_pretrained(m.critic_path, dtype=DTYPES[m.dtype], seed=seed)
+    else:
+        hf_critic = ValueHeadModel.from_actor(hf_actor, seed=seed)
+    hf_config = hf_actor.config
+    init_parallel(mc, seed=seed)
+    try:
+        mc.validate_for(num_attention_heads=hf_config.num_attention_heads,
+                        num_key_value_heads=hf_config.num_key_value_heads,
+                        num_layers=hf_config.num_hidden_layers, vocab_size=hf_config.vocab_size,
+                        world_size=dist.get_world_size())
+    except ValueError as e:
+        raise ValueError(f"config key 'megatron': {e}") from None
+    actor = MegatronBackend("actor", hf_config, mc, optim["actor"], hf_state_dict=hf_actor.state_dict(),
+                            temperature=cfg.rollout.temperature, seed=seed)
+    critic = MegatronBackend("critic", hf_config, mc, optim["critic"], hf_state_dict=hf_critic.state_dict(),
+                             seed=seed)
+    log.info("backend=megatron: TP %d, DP %d, params %s", actor.tp_size, actor.dp_size, mc.params_dtype)
+    return actor, critic
+
+
+def copy_actor_trunk_to_critic(actor, critic) -> None:
+    """The critic's trunk := the actor's (after the warm start); its value head is kept."""
+    if isinstance(actor, TorchBackend):
+        critic.model.model.load_state_dict(actor.model.model.state_dict())
+    else:  # MegatronBackend: through HF names (a collective)
+        critic.load_hf_state_dict({n: t for n, t in actor.export_weights(dtype=None) if n.startswith("model.")})
+
+
 def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, device: torch.device):
     """The sampler: the HF engine (a copy of the actor) or SGLang (rollout.sglang.*), which is given
     the trainer's log-probs for its post-sync probe and the actor's weights to re-sync a restarted server."""
     if cfg.rollout.engine == "hf":
-        return HFRolloutEngine(copy.deepcopy(actor.model), pad_token_id=pad_token_id, device=device,
+        # backend=megatron: an HF model built from the actor's HF-named weights (export_weights)
+        model = copy.deepcopy(actor.model) if isinstance(actor, TorchBackend) else actor.hf_module()
+        return HFRolloutEngine(model, pad_token_id=pad_token_id, device=device,
                                max_batch_size=cfg.rollout.max_batch_size)
     from tempo_mega.rollout.sglang import SGLangConfig, build_sglang_engine
 
@@ -354,7 +404,7 @@ def setup(cfg: TrainConfig) -> Run:
     else:
         run.first_line = warm_start(cfg, actor, pool)
         if t.warm_start_steps > 0:  # the critic starts from the warmed-up actor, as Stage 1 prescribes
-            critic.model.model.load_state_dict(actor.model.model.state_dict())
+            copy_actor_trunk_to_critic(actor, critic)
             rollout.update_weights(actor.export_weights())
     return run
 
@@ -453,7 +503,10 @@ def throughput_metrics(run: Run, m: dict[str, float]) -> dict[str, float]:
         out["perf/tokens_per_joule"] = tokens_per_joule(m["perf/num_tokens"], m["gpu/energy_j"])
     if run.actor.device.type == "cuda" and "timing/step_s" in m:
         a = run.cfg.algo
-        out.update(phase_mfu(m, run.actor.model.config, run.critic.model.config, 1, run.cfg.trainer.gpu_peak,
+        # MegatronBackend keeps the HF config beside its megatron model
+        actor_cfg = getattr(run.actor, "hf_config", None) or run.actor.model.config
+        critic_cfg = getattr(run.critic, "hf_config", None) or run.critic.model.config
+        out.update(phase_mfu(m, actor_cfg, critic_cfg, 1, run.cfg.trainer.gpu_peak,
                              actor_epochs=a.actor.epochs, critic_epochs=a.critic.epochs,
                              critic_labeled_only=a.mode in ("tempo", "supervised_continuation")))
     return out

@@ -246,10 +246,11 @@ class MegatronBackend:
         return norm if math.isfinite(norm) else None
 
     # ------------------------------------------------------------------ weights and checkpoints
-    def export_weights(self, dtype: torch.dtype | None = torch.bfloat16) -> Iterator[tuple[str, Tensor]]:
+    def export_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         """HF-named (name, tensor) pairs on CPU, streamed one megatron tensor at a time, TP shards
-        gathered (a collective: every TP rank must iterate). ``dtype`` None keeps the model dtype; the
-        critic's value head stays float32. Names as ``TorchBackend.export_weights``."""
+        gathered (a collective: every TP rank must iterate). ``dtype`` None (default) keeps the model
+        dtype, like ``TorchBackend.export_weights``; pass ``torch.bfloat16`` for a bf16 inference server.
+        The critic's value head stays float32. Names as ``TorchBackend.export_weights``."""
         critic = self.role == "critic"
         for name, t in self.model.state_dict().items():
             if name.endswith("_extra_state"):
@@ -265,6 +266,42 @@ class MegatronBackend:
                 keep = dtype is None or hf_name.startswith("value_head.")
                 # a copy, never a view of a live parameter: a later optimizer step must not change it
                 yield hf_name, hf_t.to(device="cpu", dtype=hf_t.dtype if keep else dtype, copy=True).contiguous()
+
+    def hf_module(self) -> torch.nn.Module:
+        """This role as a transformers module on CPU, from ``export_weights`` (a collective): a
+        ``Qwen3ForCausalLM`` for the actor, a ``ValueHeadModel`` (torch backend's critic) for the critic.
+        Built under a forked RNG, so the caller's random stream does not move."""
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        from tempo_mega.backends.torch import ValueHeadModel
+
+        weights = dict(self.export_weights(dtype=None))
+        dtype = next(t.dtype for n, t in weights.items() if not n.startswith("value_head."))
+        with torch.random.fork_rng(devices=[]):
+            if self.role == "actor":
+                module = AutoModelForCausalLM.from_config(self.hf_config, dtype=dtype)
+            else:
+                module = ValueHeadModel(AutoModel.from_config(self.hf_config, dtype=dtype), seed=self.seed)
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+        tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
+        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"MegatronBackend.hf_module: exported weights do not fit the HF model: "
+                               f"missing {missing}, unexpected {unexpected}")
+        if tied and self.role == "actor":
+            module.tie_weights()
+        return module.eval()
+
+    def export_hf(self, directory: str | Path) -> None:
+        """An HF directory (safetensors), as ``TorchBackend.export_hf`` writes it:
+        ``AutoModelForCausalLM.from_pretrained`` for the actor, ``ValueHeadModel.from_pretrained`` for the
+        critic. A collective (TP shards are gathered); rank 0 writes."""
+        module = self.hf_module()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            module.save_pretrained(directory)
+        if dist.is_initialized():
+            dist.barrier()
 
     def _sharded_state_dict(self) -> dict[str, Any]:
         model_sd = self.model.sharded_state_dict(prefix="model.")
