@@ -3,6 +3,7 @@
     tempo-mega train [hydra overrides...]      e.g. experiment=debug_cpu trainer.total_steps=2
     tempo-mega demo [--out DIR] [overrides...]  warm start -> Stage 1 RLVR -> TEMPO and TTRL, table + plot
     tempo-mega eval --model DIR --bench NAME=FILE -n 16   avg@k / pass@k on benchmark files (strict grading)
+    tempo-mega convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M] [--critic] | mcore-to-hf --mcore DIR --out DIR
     tempo-mega doctor                           versions, GPUs, and what each feature is missing
     tempo-mega launch slurm --nodes N ...       write (and --submit) a SLURM script for a run
     tempo-mega report RUN_DIR                   Markdown summary and PNG plots of a run's metrics.jsonl
@@ -64,7 +65,7 @@ def _selfcheck() -> int:
     return 0 if all(checks.values()) else 1
 
 
-COMMANDS = ("train", "demo", "eval", "report", "doctor", "launch", "selfcheck")
+COMMANDS = ("train", "demo", "eval", "convert", "report", "doctor", "launch", "selfcheck")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             from tempo_mega.eval.runner import main as eval_main
 
             return eval_main(rest)
+        if command == "convert":  # pure state-dict conversion: needs no megatron-core at all
+            from tempo_mega.backends.megatron.convert import main as convert_main
+
+            return convert_main(rest)
         if command == "doctor":
             from tempo_mega.doctor import main as doctor_main
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -324,44 +325,108 @@ def mcore_to_hf_state_dict(tp_shards: Sequence[Mapping[str, Tensor]], hf_config:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+MCORE_LAYOUT_FILE = "tempo_mcore.json"
+
+
+def _shard_file(tp_rank: int, pp_rank: int) -> str:
+    return f"mcore_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+
+
+def _read_hf_dir(src: Path, critic: bool) -> dict[str, Tensor]:
+    """HF tensors of an actor dir (``Qwen3ForCausalLM`` names) or a critic dir (the trunk saved by
+    ``ValueHeadModel.save_pretrained``, names without ``model.``, plus ``value_head.safetensors``)."""
+    from safetensors.torch import load_file
+
+    from tempo_mega.backends.torch import VALUE_HEAD_FILE
+
+    files = sorted(f for f in src.glob("*.safetensors") if f.name != VALUE_HEAD_FILE)
+    if not files:
+        raise FileNotFoundError(f"{src}: no *.safetensors weights")
+    sd: dict[str, Tensor] = {}
+    for f in files:
+        sd.update(load_file(f))
+    if not critic:
+        return sd
+    head = src / VALUE_HEAD_FILE
+    if not head.is_file():
+        raise FileNotFoundError(f"{src}: --critic needs {VALUE_HEAD_FILE} (a critic saved by tempo-mega)")
+    out = {k if k.startswith("model.") else f"model.{k}": v for k, v in sd.items()}
+    out.update({f"value_head.{k}": v for k, v in load_file(head).items()})
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``tempo-mega convert hf-to-mcore SRC DST`` / ``mcore-to-hf SRC DST`` (single process, TP=PP=1
-    layouts; dist-checkpoints at any TP/PP are written and read by ``MegatronBackend.save/load``)."""
-    parser = argparse.ArgumentParser(prog="tempo-mega convert")
-    parser.add_argument("direction", choices=("hf-to-mcore", "mcore-to-hf"))
-    parser.add_argument("src")
-    parser.add_argument("dst")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    args = parser.parse_args(argv)
-    from pathlib import Path
+    """``tempo-mega convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M] [--critic]`` and
+    ``tempo-mega convert mcore-to-hf --mcore DIR --out DIR``.
+
+    The mcore directory holds one safetensors file per (TP rank, PP stage) with megatron names,
+    ``config.json`` (the HF config, checked before converting) and ``tempo_mcore.json`` (layout).
+    Both directions are exact: a round trip reproduces every tensor bit for bit. Dist-checkpoints
+    for resuming at any layout are written and read by ``MegatronBackend.save/load``."""
+    import json
 
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    src, dst = Path(args.src), Path(args.dst)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json")
-    hf_config = AutoConfig.from_pretrained(src)
-    dst.mkdir(parents=True, exist_ok=True)
+    from tempo_mega.backends.torch import VALUE_HEAD_FILE
+
+    parser = argparse.ArgumentParser(prog="tempo-mega convert")
+    sub = parser.add_subparsers(dest="direction", required=True)
+    h2m = sub.add_parser("hf-to-mcore", help="HF Qwen3 dir -> megatron shards")
+    h2m.add_argument("--hf", required=True, help="HF checkpoint dir (actor, or critic with --critic)")
+    h2m.add_argument("--out", required=True)
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    h2m.add_argument("--critic", action="store_true", help="a critic dir: trunk + value_head.safetensors")
+    m2h = sub.add_parser("mcore-to-hf", help="megatron shards -> HF dir")
+    m2h.add_argument("--mcore", required=True)
+    m2h.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
     if args.direction == "hf-to-mcore":
-        hf_sd: dict[str, Tensor] = {}
-        for f in sorted(src.glob("*.safetensors")):
-            hf_sd.update(load_file(f))
-        if not hf_sd:
-            raise FileNotFoundError(f"{src}: no *.safetensors")
-        if "value_head.weight" not in hf_sd and "model.embed_tokens.weight" not in hf_sd:
-            hf_sd = {f"model.{k}": v for k, v in hf_sd.items()}  # a bare trunk (critic directory)
-        tp = args.tensor_parallel_size
-        for r in range(tp):
-            save_file(hf_to_mcore_state_dict(hf_sd, hf_config, r, tp), dst / f"mcore_tp{r:02d}.safetensors")
+        src, dst = Path(args.hf), Path(args.out)
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{src}: no config.json (not an HF checkpoint dir)")
+        hf_config = AutoConfig.from_pretrained(src)
+        validate_hf_config(hf_config)  # a mismatching config stops here, naming the field
+        if args.tp < 1 or args.pp < 1:
+            raise ValueError(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
+        for key, n in (("num_attention_heads", args.tp), ("num_key_value_heads", args.tp),
+                       ("num_hidden_layers", args.pp)):
+            if _get(hf_config, key) % n:
+                raise ValueError(f"{src}/config.json: {key}={_get(hf_config, key)} is not divisible by "
+                                 f"{'--tp' if key != 'num_hidden_layers' else '--pp'} {n}")
+        hf_sd = _read_hf_dir(src, args.critic)
+        dst.mkdir(parents=True, exist_ok=True)
+        for p in range(args.pp):
+            for r in range(args.tp):
+                shard = hf_to_mcore_state_dict(hf_sd, hf_config, r, args.tp, pp_rank=p, pp_size=args.pp)
+                save_file({k: v.contiguous() for k, v in shard.items()}, dst / _shard_file(r, p))
         hf_config.save_pretrained(dst)
+        (dst / MCORE_LAYOUT_FILE).write_text(json.dumps({"tp": args.tp, "pp": args.pp, "critic": args.critic}))
+        print(f"convert hf-to-mcore: {src} -> {dst} (TP {args.tp}, PP {args.pp}{', critic' if args.critic else ''})")
+        return 0
+
+    src, dst = Path(args.mcore), Path(args.out)
+    layout_file = src / MCORE_LAYOUT_FILE
+    if not layout_file.is_file():
+        raise FileNotFoundError(f"{src}: no {MCORE_LAYOUT_FILE} (not written by tempo-mega convert hf-to-mcore)")
+    layout = json.loads(layout_file.read_text())
+    hf_config = AutoConfig.from_pretrained(src)
+    hf_sd = {}
+    for p in range(layout["pp"]):
+        shards = [load_file(src / _shard_file(r, p)) for r in range(layout["tp"])]
+        hf_sd.update(mcore_to_hf_state_dict(shards, hf_config, pp_rank=p, pp_size=layout["pp"]))
+    dst.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(dst)
+    if layout["critic"]:  # the layout ValueHeadModel.from_pretrained reads
+        trunk = {k.removeprefix("model."): v.contiguous() for k, v in hf_sd.items() if not k.startswith("value_head.")}
+        save_file(trunk, dst / "model.safetensors")
+        save_file({k.removeprefix("value_head."): v.contiguous() for k, v in hf_sd.items()
+                   if k.startswith("value_head.")}, dst / VALUE_HEAD_FILE)
     else:
-        files = sorted(src.glob("mcore_tp*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{src}: no mcore_tp*.safetensors")
-        save_file(mcore_to_hf_state_dict([load_file(f) for f in files], hf_config), dst / "model.safetensors")
-        hf_config.save_pretrained(dst)
-    print(f"convert {args.direction}: {src} -> {dst}")
+        save_file({k: v.contiguous() for k, v in hf_sd.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    print(f"convert mcore-to-hf: {src} -> {dst}")
     return 0
 
 
