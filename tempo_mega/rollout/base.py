@@ -41,6 +41,17 @@ class Sample:
     extra: dict = field(default_factory=dict)
 
 
+def check_generate_args(engine: str, prompt_ids: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+    """The prompts as lists, after the checks every engine makes (n >= 1, no empty prompt)."""
+    if n < 1:
+        raise ValueError(f"{engine}.generate: n must be >= 1, got {n}")
+    prompts = [list(p) for p in prompt_ids]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"{engine}.generate: prompt {i} is empty")
+    return prompts
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:

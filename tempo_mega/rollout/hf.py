@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tempo_mega.rollout.base import Sample, SamplingParams
+from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args
 
 __all__ = ["HFRolloutEngine", "filter_logits", "sample_from_logits"]
 
@@ -122,12 +122,8 @@ class HFRolloutEngine:
         model = self._live_model("generate")
         if self._released:
             raise RuntimeError("HFRolloutEngine.generate: memory is released; call resume_memory() first")
-        if n < 1:
-            raise ValueError(f"HFRolloutEngine.generate: n must be >= 1, got {n}")
-        prompts = [list(p) for p in prompt_ids]
+        prompts = check_generate_args("HFRolloutEngine", prompt_ids, n)
         for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"HFRolloutEngine.generate: prompt {i} is empty")
             if min(p) < 0 or max(p) >= self.vocab_size:
                 raise ValueError(
                     f"HFRolloutEngine.generate: prompt {i} has a token id outside the vocabulary [0, {self.vocab_size})"

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tempo_mega.rollout.base import Sample, SamplingParams
+from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args
 
 __all__ = [
     "SGLangConfig",
@@ -447,12 +447,7 @@ class SGLangRolloutEngine:
         ``abort()``, returns only the prompts that finished (still prompt-major)."""
         if self._closed:
             raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
-        if n < 1:
-            raise ValueError(f"SGLangRolloutEngine.generate: n must be >= 1, got {n}")
-        prompts = [list(p) for p in prompt_ids]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"SGLangRolloutEngine.generate: prompt {i} is empty")
+        prompts = check_generate_args("SGLangRolloutEngine", prompt_ids, n)
         sp = self._sampling_dict(n, sampling)
         self._aborting.clear()
         t0 = time.perf_counter()
