@@ -64,6 +64,9 @@ class AlgoConfig:
     score_negative: float = -1.0
     lenient_grading: bool = False  # reproduce the published lenient grader (inflates scores)
     adv_eps: float = 1e-8
+    # Truncated importance sampling for the sampler/trainer mismatch (SGLang kernels, bf16): each token's
+    # policy loss is weighted by min(exp(old_logp - rollout_logp), tis_cap). 0 = off.
+    tis_cap: float = 0.0
     actor: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0))
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
 
@@ -206,6 +209,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(a.clip_range_value > 0, "algo.clip_range_value", f"must be > 0, got {a.clip_range_value}")
     _check(a.e_step_every >= 0, "algo.e_step_every", f"must be >= 0 (0 = frozen critic), got {a.e_step_every}")
     _check(a.max_gen_batches >= 1, "algo.max_gen_batches", f"must be >= 1, got {a.max_gen_batches}")
+    _check(a.tis_cap == 0 or a.tis_cap >= 1, "algo.tis_cap", f"must be 0 (off) or >= 1, got {a.tis_cap}")
     _check(a.score_positive > a.score_negative, "algo.score_positive", "must be greater than algo.score_negative")
     for role in ("actor", "critic"):
         o: OptimConfig = getattr(a, role)

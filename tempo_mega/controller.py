@@ -99,6 +99,8 @@ class TempoController:
                 batch.values = self.critic.forward_values(batch)
             m.update(logprob_mismatch(batch))
             self.compute_advantages(batch)
+            if a.tis_cap > 0:
+                m.update(apply_truncated_is(batch, a.tis_cap))
             if bool((~batch.is_labeled).any()):  # the reward unlabeled rows were trained on, once known
                 m["rollout/unlabeled_reward_mean"] = float(batch.scores[~batch.is_labeled].mean())
             critic_on = a.e_step_every > 0 and step % a.e_step_every == 0
@@ -269,3 +271,22 @@ def logprob_mismatch(batch: RolloutBatch) -> dict[str, float]:
     if diff.numel() == 0:
         return {}
     return {"rollout/logprob_diff_mean": float(diff.mean()), "rollout/logprob_diff_max": float(diff.max())}
+
+
+def apply_truncated_is(batch: RolloutBatch, cap: float) -> dict[str, float]:
+    """Truncated importance sampling: the samples came from the rollout engine's distribution, the
+    losses assume the trainer's; weight each token by w = min(exp(old_logp - rollout_logp), cap).
+    The policy losses are positively homogeneous in the advantage (max(-wA r, -wA clip(r)) =
+    w max(-A r, -A clip(r)) for w > 0), so scaling the advantages by w weights every token's loss
+    exactly, without touching the loss functions."""
+    if batch.rollout_logprobs is None:
+        return {}
+    mask = batch.response_mask.bool()
+    log_w = (batch.old_logprobs - batch.rollout_logprobs).masked_fill(~mask, 0.0)
+    raw = torch.exp(log_w)
+    w = raw.clamp(max=cap)
+    batch.advantages = batch.advantages * w.to(batch.advantages.dtype)
+    if not bool(mask.any()):
+        return {}
+    return {"rollout/tis_weight_mean": float(w[mask].mean()),
+            "rollout/tis_clip_frac": float((raw[mask] > cap).float().mean())}

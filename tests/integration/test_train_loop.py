@@ -262,3 +262,24 @@ def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
         assert type(run.rollout).__name__ == "SGLangRolloutEngine"
     finally:
         server.stop()
+
+
+def test_truncated_importance_sampling_weights():
+    from tempo_mega.controller import apply_truncated_is
+
+    batch = RolloutBatch.from_samples([[1, 2]], [[3, 4, 5]], is_labeled=[True], group_ids=[0], pad_token_id=0,
+                                      rollout_logprobs=[[-1.0, -2.0, -3.0]])
+    batch.old_logprobs = torch.tensor([[-1.0, -1.0, -3.5]])
+    batch.advantages = torch.tensor([[1.0, 1.0, 1.0]])
+    m = apply_truncated_is(batch, cap=2.0)
+    # weights exp(0) = 1, exp(1) = 2.718 -> capped at 2, exp(-0.5) = 0.607
+    torch.testing.assert_close(batch.advantages, torch.tensor([[1.0, 2.0, math.exp(-0.5)]]))
+    assert m["rollout/tis_clip_frac"] == pytest.approx(1 / 3)
+
+
+def test_tis_run_matches_plain_when_sampler_equals_trainer(tmp_path):
+    train(tmp_path / "plain")
+    train(tmp_path / "tis", "algo.tis_cap=2.0")
+    for x, y in zip(lines(tmp_path / "plain"), lines(tmp_path / "tis")):
+        assert y["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert x["actor/loss"] == pytest.approx(y["actor/loss"], rel=1e-3, abs=1e-5)

@@ -225,3 +225,22 @@ def test_agg_loss_rejects_unknown_mode():
         agg_loss(torch.zeros(2, 2), torch.ones(2, 2), "mean")
     with pytest.raises(ValueError, match="clip_ratio_c"):
         ppo_policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), clip_ratio_c=0.5)
+
+
+def test_gspo_loss_is_positively_homogeneous_in_the_advantage():
+    """What the controller's truncated-IS correction relies on: scaling A by w > 0 per token scales
+    each token's loss (and its gradient) by w."""
+    new, old, adv, mask = make_case(seed=12, spread=1e-2)
+    w = 0.5 + torch.rand(new.shape, generator=torch.Generator().manual_seed(1), dtype=new.dtype)
+    lp1 = new.clone().requires_grad_(True)
+    loss_scaled, _ = gspo_policy_loss(lp1, old, adv * w, mask)
+    loss_scaled.backward()
+    # reference: per-token losses with the plain advantage, weighted by w, aggregated the same way
+    lp2 = new.clone().requires_grad_(True)
+    s = ((lp2 - old) * mask).sum(-1) / mask.sum(-1)
+    ratio = torch.exp((s.detach()[:, None] + lp2 - lp2.detach()).clamp(max=10.0))
+    tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 3e-4, 1 + 5e-4)) * w
+    ref = ((tok * mask).sum(-1) / mask.sum(-1)).mean()
+    ref.backward()
+    assert loss_scaled.item() == pytest.approx(ref.item(), abs=1e-12)
+    torch.testing.assert_close(lp1.grad * mask, lp2.grad * mask, atol=1e-12, rtol=0)
