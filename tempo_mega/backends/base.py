@@ -126,3 +126,20 @@ def optimizer_passes(batch: RolloutBatch, loss_fn: LossFn, *, epochs: int, mini_
                 stats.steps += 1
                 stats.grad_norms.append(norm)
     return stats
+
+
+def forward_in_micro_batches(batch: RolloutBatch, forward: Callable[[RolloutBatch], Tensor],
+                             max_tokens_per_micro_batch: int, rows: Tensor | None = None) -> Tensor:
+    """[B, L] float32 on CPU: ``forward`` (a [b, L'] output per micro-batch) over ``rows`` (consecutive
+    row indices; default all), micro-batched by token budget; other rows stay 0. No gradient."""
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+    if rows is None:
+        rows = torch.arange(batch.batch_size)
+    if len(rows) == 0:
+        return out
+    start = int(rows[0])
+    with torch.no_grad():
+        for micro in batch.select(rows).split_by_tokens(max_tokens_per_micro_batch):  # trimmed: L' <= L
+            out[start : start + micro.batch_size, : micro.response_len] = forward(micro).cpu()
+            start += micro.batch_size
+    return out

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tempo_mega.backends.base import LossFn, optimizer_passes
+from tempo_mega.backends.base import LossFn, forward_in_micro_batches, optimizer_passes
 from tempo_mega.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -209,15 +209,9 @@ class TorchBackend:
             raise ValueError("forward_values: this backend is the actor; use forward_logprobs")
         return self._forward_no_grad(batch)
 
-    @torch.no_grad()
     def _forward_no_grad(self, batch: RolloutBatch) -> Tensor:
         self.model.eval()
-        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-        start = 0
-        for micro in batch.split_by_tokens(self.optim.max_tokens_per_micro_batch):
-            b, width = micro.batch_size, micro.response_len  # micro-batches are trimmed
-            out[start : start + b, :width] = self._forward(micro).cpu()
-            start += b
+        out = forward_in_micro_batches(batch, self._forward, self.optim.max_tokens_per_micro_batch)
         return out.to(batch.response_mask.device)
 
     def _forward(self, batch: RolloutBatch) -> Tensor:

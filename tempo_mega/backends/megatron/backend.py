@@ -28,7 +28,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from torch import Tensor
 
-from tempo_mega.backends.base import LossFn, optimizer_passes
+from tempo_mega.backends.base import LossFn, forward_in_micro_batches, optimizer_passes
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, mcore_to_hf_tensors
 from tempo_mega.backends.megatron.model import build_model, init_parallel
@@ -136,17 +136,10 @@ class MegatronBackend:
             raise ValueError("forward_values: this backend is the actor; use forward_logprobs")
         return self._forward_no_grad(batch)
 
-    @torch.no_grad()
     def _forward_no_grad(self, batch: RolloutBatch) -> Tensor:
         self.model.eval()
-        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-        rows = self._dp_rows(batch.batch_size)
-        if len(rows):
-            local = batch.select(rows)
-            start = int(rows[0])
-            for micro in local.split_by_tokens(self.optim.max_tokens_per_micro_batch):
-                out[start : start + micro.batch_size, : micro.response_len] = self._forward(micro).cpu()
-                start += micro.batch_size
+        out = forward_in_micro_batches(batch, self._forward, self.optim.max_tokens_per_micro_batch,
+                                       rows=self._dp_rows(batch.batch_size))
         if self.dp_size > 1:  # rows of the other DP ranks are zero here: a sum gathers them
             out = out.to(self.device)
             dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
