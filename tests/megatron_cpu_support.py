@@ -3,7 +3,7 @@
 megatron-core assumes a GPU in a few places even with ``use_cpu_initialization=True``:
 ``torch.cuda.current_device()`` (buffers, TP layers, mappings), the CUDA RNG state used by the
 model-parallel RNG tracker (forked by attention even with dropout 0), ``torch.cuda.synchronize()``,
-``device="cuda"`` literals and ``param.type() == "torch.cuda.FloatTensor"`` checks. ``megatron_on_cpu()``
+``device="cuda"`` literals, ``Tensor.cuda()`` and ``param.type() == "torch.cuda.FloatTensor"`` checks. ``megatron_on_cpu()``
 points all of them at the CPU inside a block. Only tests import this; the product never patches
 torch or megatron-core.
 """
@@ -43,6 +43,7 @@ def megatron_on_cpu() -> Iterator[None]:
              ("current_device", "synchronize", "get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all")]
     saved += [(mrandom, n, getattr(mrandom, n)) for n in ("_get_cuda_rng_state", "_set_cuda_rng_state")]
     saved.append((torch.Tensor, "type", torch.Tensor.type))
+    saved.append((torch.Tensor, "cuda", torch.Tensor.cuda))
     orig_type: Callable[..., Any] = torch.Tensor.type
 
     def tensor_type(self, *args, **kwargs):
@@ -61,6 +62,7 @@ def megatron_on_cpu() -> Iterator[None]:
     mrandom._get_cuda_rng_state = lambda *a, **k: _fake_cuda_gen.get_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: _fake_cuda_gen.set_state(state)
     torch.Tensor.type = tensor_type
+    torch.Tensor.cuda = lambda self, *a, **k: self  # e.g. the tied output weight of the last PP stage
     try:
         with _CudaToCpu():
             yield

@@ -74,6 +74,11 @@ def accumulate_gradients(micro_batches: Iterable[RolloutBatch], denom: int, loss
     return n
 
 
+# (micro-batches of this rank, mini-batch denominator, the whole mini-batch, metric totals, frozen)
+# -> micro-batches that counted
+Accumulate = Callable[[list[RolloutBatch], int, RolloutBatch, dict[str, float], bool], int]
+
+
 @dataclass
 class PassStats:
     """What ``optimizer_passes`` did: weighted metric sums and counters."""
@@ -96,14 +101,19 @@ class PassStats:
 
 
 def optimizer_passes(batch: RolloutBatch, loss_fn: LossFn, *, epochs: int, mini_batch_size: int,
-                     max_tokens_per_micro_batch: int, forward: Callable[[RolloutBatch], Tensor],
-                     clip_and_step: Callable[[], float | None], frozen: bool = False,
-                     shard: Callable[[RolloutBatch], RolloutBatch] | None = None) -> PassStats:
+                     max_tokens_per_micro_batch: int, clip_and_step: Callable[[], float | None],
+                     forward: Callable[[RolloutBatch], Tensor] | None = None, frozen: bool = False,
+                     shard: Callable[[RolloutBatch], RolloutBatch] | None = None,
+                     accumulate: Accumulate | None = None) -> PassStats:
     """The optimizer loop every backend shares: for each epoch, for each mini-batch of rows (in order),
     accumulate the gradient over token-budget micro-batches, then clip and step. Mini-batches without
     a valid token are skipped (AdamW would still move the weights); ``clip_and_step`` returns the
     pre-clip grad norm, or None when the step was skipped. ``shard`` picks this rank's rows of a
-    mini-batch (data parallel); the weights still use the whole mini-batch as the denominator."""
+    mini-batch (data parallel); the weights still use the whole mini-batch as the denominator.
+    ``accumulate`` replaces the default per-micro-batch loop (``accumulate_gradients`` over ``forward``),
+    e.g. by a pipeline schedule; it gets (micro-batches, denominator, mini-batch, totals, frozen)."""
+    if (forward is None) == (accumulate is None):
+        raise ValueError("optimizer_passes: give exactly one of forward and accumulate")
     agg = getattr(loss_fn, "agg", "seq")
     if agg not in ("seq", "token"):
         raise ValueError(f"train_step: loss_fn.agg must be 'seq' or 'token', got {agg!r}")
@@ -116,7 +126,10 @@ def optimizer_passes(batch: RolloutBatch, loss_fn: LossFn, *, epochs: int, mini_
             stats.n_mini += 1
             part = shard(mini) if shard is not None else mini
             micros = part.split_by_tokens(max_tokens_per_micro_batch) if len(part) else []
-            stats.n_micro += accumulate_gradients(micros, denom, loss_fn, forward, stats.totals, frozen)
+            if accumulate is not None:
+                stats.n_micro += accumulate(micros, denom, mini, stats.totals, frozen)
+            else:
+                stats.n_micro += accumulate_gradients(micros, denom, loss_fn, forward, stats.totals, frozen)
             if frozen:
                 continue
             norm = clip_and_step()

@@ -26,8 +26,8 @@ from tempo_mega.backends.megatron.convert import (  # noqa: E402
 FP32 = MegatronConfig(params_dtype="float32")
 
 
-def tiny_config(tied: bool) -> Qwen3Config:
-    return Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+def tiny_config(tied: bool, layers: int = 2) -> Qwen3Config:
+    return Qwen3Config(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=16, vocab_size=128, intermediate_size=96, max_position_embeddings=64,
                        tie_word_embeddings=tied, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
 

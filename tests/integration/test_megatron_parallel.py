@@ -1,6 +1,8 @@
-"""MegatronBackend on CPU with gloo: TP=2 agrees with TP=1 (log-probs, values, post-step weights), a
-dist-checkpoint saved at TP=2 loads at TP=1, and TP=1 agrees with the torch backend. Each layout runs
-in its own ``torchrun``-like subprocess world (spawned, under a timeout)."""
+"""MegatronBackend on CPU with gloo: every parallel layout (TP=2, PP=2, TP=2 x PP=2, PP=2 with virtual
+stages, DP=2 with the distributed optimizer) gives the same log-probs, values and post-step weights as
+TP=PP=1, for an untied actor, a tied actor and the critic; TP=1 agrees with the torch backend; a
+dist-checkpoint saved at TP=2 x PP=2 loads at TP=1 and continues identically. Each layout runs in its
+own ``torchrun``-like subprocess world (spawned, under a timeout)."""
 
 from __future__ import annotations
 
@@ -16,14 +18,25 @@ pytest.importorskip("megatron.core")
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))  # tests/megatron_cpu_support.py
 
+# name -> (world size, megatron config keys)
+LAYOUTS = {
+    "tp1": (1, {}),
+    "tp2": (2, {"tensor_parallel_size": 2}),
+    "pp2": (2, {"pipeline_parallel_size": 2}),
+    "tp2pp2": (4, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
+    "pp2vpp2": (2, {"pipeline_parallel_size": 2, "virtual_pipeline_parallel_size": 2}),
+    "dp2dist": (2, {"use_distributed_optimizer": True}),
+}
+ROLES = ("actor", "tied", "critic")
 
-def run_world(tmp: Path, tp: int, mode: str, ckpt: Path | None = None, timeout_s: int = 180) -> dict:
-    """This file as a torchrun script with ``tp`` processes (TP = world size)."""
+
+def run_world(tmp: Path, layout: str, mode: str, ckpt: Path | None = None, timeout_s: int = 300) -> dict:
+    """This file as a torchrun script in the world of ``layout``."""
     from megatron_cpu_support import free_port
 
-    out = tmp / f"out_{mode}_tp{tp}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", f"--master-port={free_port()}",
-           str(HERE), str(tp), mode, str(out), str(ckpt or "")]
+    out = tmp / f"out_{mode}_{layout}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={LAYOUTS[layout][0]}",
+           f"--master-port={free_port()}", str(HERE), layout, mode, str(out), str(ckpt or "")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=HERE.parents[2])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(out, weights_only=False)
@@ -32,39 +45,42 @@ def run_world(tmp: Path, tp: int, mode: str, ckpt: Path | None = None, timeout_s
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron")
-    ckpt = tmp / "ckpt_tp2"
-    tp1 = run_world(tmp, 1, "train")
-    tp2 = run_world(tmp, 2, "train", ckpt)
-    loaded = run_world(tmp, 1, "load", ckpt)
-    return tp1, tp2, loaded
+    ckpt = tmp / "ckpt_tp2pp2"
+    res = {layout: run_world(tmp, layout, "train", ckpt if layout == "tp2pp2" else None) for layout in LAYOUTS}
+    res["loaded"] = run_world(tmp, "tp1", "load", ckpt)
+    return res
 
 
 def test_tp1_matches_torch_backend(results):
-    tp1, _, _ = results
-    for key in ("logprobs", "values"):
+    tp1 = results["tp1"]
+    for key in ("logprobs", "tied_logprobs", "values"):
         torch.testing.assert_close(tp1[key], tp1[f"torch_{key}"], atol=1e-4, rtol=1e-4)
-    for role in ("actor", "critic"):
+    for role in ROLES:
         for name, t in tp1[f"torch_{role}_weights"].items():
             torch.testing.assert_close(tp1[f"{role}_weights"][name], t, atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_tp2_matches_tp1(results):
-    tp1, tp2, _ = results
-    for key in ("logprobs", "values", "logprobs_after"):
-        torch.testing.assert_close(tp2[key], tp1[key], atol=1e-5, rtol=1e-5)
-    for role in ("actor", "critic"):
-        for name, t in tp1[f"{role}_weights"].items():
-            torch.testing.assert_close(tp2[f"{role}_weights"][name], t, atol=1e-4, rtol=1e-4, msg=name)  # Adam, lr 1e-2
-    assert tp1["actor_metrics"]["actor/grad_norm"] == pytest.approx(tp2["actor_metrics"]["actor/grad_norm"], rel=1e-5)
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "tp1"])
+def test_layout_matches_tp1(results, layout):
+    ref, got = results["tp1"], results[layout]
+    for key in ("logprobs", "tied_logprobs", "values", "logprobs_after", "tied_logprobs_after", "values_after"):
+        torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-5, msg=key)
+    for role in ROLES:
+        assert got[f"{role}_weights"].keys() == ref[f"{role}_weights"].keys()
+        for name, t in ref[f"{role}_weights"].items():  # two optimizer steps
+            torch.testing.assert_close(got[f"{role}_weights"][name], t, atol=1e-4, rtol=1e-4, msg=f"{role} {name}")
+        for key in ("loss", "grad_norm", "num_micro_batches"):
+            name = f"{'actor' if role != 'critic' else 'critic'}/{key}"
+            assert got[f"{role}_metrics"][name] == pytest.approx(ref[f"{role}_metrics"][name], rel=1e-5), name
 
 
-def test_checkpoint_saved_at_tp2_loads_at_tp1(results):
-    _, tp2, loaded = results
-    for role in ("actor", "critic"):
-        for name, t in tp2[f"{role}_weights"].items():
+def test_checkpoint_saved_at_tp2pp2_loads_at_tp1(results):
+    saved, loaded = results["tp2pp2"], results["loaded"]
+    for role in ROLES:
+        for name, t in saved[f"{role}_weights"].items():
             assert torch.equal(loaded[f"{role}_weights"][name], t), name
     # the optimizer moments came back too: one more identical step agrees
-    torch.testing.assert_close(loaded["logprobs_after_2nd"], tp2["logprobs_after_2nd"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded["logprobs_after_2nd"], saved["logprobs_after_2nd"], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -82,7 +98,7 @@ _pg_loss.agg = "token"
 _value_loss.agg = "token"
 
 
-def _worker(tp: int, mode: str, out_path: str, ckpt: str) -> None:
+def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
     import torch.distributed as dist
     from megatron_cpu_support import megatron_on_cpu
     from test_megatron_convert import hf_model, tiny_config
@@ -95,48 +111,57 @@ def _worker(tp: int, mode: str, out_path: str, ckpt: str) -> None:
     torch.use_deterministic_algorithms(True)
     with megatron_on_cpu():
         dist.init_process_group("gloo")
-        cfg = tiny_config(False)
-        hf = hf_model(cfg)
+        cfg, cfg_tied = tiny_config(False, layers=4), tiny_config(True, layers=4)
         critic_ref = ValueHeadModel.from_actor(hf_model(cfg), seed=3)
-        actor_sd, critic_sd = hf.state_dict(), critic_ref.state_dict()
+        sds = {"actor": hf_model(cfg).state_dict(), "tied": hf_model(cfg_tied, seed=1).state_dict(),
+               "critic": critic_ref.state_dict()}
         gen = torch.Generator().manual_seed(5)
-        prompts = [[int(x) for x in torch.randint(0, 128, (n,), generator=gen)] for n in (3, 5, 2, 4)]
-        responses = [[int(x) for x in torch.randint(0, 128, (n,), generator=gen)] for n in (4, 2, 5, 3)]
-        batch = RolloutBatch.from_samples(prompts, responses, is_labeled=[True] * 4, group_ids=[0, 0, 1, 1],
+        prompts = [[int(x) for x in torch.randint(0, 128, (n,), generator=gen)] for n in (3, 5, 2, 4, 3)]
+        responses = [[int(x) for x in torch.randint(0, 128, (n,), generator=gen)] for n in (4, 2, 5, 3, 1)]
+        batch = RolloutBatch.from_samples(prompts, responses, is_labeled=[True] * 5, group_ids=[0, 0, 1, 1, 2],
                                           pad_token_id=0)
         batch.advantages = torch.randn(batch.response_mask.shape, generator=gen)
         batch.returns = torch.randn(batch.response_mask.shape, generator=gen)
-        optim = OptimConfig(lr=1e-2, mini_batch_size=2, max_tokens_per_micro_batch=8, grad_clip=0.5)
-        mc = MegatronConfig(tensor_parallel_size=tp, params_dtype="float32")
-        actor = MegatronBackend("actor", cfg, mc, optim, hf_state_dict=actor_sd)
-        critic = MegatronBackend("critic", cfg, mc, optim, hf_state_dict=critic_sd)
+        # mini-batches of 3 and 2 rows, micro-batches of <= 8 tokens: several per mini-batch
+        # Adam with eps 1 (>> |grad|) moves each weight by ~lr * grad: the post-step weights compare the
+        # gradients of the layouts linearly (with a small eps, a near-zero gradient summed in another
+        # order flips to a +-lr update, float noise that would hide or fake a difference)
+        optim = OptimConfig(lr=1.0, eps=1.0, mini_batch_size=3, max_tokens_per_micro_batch=8, grad_clip=0.5)
+        mc = MegatronConfig(params_dtype="float32", **LAYOUTS[layout][1])
+        backends = {"actor": MegatronBackend("actor", cfg, mc, optim, hf_state_dict=sds["actor"]),
+                    "tied": MegatronBackend("actor", cfg_tied, mc, optim, hf_state_dict=sds["tied"]),
+                    "critic": MegatronBackend("critic", cfg, mc, optim, hf_state_dict=sds["critic"])}
+        losses = {"actor": _pg_loss, "tied": _pg_loss, "critic": _value_loss}
+        keys = {"actor": "logprobs", "tied": "tied_logprobs", "critic": "values"}
+
+        def forward(role):
+            b = backends[role]
+            return b.forward_values(batch) if role == "critic" else b.forward_logprobs(batch)
+
         res = {}
         if mode == "load":
-            actor.load(Path(ckpt) / "actor")
-            critic.load(Path(ckpt) / "critic")
+            for role, b in backends.items():
+                b.load(Path(ckpt) / role)
         else:
-            res["logprobs"] = actor.forward_logprobs(batch)
-            res["values"] = critic.forward_values(batch)
-            res["actor_metrics"] = actor.train_step(batch, _pg_loss)
-            res["critic_metrics"] = critic.train_step(batch, _value_loss)
-            res["logprobs_after"] = actor.forward_logprobs(batch)
-        for role, backend in (("actor", actor), ("critic", critic)):
-            res[f"{role}_weights"] = dict(backend.export_weights(dtype=None))
+            for role, b in backends.items():
+                res[keys[role]] = forward(role)
+                res[f"{role}_metrics"] = b.train_step(batch, losses[role])
+                res[f"{keys[role]}_after"] = forward(role)
+        for role, b in backends.items():
+            res[f"{role}_weights"] = dict(b.export_weights(dtype=None))
         if ckpt:
             if mode != "load":
-                actor.save(Path(ckpt) / "actor")
-                critic.save(Path(ckpt) / "critic")
-            actor.train_step(batch, _pg_loss)
-            res["logprobs_after_2nd"] = actor.forward_logprobs(batch)
-        if mode == "train" and tp == 1:  # the reference: the torch backend on the same weights
-            t_actor = build_actor(hf_model(cfg), optim)
-            t_critic = build_critic(critic_ref, optim)
-            res["torch_logprobs"] = t_actor.forward_logprobs(batch)
-            res["torch_values"] = t_critic.forward_values(batch)
-            t_actor.train_step(batch, _pg_loss)
-            t_critic.train_step(batch, _value_loss)
-            res["torch_actor_weights"] = dict(t_actor.export_weights())
-            res["torch_critic_weights"] = dict(t_critic.export_weights())
+                for role, b in backends.items():
+                    b.save(Path(ckpt) / role)
+            backends["actor"].train_step(batch, _pg_loss)
+            res["logprobs_after_2nd"] = backends["actor"].forward_logprobs(batch)
+        if mode == "train" and layout == "tp1":  # the reference: the torch backend on the same weights
+            ref = {"actor": build_actor(hf_model(cfg), optim), "tied": build_actor(hf_model(cfg_tied, seed=1), optim),
+                   "critic": build_critic(critic_ref, optim)}
+            for role, b in ref.items():
+                res[f"torch_{keys[role]}"] = b.forward_values(batch) if role == "critic" else b.forward_logprobs(batch)
+                b.train_step(batch, losses[role])
+                res[f"torch_{role}_weights"] = dict(b.export_weights())
         if dist.get_rank() == 0:
             torch.save(res, out_path)
         dist.barrier()
@@ -145,4 +170,4 @@ def _worker(tp: int, mode: str, out_path: str, ckpt: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
-    _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])

@@ -1,4 +1,5 @@
-"""``MegatronBackend``: the TrainBackend of one role on megatron-core (TP and DP; PP not yet).
+"""``MegatronBackend``: the TrainBackend of one role on megatron-core (TP, PP with virtual stages, DP
+with or without the distributed optimizer).
 
 Same contract as ``TorchBackend`` (see torch.py): the log-prob of response token t and the value V_t
 are read from the hidden state at position ``P + t - 1`` of the padded layout. Only those positions go
@@ -6,32 +7,54 @@ through the output layer (a pre-hook on ``output_layer`` selects them), the logi
 and the log-probs come from ``tensor_parallel.vocab_parallel_cross_entropy``: the full vocabulary is
 never gathered.
 
+Training runs on megatron's own machinery: the model chunks are wrapped in megatron's
+``DistributedDataParallel`` (fp32 gradient buffers), the micro-batches of a mini-batch go through
+``get_forward_backward_func()`` (no pipelining, 1F1B, or interleaved 1F1B with virtual stages;
+micro-batch shapes vary, ``variable_seq_lengths``), ``finalize_model_grads`` reduces the gradients
+(DP all-reduce or reduce-scatter, q/k-norm and sequence-parallel norms over TP, tied embeddings over
+the first and last stages), and ``get_megatron_optimizer`` steps (fp32 master weights for bf16 models,
+``use_distributed_optimizer`` shards them over DP).
+
+Micro-batch weighting is the torch backend's (``backends/base.py``): each micro-batch's loss is scaled
+by its share of the whole mini-batch (``weight_units / denom`` over all DP ranks), megatron's own
+division by the number of micro-batches and by DP is switched off (``calculate_per_token_loss`` with a
+``finalize`` that is given no token count), so the update equals the single-process one.
+
 Data parallel: every rank is given the whole batch; DP rank d works on its contiguous share of each
-mini-batch's rows, the micro-batch weights use the global mini-batch denominator, and gradients are
-summed over DP, so the update equals the single-process one. Optimizer: ``torch.optim.AdamW`` over the
-local shards (TODO: megatron's DistributedOptimizer for ``megatron.use_distributed_optimizer``).
+mini-batch's rows. Outputs of no-grad passes are assembled on the last PP stage, broadcast over the
+pipeline and summed over DP (other ranks' rows are 0).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from tempo_mega.backends.base import LossFn, forward_in_micro_batches, optimizer_passes
+from tempo_mega.backends.base import LossFn, optimizer_passes, weight_units
 from tempo_mega.backends.megatron.config import MegatronConfig
-from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, mcore_to_hf_tensors
-from tempo_mega.backends.megatron.model import build_model, init_parallel
+from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, layer_offset, mcore_to_hf_tensors
+from tempo_mega.backends.megatron.model import build_model_chunks, init_parallel
 from tempo_mega.backends.torch import OptimConfig
 from tempo_mega.batch import RolloutBatch
 
@@ -39,6 +62,18 @@ log = logging.getLogger(__name__)
 
 ROLES = ("actor", "critic")
 STATE_FILE = "backend_state.json"
+
+
+@dataclass
+class _Micro:
+    """One micro-batch of a schedule: its rows, its loss weight, and whether it is filler (a pipeline
+    schedule needs >= 1 micro-batch per rank, the interleaved one a multiple of PP; filler rows are
+    real rows whose loss is multiplied by 0, so their gradient is exactly 0)."""
+
+    batch: RolloutBatch
+    weight: float = 1.0
+    filler: bool = False
+    shape: tuple[int, int] | None = None  # (rows, tokens) the inputs are padded to (None: as they are)
 
 
 class MegatronBackend:
@@ -55,25 +90,60 @@ class MegatronBackend:
         if temperature <= 0:
             raise ValueError(f"MegatronBackend: temperature must be positive, got {temperature}")
         mc = megatron_config or MegatronConfig()
-        if mc.pipeline_parallel_size > 1 or mc.context_parallel_size > 1:
-            raise ValueError("MegatronBackend: megatron.pipeline_parallel_size > 1 and "
-                             "megatron.context_parallel_size > 1 are not supported yet (conversion is)")
-        if mc.use_distributed_optimizer:
-            raise ValueError("MegatronBackend: megatron.use_distributed_optimizer=True is not supported yet")
+        if mc.context_parallel_size > 1:
+            raise ValueError("MegatronBackend: megatron.context_parallel_size > 1 is not supported yet")
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
         init_parallel(mc, seed=seed)
-        self.model, self.te_layout = build_model(hf_config, mc, role=role, seed=seed, use_te=use_te)
-        self.device = next(self.model.parameters()).device
+        # the schedule weights micro-batches as we say (see the module docstring)
+        self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te)
+        for c in self.chunks:  # set after construction: the config's own checks are about MoE dispatchers
+            # micro-batch shapes vary and are sent ahead of the activations. Not with virtual stages on
+            # PP=2: the interleaved schedule sends to and receives from both neighbours at once, which
+            # are the same rank there, and megatron's batched exchange (of the shapes, and by default
+            # of the tensors) cannot tell the two directions apart. There every micro-batch of a
+            # schedule is padded to one shape, and the unbatched p2p path (two groups) is used.
+            self._fixed_shapes = bool(mc.vpp) and mc.pipeline_parallel_size == 2
+            c.config.variable_seq_lengths = not self._fixed_shapes
+            if self._fixed_shapes:
+                c.config.batch_p2p_comm = False
+            c.config.calculate_per_token_loss = True
+        self.device = next(p for c in self.chunks for p in c.parameters()).device
+        for chunk in self.chunks:
+            if chunk.post_process:
+                chunk.output_layer.register_forward_pre_hook(self._select_positions, with_kwargs=True)
+                if chunk.config.sequence_parallel and role == "actor":
+                    # the hook gathers the sequence itself: the output layer must not gather it again
+                    chunk.output_layer.sequence_parallel = False
+                    chunk.output_layer.allreduce_dgrad = self.tp_size > 1
         if hf_state_dict is not None:
-            self.load_hf_state_dict(hf_state_dict)
-        self.model.eval()
+            self._load_hf_into_chunks(hf_state_dict)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=mc.use_distributed_optimizer)
+        self.ddp = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c) for c in self.chunks]
+        for c in self.chunks:
+            c.config.finalize_model_grads_func = _finalize_without_token_scaling
         o = self.optim
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-                                           betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        dtype = getattr(torch, mc.params_dtype)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps,
+                            clip_grad=max(o.grad_clip, 0.0), bf16=dtype == torch.bfloat16,
+                            fp16=dtype == torch.float16, params_dtype=dtype,
+                            use_distributed_optimizer=mc.use_distributed_optimizer),
+            self.ddp)
+        self._sub_optimizers = list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
         self.num_train_steps = 0
+        self.num_optimizer_steps = 0
         self._positions: tuple[Tensor, Tensor] | None = None
-        self.model.output_layer.register_forward_pre_hook(self._select_positions, with_kwargs=True)
+        for chunk in self.chunks:
+            chunk.eval()
+
+    @property
+    def model(self):
+        """The model chunk with the output layer on this rank's last virtual stage (the only chunk
+        without VPP)."""
+        return self.chunks[-1]
 
     # ------------------------------------------------------------------ groups
     @property
@@ -85,6 +155,14 @@ class MegatronBackend:
         return parallel_state.get_tensor_model_parallel_world_size()
 
     @property
+    def pp_rank(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    @property
+    def pp_size(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_world_size()
+
+    @property
     def dp_rank(self) -> int:
         return parallel_state.get_data_parallel_rank()
 
@@ -92,27 +170,51 @@ class MegatronBackend:
     def dp_size(self) -> int:
         return parallel_state.get_data_parallel_world_size()
 
+    @property
+    def is_last_stage(self) -> bool:
+        return parallel_state.is_pipeline_last_stage()
+
+    def _pp_last_global_rank(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_last_rank()
+
+    # ------------------------------------------------------------------ weights in
     def load_hf_state_dict(self, hf_state_dict: dict[str, Tensor]) -> None:
+        """Replace the weights with HF-named ones (a fresh value head when the critic's are absent)."""
+        self._load_hf_into_chunks(hf_state_dict)
+        self.optimizer.reload_model_params()  # the fp32 master copies follow
+
+    def _load_hf_into_chunks(self, hf_state_dict: dict[str, Tensor]) -> None:
         sd = dict(hf_state_dict)
-        head_fresh = self.role == "critic" and "value_head.weight" not in sd
-        if head_fresh:
-            log.info("MegatronBackend: no value_head.* in the HF weights, value head freshly initialized")
-            sd["value_head.weight"] = self.model.output_layer.weight.detach().cpu()
-            sd["value_head.bias"] = self.model.output_layer.bias.detach().cpu()
-        mc = hf_to_mcore_state_dict(sd, self.hf_config, self.tp_rank, self.tp_size, te_layout=self.te_layout)
-        missing, unexpected = self.model.load_state_dict(mc, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise ValueError(f"MegatronBackend: HF weights do not fit the model: missing {missing}, "
-                             f"unexpected {unexpected}")
+        last = self.chunks[-1]
+        if self.role == "critic" and "value_head.weight" not in sd:
+            if last.post_process:
+                log.info("MegatronBackend: no value_head.* in the HF weights, value head freshly initialized")
+                sd["value_head.weight"] = last.output_layer.weight.detach().cpu()
+                sd["value_head.bias"] = last.output_layer.bias.detach().cpu()
+            else:  # not used on this stage, only marks the weights as a critic's
+                sd["value_head.weight"] = torch.zeros(1, self.hf_config.hidden_size)
+                sd["value_head.bias"] = torch.zeros(1)
+        vpp = self.megatron_config.vpp
+        for v, chunk in enumerate(self.chunks):
+            mc = hf_to_mcore_state_dict(sd, self.hf_config, self.tp_rank, self.tp_size, pp_rank=self.pp_rank,
+                                        pp_size=self.pp_size, te_layout=self.te_layout, vp_stage=v if vpp else 0,
+                                        vp_size=vpp or 1)
+            missing, unexpected = chunk.load_state_dict(mc, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise ValueError(f"MegatronBackend: HF weights do not fit the model: missing {missing}, "
+                                 f"unexpected {unexpected}")
 
     # ------------------------------------------------------------------ forward
     def _select_positions(self, module, args, kwargs):
-        """output_layer pre-hook: keep only the hidden states at the selected (s, b) positions."""
-        if self._positions is None:
-            return None
-        s_idx, b_idx = self._positions
-        hidden = args[0][s_idx, b_idx].unsqueeze(1)  # [N, 1, H]
+        """output_layer pre-hook: keep only the hidden states at the selected (s, b) positions (with
+        sequence parallel, after gathering the sequence; the gather's backward keeps this rank's part)."""
+        hidden = args[0]
+        if self.chunks[-1].config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        if self._positions is not None:
+            s_idx, b_idx = self._positions
+            hidden = hidden[s_idx, b_idx].unsqueeze(1)  # [N, 1, H]
         return (hidden, *args[1:]), kwargs
 
     @contextlib.contextmanager
@@ -125,140 +227,243 @@ class MegatronBackend:
 
     def forward_logprobs(self, batch: RolloutBatch) -> Tensor:
         """[B, L] float32 log-probs of the response tokens under log_softmax(logits / temperature),
-        0 at masked positions. No gradient."""
+        0 at masked positions. No gradient. A collective over all ranks."""
         if self.role != "actor":
             raise ValueError("forward_logprobs: this backend is the critic; use forward_values")
         return self._forward_no_grad(batch)
 
     def forward_values(self, batch: RolloutBatch) -> Tensor:
-        """[B, L] float32 values V_t read before response token t, 0 at masked positions. No gradient."""
+        """[B, L] float32 values V_t read before response token t, 0 at masked positions. No gradient.
+        A collective over all ranks."""
         if self.role != "critic":
             raise ValueError("forward_values: this backend is the actor; use forward_logprobs")
         return self._forward_no_grad(batch)
 
     def _forward_no_grad(self, batch: RolloutBatch) -> Tensor:
-        self.model.eval()
-        out = forward_in_micro_batches(batch, self._forward, self.optim.max_tokens_per_micro_batch,
-                                       rows=self._dp_rows(batch.batch_size))
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=self.device)
+        rows = self._dp_rows(batch.batch_size)
+        part = batch.select(rows)
+        micros = [_Micro(m) for m in part.split_by_tokens(self.optim.max_tokens_per_micro_batch)] if len(rows) else []
+        for chunk in self.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            results = self._schedule(micros, batch, loss_fn=None, forward_only=True)
+        if self.is_last_stage:
+            start = int(rows[0]) if len(rows) else 0
+            for micro, vals in zip(micros, results):  # fillers come last
+                out[start : start + micro.batch.batch_size, : micro.batch.response_len] = vals
+                start += micro.batch.batch_size
+        if self.pp_size > 1:
+            dist.broadcast(out, src=self._pp_last_global_rank(), group=parallel_state.get_pipeline_model_parallel_group())
         if self.dp_size > 1:  # rows of the other DP ranks are zero here: a sum gathers them
-            out = out.to(self.device)
             dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
         return out.to(batch.response_mask.device)
 
     def _dp_rows(self, n: int) -> Tensor:
         return torch.tensor_split(torch.arange(n), self.dp_size)[self.dp_rank]
 
-    def _forward(self, batch: RolloutBatch) -> Tensor:
-        """[b, L] float32 output of the role on one micro-batch (differentiable when grad is on)."""
-        dev = self.device
-        ids = batch.input_ids.to(dev)
-        keep = batch.attention_mask.to(dev).bool()
-        t = ids.shape[1]
+    def _schedule(self, micros: list[_Micro], source: RolloutBatch, *, loss_fn: LossFn | None,
+                  forward_only: bool) -> list[Any]:
+        """Run megatron's forward(-backward) schedule over ``micros`` (filler appended where the
+        schedule needs it, taken from ``source``'s first row); returns, on the last PP stage, one entry
+        per real micro-batch: the [b, L'] outputs (``loss_fn`` None) or (loss, metrics, weight)."""
+        micros = list(micros)
+        need = 1
+        if self.megatron_config.vpp:  # interleaved 1F1B: a multiple of PP, at least PP
+            need = max(self.pp_size, -(-len(micros) // self.pp_size) * self.pp_size)
+        while len(micros) < need:
+            micros.append(_Micro(source.select(torch.arange(1)), weight=0.0, filler=True))
+        # sequence parallel splits the sequence over TP: a multiple of TP tokens
+        mult = self.tp_size if self.chunks[0].config.sequence_parallel else 1
+        rows = max(m.batch.batch_size for m in micros)
+        tokens = -(-max(m.batch.input_ids.shape[1] for m in micros) // mult) * mult
+        for m in micros:
+            t = -(-m.batch.input_ids.shape[1] // mult) * mult
+            m.shape = (rows, tokens) if self._fixed_shapes else (m.batch.batch_size, t)
+        step = functools.partial(self._forward_step, loss_fn=loss_fn)
+        n_chunks = len(self.ddp)
+        data = [iter(micros) for _ in range(n_chunks)] if n_chunks > 1 else iter(micros)
+        store = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=data, model=self.ddp if n_chunks > 1 else self.ddp[0],
+            num_microbatches=len(micros), seq_length=tokens, micro_batch_size=rows, forward_only=forward_only)
+        return [r["result"] for r in store if not r["filler"]] if self.is_last_stage else []
+
+    def _forward_step(self, data_iterator, model, *, loss_fn: LossFn | None):
+        """megatron's forward_step_func: one micro-batch through one model chunk."""
+        micro: _Micro = next(data_iterator)
+        batch, dev = micro.batch, self.device
+        # padding rows and trailing columns: masked keys, never selected, causal => exact
+        b, t = micro.shape or batch.input_ids.shape
+        ids = torch.zeros(b, t, dtype=batch.input_ids.dtype, device=dev)
+        keep = torch.zeros(b, t, dtype=torch.bool, device=dev)
+        positions = torch.zeros(b, t, dtype=batch.position_ids.dtype, device=dev)
+        rb, rt = batch.input_ids.shape
+        ids[:rb, :rt] = batch.input_ids.to(dev)
+        keep[:rb, :rt] = batch.attention_mask.to(dev).bool()
+        positions[:rb, :rt] = batch.position_ids.to(dev)
         causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
         attention_mask = ~(causal[None, None] & keep[:, None, None, :])  # True = masked out, [b, 1, t, t]
         mask = batch.response_mask.to(dev).bool()
         b_idx, t_idx = mask.nonzero(as_tuple=True)  # row-major, like mask[mask]
-        s_idx = batch.prompt_len - 1 + t_idx
-        with self._selecting(s_idx, b_idx):
-            out = self.model(input_ids=ids, position_ids=batch.position_ids.to(dev),
-                             attention_mask=attention_mask)[0]  # [N, V/tp] or [N, 1]
+        with self._selecting(batch.prompt_len - 1 + t_idx, b_idx):
+            out = model(input_ids=ids, position_ids=positions, attention_mask=attention_mask)
+        return out, functools.partial(self._loss, micro, mask, loss_fn)
+
+    def _loss(self, micro: _Micro, mask: Tensor, loss_fn: LossFn | None, output: Tensor):
+        """megatron's loss_func on the last stage: (scalar to backward, token count (unused: we weight
+        ourselves), what to keep)."""
+        out = output[0]  # [1, N, V/tp] or [1, N, 1] -> [N, .]
         if self.role == "actor":
-            logits = out.float() / self.temperature
-            targets = ids[:, batch.prompt_len :][mask]
-            vals = -tensor_parallel.vocab_parallel_cross_entropy(logits[:, None], targets[:, None])[:, 0]
+            targets = micro.batch.input_ids.to(self.device)[:, micro.batch.prompt_len :][mask]
+            vals = -tensor_parallel.vocab_parallel_cross_entropy((out.float() / self.temperature)[:, None],
+                                                                 targets[:, None])[:, 0]
         else:
             vals = out[:, 0].float()
-        return torch.zeros(mask.shape, dtype=vals.dtype, device=dev).masked_scatter(mask, vals)
+        full = torch.zeros(mask.shape, dtype=vals.dtype, device=self.device).masked_scatter(mask, vals)
+        one = torch.ones((), dtype=torch.int, device=self.device)
+        if loss_fn is None:
+            return full.sum() * 0.0, one, {"filler": micro.filler, "result": full.detach()}
+        if micro.filler or micro.weight == 0:
+            return full.sum() * 0.0, one, {"filler": True}
+        loss, metrics = loss_fn(full, micro.batch)
+        return loss * micro.weight, one, {"filler": False, "result": (loss.detach(), metrics, micro.weight)}
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         """Same rule as ``TorchBackend.train_step``: epochs x mini-batches, micro-batches weighted by
-        rows or tokens (``loss_fn.agg``) over the whole mini-batch (all DP ranks), clip, AdamW."""
+        rows or tokens (``loss_fn.agg``) over the whole mini-batch (all DP ranks), clip, step.
+        A collective over all ranks."""
         o = self.optim
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.train()
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 1_000_003 + self.num_train_steps)
                 stats = optimizer_passes(batch, loss_fn, epochs=o.epochs, mini_batch_size=o.mini_batch_size,
                                          max_tokens_per_micro_batch=o.max_tokens_per_micro_batch,
-                                         forward=self._forward, clip_and_step=self._clip_and_step,
-                                         frozen=o.lr == 0,
-                                         shard=lambda mini: mini.select(self._dp_rows(mini.batch_size)))
+                                         clip_and_step=self._clip_and_step, frozen=o.lr == 0,
+                                         shard=lambda mini: mini.select(self._dp_rows(mini.batch_size)),
+                                         accumulate=functools.partial(self._accumulate, loss_fn))
         finally:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.model.eval()
+            self._zero_grads()
+            for chunk in self.chunks:
+                chunk.eval()
         self.num_train_steps += 1
-        if self.dp_size > 1:  # metric sums and micro-batch counts over all DP ranks
-            keys = sorted(stats.totals)
-            t = torch.tensor([stats.totals[k] for k in keys] + [float(stats.n_micro)], dtype=torch.float64)
-            dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-            stats.totals = dict(zip(keys, t[:-1].tolist()))
-            stats.n_micro = int(t[-1])
-        return stats.metrics(self.role, self.optimizer.param_groups[0]["lr"])
+        stats.totals, stats.n_micro = self._reduce_stats(dict(stats.totals), stats.n_micro)
+        return stats.metrics(self.role, self.optim.lr)
+
+    def _accumulate(self, loss_fn: LossFn, micros: list[RolloutBatch], denom: int, mini: RolloutBatch,
+                    totals: dict[str, float], frozen: bool) -> int:
+        """Forward and backward one mini-batch's micro-batches of this rank through the schedule; the
+        gradients are left reduced (finalize) for ``_clip_and_step``. Returns the micro-batches that
+        counted; weighted metrics go into ``totals`` (on the last PP stage)."""
+        agg = getattr(loss_fn, "agg", "seq")
+        work = [_Micro(m, weight_units(m, agg) / denom) for m in micros]
+        work = [m for m in work if m.weight > 0]
+        if not frozen:
+            self._zero_grads()
+        with torch.set_grad_enabled(not frozen):
+            results = self._schedule(work, mini, loss_fn=loss_fn, forward_only=frozen)
+        for loss, metrics, w in results:
+            for k, v in {**metrics, "loss": loss}.items():
+                totals[k] += w * float(v)
+        return len(work)
+
+    def _zero_grads(self) -> None:
+        for d in self.ddp:
+            d.zero_grad_buffer()
+        self.optimizer.zero_grad()
 
     def _clip_and_step(self) -> float | None:
-        """Sum grads over DP, clip by the global norm (TP shards counted once each, replicated
-        parameters once), step; returns the pre-clip norm or None when it is not finite."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if self.tp_size > 1:
-            # replicated parameters that each TP rank applies to its own heads (q/k norms) or sequence
-            # shard get partial grads: sum them over TP, as megatron's finalize_model_grads does
-            cfg = self.model.config
-            for n, p in named:
-                if ("q_layernorm" in n or "k_layernorm" in n) or (cfg.sequence_parallel and
-                                                                  getattr(p, "sequence_parallel", False)):
-                    dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
-        if self.dp_size > 1:
-            for p in params:
-                dist.all_reduce(p.grad, group=parallel_state.get_data_parallel_group())
-        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
-        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in params:
-            sq = p.grad.double().pow(2).sum()
-            if getattr(p, "tensor_model_parallel", False):
-                sharded += sq
-            else:
-                replicated += sq
-        if self.tp_size > 1:
-            dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
-        norm = float((sharded + replicated).sqrt())
-        if math.isfinite(norm):
-            max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
-            coef = max_norm / (norm + 1e-6)
-            if coef < 1:
-                for p in params:
-                    p.grad.mul_(coef)
-            self.optimizer.step()
+        """The gradients are reduced (finalize_model_grads ran in the schedule): norm over all model
+        parallel ranks (TP duplicates and the tied output copy once), clip, step; returns the pre-clip
+        norm, or None (step skipped) when it is not finite."""
+        found_inf = self.optimizer.prepare_grads()
+        norm = float(self.optimizer.get_grad_norm())
+        ok = not found_inf and math.isfinite(norm)
+        if ok:
+            if self.optim.grad_clip > 0:
+                for opt in self._sub_optimizers:
+                    params = opt.get_parameters()
+                    if params:
+                        clip_grad_by_total_norm_fp32(params, self.optim.grad_clip, norm)
+            ok = bool(self.optimizer.step_with_ready_grads())
         else:
             log.warning("%s: non-finite grad norm (%s), optimizer step skipped", self.role, norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm if math.isfinite(norm) else None
+        self._zero_grads()
+        if ok:
+            self.num_optimizer_steps += 1
+        return norm if ok else None
+
+    def _reduce_stats(self, totals: dict[str, float], n_micro: int) -> tuple[dict[str, float], int]:
+        """Metric sums from the last PP stage to every rank, summed over DP."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return totals, n_micro
+        box: list[Any] = [(totals, n_micro)]
+        if self.pp_size > 1:
+            dist.broadcast_object_list(box, src=self._pp_last_global_rank(),
+                                       group=parallel_state.get_pipeline_model_parallel_group())
+        if self.dp_size > 1:
+            parts: list[Any] = [None] * self.dp_size
+            dist.all_gather_object(parts, box[0], group=parallel_state.get_data_parallel_group())
+        else:
+            parts = [box[0]]
+        summed: dict[str, float] = defaultdict(float)
+        for part_totals, _ in parts:
+            for k, v in part_totals.items():
+                summed[k] += v
+        return summed, sum(n for _, n in parts)
 
     # ------------------------------------------------------------------ weights and checkpoints
-    def export_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
-        """HF-named (name, tensor) pairs on CPU, streamed one megatron tensor at a time, TP shards
-        gathered (a collective: every TP rank must iterate). ``dtype`` None (default) keeps the model
-        dtype, like ``TorchBackend.export_weights``; pass ``torch.bfloat16`` for a bf16 inference server.
-        The critic's value head stays float32. Names as ``TorchBackend.export_weights``."""
+    def _local_hf_tensors(self, dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
+        """This PP stage's HF-named tensors, TP shards gathered (a collective over the TP group)."""
         critic = self.role == "critic"
-        for name, t in self.model.state_dict().items():
-            if name.endswith("_extra_state"):
-                continue
-            t = t.detach()
-            param_like = dict(self.model.named_parameters()).get(name)
-            if self.tp_size > 1 and param_like is not None and getattr(param_like, "tensor_model_parallel", False):
-                shards = [torch.empty_like(t) for _ in range(self.tp_size)]
-                dist.all_gather(shards, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            else:
-                shards = [t]
-            for hf_name, hf_t in mcore_to_hf_tensors(name, shards, self.hf_config, critic=critic):
-                keep = dtype is None or hf_name.startswith("value_head.")
-                # a copy, never a view of a live parameter: a later optimizer step must not change it
-                yield hf_name, hf_t.to(device="cpu", dtype=hf_t.dtype if keep else dtype, copy=True).contiguous()
+        vpp = self.megatron_config.vpp
+        for v, chunk in enumerate(self.chunks):
+            offset = layer_offset(self.hf_config, self.pp_rank, self.pp_size, v if vpp else 0, vpp or 1)
+            params = dict(chunk.named_parameters())
+            for name, t in chunk.state_dict().items():
+                if name.endswith("_extra_state"):
+                    continue
+                if name == "output_layer.weight" and not critic and not chunk.pre_process and \
+                        chunk.share_embeddings_and_output_weights:
+                    continue  # the last stage's copy of the tied embedding
+                t = t.detach()
+                param = params.get(name)
+                if self.tp_size > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
+                    shards = [torch.empty_like(t) for _ in range(self.tp_size)]
+                    dist.all_gather(shards, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+                else:
+                    shards = [t]
+                for hf_name, hf_t in mcore_to_hf_tensors(name, shards, self.hf_config, critic=critic,
+                                                         layer_offset=offset):
+                    keep = dtype is None or hf_name.startswith("value_head.")
+                    yield hf_name, hf_t.to(dtype=hf_t.dtype if keep else dtype).contiguous()
+
+    def export_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+        """HF-named (name, tensor) pairs on CPU, streamed one tensor at a time: TP shards gathered, PP
+        stages broadcast to the whole pipeline (a collective: every rank must iterate to the end).
+        ``dtype`` None (default) keeps the model dtype, like ``TorchBackend.export_weights``; pass
+        ``torch.bfloat16`` for a bf16 inference server. The critic's value head stays float32. Every
+        tensor is a copy, never a view of a live parameter."""
+        if self.pp_size == 1:
+            for name, t in self._local_hf_tensors(dtype):
+                yield name, t.to("cpu", copy=True)
+            return
+        group = parallel_state.get_pipeline_model_parallel_group()
+        for src in range(self.pp_size):
+            src_global = dist.get_global_rank(group, src)
+            local = self._local_hf_tensors(dtype) if src == self.pp_rank else None
+            while True:
+                item = next(local, None) if local is not None else None
+                meta: list[Any] = [None if item is None else (item[0], tuple(item[1].shape), item[1].dtype)]
+                dist.broadcast_object_list(meta, src=src_global, group=group)
+                if meta[0] is None:
+                    break
+                name, shape, dt = meta[0]
+                t = item[1].to(self.device) if item is not None else torch.empty(shape, dtype=dt, device=self.device)
+                dist.broadcast(t, src=src_global, group=group)
+                yield name, t.to("cpu", copy=True)
 
     def hf_module(self) -> torch.nn.Module:
         """This role as a transformers module on CPU, from ``export_weights`` (a collective): a
@@ -288,7 +493,7 @@ class MegatronBackend:
     def export_hf(self, directory: str | Path) -> None:
         """An HF directory (safetensors), as ``TorchBackend.export_hf`` writes it:
         ``AutoModelForCausalLM.from_pretrained`` for the actor, ``ValueHeadModel.from_pretrained`` for the
-        critic. A collective (TP shards are gathered); rank 0 writes."""
+        critic. A collective (shards and stages are gathered); rank 0 writes."""
         module = self.hf_module()
         if not dist.is_initialized() or dist.get_rank() == 0:
             Path(directory).mkdir(parents=True, exist_ok=True)
@@ -296,33 +501,23 @@ class MegatronBackend:
         if dist.is_initialized():
             dist.barrier()
 
-    def _sharded_state_dict(self) -> dict[str, Any]:
-        model_sd = self.model.sharded_state_dict(prefix="model.")
-        sd: dict[str, Any] = {"model": model_sd}
-        # sharded keys of stacked layers are shared (the layer is an offset), the dict keys are not
-        by_param = {id(sh.data): (name, sh) for name, sh in model_sd.items() if hasattr(sh, "data")
-                    and isinstance(sh.data, torch.Tensor)}
-        optim_sd: dict[str, Any] = {}
-        for p, st in self.optimizer.state.items():
-            if id(p) not in by_param:
-                raise RuntimeError("MegatronBackend: a parameter has optimizer state but no sharded tensor")
-            name, sh = by_param[id(p)]
-            for key in ("exp_avg", "exp_avg_sq"):
-                optim_sd[f"{key}.{name}"] = make_sharded_optimizer_tensor(sh, st[key], f"optimizer.{key}")
-        sd["optimizer"] = optim_sd
-        return sd
+    def _model_sharded_state_dict(self) -> dict[str, Any]:
+        # sharded keys carry global layer numbers, so any TP/PP/VPP layout can load them
+        return {f"model{i}": c.sharded_state_dict(prefix="model.") for i, c in enumerate(self.chunks)}
 
     def save(self, directory: str | Path) -> None:
-        """A megatron dist-checkpoint (weights and AdamW moments, loadable at any TP layout) plus
+        """A megatron dist-checkpoint (weights and optimizer state, loadable at any TP/PP layout) plus
         ``backend_state.json``. A collective: every rank calls it with the same directory."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(self._sharded_state_dict(), str(d))
+        sd: dict[str, Any] = {"model": self._model_sharded_state_dict()}
+        if self.num_optimizer_steps:
+            sd["optimizer"] = self.optimizer.sharded_state_dict(sd["model"])
+        dist_checkpointing.save(sd, str(d))
         if dist.get_rank() == 0:
-            steps = [int(st["step"]) for st in self.optimizer.state.values()]
             state = {"role": self.role, "num_train_steps": self.num_train_steps,
-                     "optimizer_step": steps[0] if steps else 0}
+                     "num_optimizer_steps": self.num_optimizer_steps}
             (d / STATE_FILE).write_text(json.dumps(state, indent=1))
         dist.barrier()
 
@@ -333,22 +528,21 @@ class MegatronBackend:
         state = json.loads((d / STATE_FILE).read_text())
         if state["role"] != self.role:
             raise ValueError(f"MegatronBackend.load: {d} holds a {state['role']} checkpoint, this is the {self.role}")
-        if state["optimizer_step"]:  # create the AdamW state so that there is a place to load it into
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    self.optimizer.state[p] = {"step": torch.tensor(float(state["optimizer_step"])),
-                                               "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        sharded = self._sharded_state_dict()
-        # load() swaps the tensors inside ``sharded``: take the parameter -> key map before
-        keys = {id(sh.data): name for name, sh in sharded["model"].items() if hasattr(sh, "data")}
-        if not state["optimizer_step"]:
-            sharded.pop("optimizer")
-        loaded = dist_checkpointing.load(sharded, str(d))
-        model_sd = {k[len("model."):]: v for k, v in loaded["model"].items()}
-        self.model.load_state_dict(model_sd, strict=False)
-        if state["optimizer_step"]:
-            with torch.no_grad():
-                for p, st in self.optimizer.state.items():
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        st[key].copy_(loaded["optimizer"][f"{key}.{keys[id(p)]}"])
+        model_sd = self._model_sharded_state_dict()
+        sd: dict[str, Any] = {"model": model_sd}
+        if state["num_optimizer_steps"]:
+            sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        loaded = dist_checkpointing.load(sd, str(d))
+        for i, chunk in enumerate(self.chunks):
+            part = {k[len("model."):]: v for k, v in loaded["model"][f"model{i}"].items()}
+            chunk.load_state_dict(part, strict=False)
+        self.optimizer.reload_model_params()
+        if state["num_optimizer_steps"]:
+            self.optimizer.load_state_dict(loaded["optimizer"])
         self.num_train_steps = int(state["num_train_steps"])
+        self.num_optimizer_steps = int(state["num_optimizer_steps"])
+
+
+def _finalize_without_token_scaling(model, num_tokens=None, **kwargs) -> None:
+    """megatron's finalize_model_grads, never dividing by a token count: the losses come weighted."""
+    finalize_model_grads(model, None, **kwargs)

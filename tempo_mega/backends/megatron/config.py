@@ -50,6 +50,12 @@ class MegatronConfig:
             raise ValueError("megatron.fp8 needs megatron.params_dtype bfloat16 or float16, got float32")
 
     @property
+    def vpp(self) -> int | None:
+        """Virtual stages per PP rank as megatron takes it: None without interleaving (null or 1)."""
+        v = self.virtual_pipeline_parallel_size
+        return v if v is not None and v > 1 else None
+
+    @property
     def model_parallel_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
 

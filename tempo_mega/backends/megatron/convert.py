@@ -141,7 +141,7 @@ def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrid
         init_method_std=float(_get(hf_config, "initializer_range", 0.02)),
         tensor_model_parallel_size=mc.tensor_parallel_size,
         pipeline_model_parallel_size=mc.pipeline_parallel_size,
-        virtual_pipeline_model_parallel_size=mc.virtual_pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=mc.vpp,
         context_parallel_size=mc.context_parallel_size,
         sequence_parallel=mc.sequence_parallel,
         params_dtype=dtype,
@@ -204,25 +204,30 @@ def _qkv_from_mcore(qkv: Tensor, hf_config: Any) -> tuple[Tensor, Tensor, Tensor
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
-def layer_offset(hf_config: Any, pp_rank: int, pp_size: int) -> int:
+def layer_offset(hf_config: Any, pp_rank: int, pp_size: int, vp_stage: int = 0, vp_size: int = 1) -> int:
+    """Global index of the first layer of PP stage ``pp_rank``'s model chunk ``vp_stage`` (megatron's
+    even split: chunk v of stage p holds layers ``v * n/vp + p * n/(pp * vp)`` onwards)."""
     n = _get(hf_config, "num_hidden_layers")
-    if n % pp_size:
-        raise ValueError(f"megatron.pipeline_parallel_size={pp_size} does not divide num_hidden_layers={n}")
-    return pp_rank * (n // pp_size)
+    if n % (pp_size * vp_size):
+        raise ValueError(f"megatron.pipeline_parallel_size={pp_size} x megatron.virtual_pipeline_parallel_size="
+                         f"{vp_size} does not divide num_hidden_layers={n}")
+    return vp_stage * (n // vp_size) + pp_rank * (n // (pp_size * vp_size))
 
 
 def hf_to_mcore_state_dict(hf_sd: Mapping[str, Tensor], hf_config: Any, tp_rank: int = 0, tp_size: int = 1, *,
-                           pp_rank: int = 0, pp_size: int = 1, te_layout: bool = False) -> dict[str, Tensor]:
-    """The megatron state dict of TP rank ``tp_rank`` / PP stage ``pp_rank`` (layer names local to the
-    stage). Actor: ``Qwen3ForCausalLM`` names (``lm_head.weight`` may be absent when tied). Critic: the
+                           pp_rank: int = 0, pp_size: int = 1, te_layout: bool = False, vp_stage: int = 0,
+                           vp_size: int = 1) -> dict[str, Tensor]:
+    """The megatron state dict of TP rank ``tp_rank`` / PP stage ``pp_rank`` / virtual chunk ``vp_stage``
+    (layer names local to the chunk). Actor: ``Qwen3ForCausalLM`` names (``lm_head.weight`` may be absent when tied). Critic: the
     same trunk names plus ``value_head.weight`` / ``value_head.bias`` (detected by their presence)."""
     validate_hf_config(hf_config)
     critic = "value_head.weight" in hf_sd
     tied = not critic and bool(_get(hf_config, "tie_word_embeddings", False))
     n_layers = _get(hf_config, "num_hidden_layers")
-    per_stage = n_layers // pp_size
-    offset = layer_offset(hf_config, pp_rank, pp_size)
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    per_stage = n_layers // (pp_size * vp_size)
+    offset = layer_offset(hf_config, pp_rank, pp_size, vp_stage, vp_size)
+    first = pp_rank == 0 and vp_stage == 0
+    last = pp_rank == pp_size - 1 and vp_stage == vp_size - 1
     norms = _NORMS_TE if te_layout else _NORMS_LOCAL
 
     def need(name: str) -> Tensor:

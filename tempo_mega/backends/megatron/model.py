@@ -77,7 +77,7 @@ def init_parallel(megatron_config: MegatronConfig, *, seed: int = 0) -> None:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=mc.tensor_parallel_size,
             pipeline_model_parallel_size=mc.pipeline_parallel_size,
-            virtual_pipeline_model_parallel_size=mc.virtual_pipeline_parallel_size,
+            virtual_pipeline_model_parallel_size=mc.vpp,
             context_parallel_size=mc.context_parallel_size,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -101,12 +101,17 @@ class ValueHead(nn.Module):
 
 
 def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
-                use_te: bool | None = None, **config_overrides: Any) -> tuple[GPTModel, bool]:
-    """(model for this rank's PP stage, te_layout). ``init_parallel`` must have run. Weights are
-    megatron's random init (load HF weights with ``convert.hf_to_mcore_state_dict``)."""
+                use_te: bool | None = None, vp_stage: int | None = None,
+                **config_overrides: Any) -> tuple[GPTModel, bool]:
+    """(model of this rank's PP stage, or of its virtual chunk ``vp_stage`` with VPP; te_layout).
+    ``init_parallel`` must have run. Weights are megatron's random init (load HF weights with
+    ``convert.hf_to_mcore_state_dict``)."""
     if role not in ("actor", "critic"):
         raise ValueError(f"build_model: role must be 'actor' or 'critic', got {role!r}")
     mc = megatron_config
+    if mc.vpp and vp_stage is None:
+        raise ValueError("build_model: megatron.virtual_pipeline_parallel_size is set, pass vp_stage "
+                         "(or use build_model_chunks)")
     spec, te_layout = layer_spec(use_te=use_te)
     if not te_layout:
         if mc.sequence_parallel:
@@ -114,14 +119,27 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
         if mc.fp8 != "none":
             raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
     config = to_transformer_config(hf_config, mc, **config_overrides)
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPTModel(config=config, transformer_layer_spec=spec,
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage(),
-                         **gpt_model_kwargs(hf_config, role=role))
+        model = GPTModel(config=config, transformer_layer_spec=spec, pre_process=first, post_process=last,
+                         vp_stage=vp_stage, **gpt_model_kwargs(hf_config, role=role))
     if role == "critic" and model.post_process:
         model.output_layer = ValueHead(config.hidden_size, seed=seed)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model, te_layout
+
+
+def build_model_chunks(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
+                       use_te: bool | None = None, **config_overrides: Any) -> tuple[list[GPTModel], bool]:
+    """The model chunks of this rank: one per virtual pipeline stage (one without VPP)."""
+    vpp = megatron_config.vpp
+    stages: list[int | None] = list(range(vpp)) if vpp else [None]
+    chunks, te_layout = [], False
+    for v in stages:
+        model, te_layout = build_model(hf_config, megatron_config, role=role, seed=seed, use_te=use_te,
+                                       vp_stage=v, **config_overrides)
+        chunks.append(model)
+    return chunks, te_layout
