@@ -2,10 +2,11 @@
 with or without the distributed optimizer).
 
 Same contract as ``TorchBackend`` (see torch.py): the log-prob of response token t and the value V_t
-are read from the hidden state at position ``P + t - 1`` of the padded layout. Only those positions go
-through the output layer (a pre-hook on ``output_layer`` selects them), the logits stay vocab-parallel
-and the log-probs come from ``tensor_parallel.vocab_parallel_cross_entropy``: the full vocabulary is
-never gathered.
+are read from the hidden state just before response token t. Every micro-batch runs packed: the real
+tokens of its rows in one stream, no padding (THD with sequence boundaries under Transformer Engine, a
+block-diagonal causal mask with the local spec). Only the response positions go through the output
+layer (a pre-hook on ``output_layer`` selects them), the logits stay vocab-parallel and the log-probs
+come from ``tensor_parallel.vocab_parallel_cross_entropy``: the full vocabulary is never gathered.
 
 Training runs on megatron's own machinery: the model chunks are wrapped in megatron's
 ``DistributedDataParallel`` (fp32 gradient buffers), the micro-batches of a mini-batch go through
@@ -73,7 +74,7 @@ class _Micro:
     batch: RolloutBatch
     weight: float = 1.0
     filler: bool = False
-    shape: tuple[int, int] | None = None  # (rows, tokens) the inputs are padded to (None: as they are)
+    tokens: int | None = None  # length of the packed stream the micro-batch is padded to
 
 
 class MegatronBackend:
@@ -273,48 +274,69 @@ class MegatronBackend:
             need = max(self.pp_size, -(-len(micros) // self.pp_size) * self.pp_size)
         while len(micros) < need:
             micros.append(_Micro(source.select(torch.arange(1)), weight=0.0, filler=True))
-        # sequence parallel splits the sequence over TP: a multiple of TP tokens
+        # sequence parallel splits the packed stream over TP (a multiple of TP tokens); FP8 GEMMs want
+        # every rank's token count a multiple of 16
         mult = self.tp_size if self.chunks[0].config.sequence_parallel else 1
-        rows = max(m.batch.batch_size for m in micros)
-        tokens = -(-max(m.batch.input_ids.shape[1] for m in micros) // mult) * mult
+        mult *= 16 if self.megatron_config.fp8 != "none" else 1
+        tokens = -(-max(m.batch.num_tokens() for m in micros) // mult) * mult
         for m in micros:
-            t = -(-m.batch.input_ids.shape[1] // mult) * mult
-            m.shape = (rows, tokens) if self._fixed_shapes else (m.batch.batch_size, t)
+            m.tokens = tokens if self._fixed_shapes else -(-m.batch.num_tokens() // mult) * mult
         step = functools.partial(self._forward_step, loss_fn=loss_fn)
         n_chunks = len(self.ddp)
         data = [iter(micros) for _ in range(n_chunks)] if n_chunks > 1 else iter(micros)
         store = get_forward_backward_func()(
             forward_step_func=step, data_iterator=data, model=self.ddp if n_chunks > 1 else self.ddp[0],
-            num_microbatches=len(micros), seq_length=tokens, micro_batch_size=rows, forward_only=forward_only)
+            num_microbatches=len(micros), seq_length=tokens, micro_batch_size=1, forward_only=forward_only)
         return [r["result"] for r in store if not r["filler"]] if self.is_last_stage else []
 
     def _forward_step(self, data_iterator, model, *, loss_fn: LossFn | None):
         """megatron's forward_step_func: one micro-batch through one model chunk."""
         micro: _Micro = next(data_iterator)
         batch, dev = micro.batch, self.device
-        # padding rows and trailing columns: masked keys, never selected, causal => exact
-        b, t = micro.shape or batch.input_ids.shape
-        ids = torch.zeros(b, t, dtype=batch.input_ids.dtype, device=dev)
-        keep = torch.zeros(b, t, dtype=torch.bool, device=dev)
-        positions = torch.zeros(b, t, dtype=batch.position_ids.dtype, device=dev)
-        rb, rt = batch.input_ids.shape
-        ids[:rb, :rt] = batch.input_ids.to(dev)
-        keep[:rb, :rt] = batch.attention_mask.to(dev).bool()
-        positions[:rb, :rt] = batch.position_ids.to(dev)
-        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
-        attention_mask = ~(causal[None, None] & keep[:, None, None, :])  # True = masked out, [b, 1, t, t]
+        ids, positions, kwargs, select = self._packed_inputs(batch, micro.tokens)
         mask = batch.response_mask.to(dev).bool()
-        b_idx, t_idx = mask.nonzero(as_tuple=True)  # row-major, like mask[mask]
-        with self._selecting(batch.prompt_len - 1 + t_idx, b_idx):
-            out = model(input_ids=ids, position_ids=positions, attention_mask=attention_mask)
+        with self._selecting(select, torch.zeros_like(select)):
+            out = model(input_ids=ids, position_ids=positions, **kwargs)
         return out, functools.partial(self._loss, micro, mask, loss_fn)
+
+    def _packed_inputs(self, batch: RolloutBatch, tokens: int | None) -> tuple[Tensor, Tensor, dict, Tensor]:
+        """The micro-batch as one packed stream [1, T] (real tokens only, every sequence attending to
+        itself; a trailing filler segment pads it to ``tokens``): (input_ids, position_ids, attention
+        kwargs, stream positions whose hidden states give the response tokens' outputs). With TE the
+        attention is told the sequence boundaries (THD, ``PackedSeqParams``); the local spec gets the
+        equivalent block-diagonal causal mask. RoPE is relative, so positions counted over the whole
+        stream give each sequence the same scores as its own."""
+        dev = self.device
+        packed = batch.to_packed()
+        n = packed.input_ids.numel()
+        t = max(tokens or n, n)
+        cu = packed.cu_seqlens.to(torch.int64)
+        if t > n:
+            cu = torch.cat([cu, torch.tensor([t])])
+        ids = torch.zeros(1, t, dtype=packed.input_ids.dtype, device=dev)
+        ids[0, :n] = packed.input_ids.to(dev)
+        positions = torch.zeros(1, t, dtype=torch.long, device=dev)
+        positions[0, :n] = packed.position_ids.to(dev)
+        if self.te_layout:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu32 = cu.to(device=dev, dtype=torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            kwargs = {"attention_mask": None, "packed_seq_params": PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32, max_seqlen_q=longest,
+                max_seqlen_kv=longest)}
+        else:
+            seg = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).to(dev)
+            allowed = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            kwargs = {"attention_mask": ~allowed[None, None]}  # True = masked out, [1, 1, T, T]
+        return ids, positions, kwargs, (packed.response_index - 1).to(dev)
 
     def _loss(self, micro: _Micro, mask: Tensor, loss_fn: LossFn | None, output: Tensor):
         """megatron's loss_func on the last stage: (scalar to backward, token count (unused: we weight
         ourselves), what to keep)."""
         out = output[0]  # [1, N, V/tp] or [1, N, 1] -> [N, .]
         if self.role == "actor":
-            targets = micro.batch.input_ids.to(self.device)[:, micro.batch.prompt_len :][mask]
+            targets = micro.batch.response_ids.to(self.device)[mask]
             vals = -tensor_parallel.vocab_parallel_cross_entropy((out.float() / self.temperature)[:, None],
                                                                  targets[:, None])[:, 0]
         else:
