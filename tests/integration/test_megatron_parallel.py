@@ -1,5 +1,5 @@
 """MegatronBackend on CPU with gloo: every parallel layout (TP=2, PP=2, TP=2 x PP=2, PP=2 with virtual
-stages, DP=2 with the distributed optimizer) gives the same log-probs, values and post-step weights as
+stages, DP=2 with the distributed optimizer, full activation recompute) gives the same log-probs, values and post-step weights as
 TP=PP=1, for an untied actor, a tied actor and the critic; TP=1 agrees with the torch backend; a
 dist-checkpoint saved at TP=2 x PP=2 loads at TP=1 and continues identically. Each layout runs in its
 own ``torchrun``-like subprocess world (spawned, under a timeout)."""
@@ -26,6 +26,7 @@ LAYOUTS = {
     "tp2pp2": (4, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
     "pp2vpp2": (2, {"pipeline_parallel_size": 2, "virtual_pipeline_parallel_size": 2}),
     "dp2dist": (2, {"use_distributed_optimizer": True}),
+    "recompute": (1, {"recompute": "full"}),
 }
 ROLES = ("actor", "tied", "critic")
 
