@@ -81,11 +81,12 @@ class MegatronBackend:
     """Train backend for one role (satisfies ``TrainBackend``). ``hf_config``: a Qwen3 dense config;
     ``hf_state_dict``: HF-named weights to start from (``Qwen3ForCausalLM`` names for the actor, plus
     ``value_head.*`` for the critic; without them the critic's head is freshly initialized), or None
-    for megatron's random init."""
+    for megatron's random init. ``use_kernels``: the critic's final norm + value head through the
+    Triton ``fused_value_head`` (the trainer's ``kernels.enable``); its torch reference otherwise."""
 
     def __init__(self, role: str, hf_config: Any, megatron_config: MegatronConfig | None = None,
                  optim: OptimConfig | None = None, *, hf_state_dict: dict[str, Tensor] | None = None,
-                 temperature: float = 1.0, seed: int = 0, use_te: bool | None = None):
+                 temperature: float = 1.0, seed: int = 0, use_te: bool | None = None, use_kernels: bool = False):
         if role not in ROLES:
             raise ValueError(f"MegatronBackend: role must be one of {ROLES}, got {role!r}")
         if temperature <= 0:
@@ -97,7 +98,9 @@ class MegatronBackend:
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
         init_parallel(mc, seed=seed)
         # the schedule weights micro-batches as we say (see the module docstring)
-        self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te)
+        self.use_kernels = use_kernels
+        self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te,
+                                                         use_kernels=use_kernels)
         for c in self.chunks:  # set after construction: the config's own checks are about MoE dispatchers
             # micro-batch shapes vary and are sent ahead of the activations. Not with virtual stages on
             # PP=2: the interleaved schedule sends to and receives from both neighbours at once, which

@@ -84,28 +84,58 @@ def init_parallel(megatron_config: MegatronConfig, *, seed: int = 0) -> None:
 
 
 class ValueHead(nn.Module):
-    """``nn.Linear(hidden, 1)`` in float32 with the ``output_layer`` call convention of megatron:
-    ``(hidden [s, b, H], weight=None, runtime_gather_output=None) -> (values [s, b, 1], None)``."""
+    """The critic's value head with the ``output_layer`` call convention of megatron:
+    ``(hidden [s, b, H], weight=None, runtime_gather_output=None) -> (values [s, b, 1], None)``.
 
-    def __init__(self, hidden_size: int, *, seed: int = 0):
+    ``nn.Linear(hidden, 1)`` in float32, applied after the decoder's final RMSNorm. With ``norm_weight``
+    given (the decoder's ``final_layernorm`` is then a ``DeferredNorm``), the norm runs here, fused with
+    the projection by ``tempo_mega.kernels.fused_value_head`` (Triton with ``impl="auto"`` on CUDA, its
+    torch reference otherwise): on the selected positions only, never materializing the normed rows."""
+
+    def __init__(self, hidden_size: int, *, seed: int = 0, norm_weight: nn.Parameter | None = None,
+                 eps: float = 1e-6, impl: str = "torch"):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         # same init as the torch backend's ValueHeadModel: N(0, 1/(hidden + 1)), bias 0
         self.weight = nn.Parameter(torch.randn(1, hidden_size, generator=gen) / math.sqrt(hidden_size + 1))
         self.bias = nn.Parameter(torch.zeros(1))
+        self._norm_weight = [norm_weight]  # a list: not registered here, it stays decoder.final_layernorm's
+        self.eps, self.impl = eps, impl
 
     def forward(self, hidden: Tensor, weight: Tensor | None = None,
                 runtime_gather_output: bool | None = None) -> tuple[Tensor, None]:
+        norm_weight = self._norm_weight[0]
+        if norm_weight is not None:
+            from tempo_mega.kernels import fused_value_head
+
+            values = fused_value_head(hidden, norm_weight, self.weight[0], self.bias, eps=self.eps, impl=self.impl)
+            return values.float()[..., None], None
         with torch.autocast(hidden.device.type, enabled=False):
             return nn.functional.linear(hidden.float(), self.weight.float(), self.bias.float()), None
 
 
+class DeferredNorm(nn.Module):
+    """Stands in for the critic decoder's final RMSNorm, whose work ``ValueHead`` does (fused, on the
+    selected positions): the identity, holding the norm's weight under the same name so checkpoints
+    and conversion do not change. The norm now runs after the sequence is gathered, identically on
+    every TP rank, so its weight is no longer a sequence-parallel partial-gradient parameter."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+        self.weight.sequence_parallel = False
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden
+
+
 def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
-                use_te: bool | None = None, vp_stage: int | None = None,
+                use_te: bool | None = None, vp_stage: int | None = None, use_kernels: bool = False,
                 **config_overrides: Any) -> tuple[GPTModel, bool]:
     """(model of this rank's PP stage, or of its virtual chunk ``vp_stage`` with VPP; te_layout).
     ``init_parallel`` must have run. Weights are megatron's random init (load HF weights with
-    ``convert.hf_to_mcore_state_dict``)."""
+    ``convert.hf_to_mcore_state_dict``). The critic's final norm and value head run as one
+    ``fused_value_head`` (the Triton kernel with ``use_kernels``, its torch reference otherwise)."""
     if role not in ("actor", "critic"):
         raise ValueError(f"build_model: role must be 'actor' or 'critic', got {role!r}")
     mc = megatron_config
@@ -126,20 +156,24 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
         model = GPTModel(config=config, transformer_layer_spec=spec, pre_process=first, post_process=last,
                          vp_stage=vp_stage, **gpt_model_kwargs(hf_config, role=role))
     if role == "critic" and model.post_process:
-        model.output_layer = ValueHead(config.hidden_size, seed=seed)
+        norm = model.decoder.final_layernorm
+        model.output_layer = ValueHead(config.hidden_size, seed=seed, norm_weight=norm.weight,
+                                       eps=config.layernorm_epsilon, impl="auto" if use_kernels else "torch")
+        model.decoder.final_layernorm = DeferredNorm(norm.weight)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model, te_layout
 
 
 def build_model_chunks(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
-                       use_te: bool | None = None, **config_overrides: Any) -> tuple[list[GPTModel], bool]:
+                       use_te: bool | None = None, use_kernels: bool = False,
+                       **config_overrides: Any) -> tuple[list[GPTModel], bool]:
     """The model chunks of this rank: one per virtual pipeline stage (one without VPP)."""
     vpp = megatron_config.vpp
     stages: list[int | None] = list(range(vpp)) if vpp else [None]
     chunks, te_layout = [], False
     for v in stages:
         model, te_layout = build_model(hf_config, megatron_config, role=role, seed=seed, use_te=use_te,
-                                       vp_stage=v, **config_overrides)
+                                       vp_stage=v, use_kernels=use_kernels, **config_overrides)
         chunks.append(model)
     return chunks, te_layout
