@@ -1,7 +1,8 @@
 """MegatronBackend on CPU with gloo: every parallel layout (TP=2, PP=2, TP=2 x PP=2, PP=2 with virtual
 stages, DP=2 with the distributed optimizer, full activation recompute) gives the same log-probs, values and post-step weights as
 TP=PP=1, for an untied actor, a tied actor and the critic; TP=1 agrees with the torch backend; a
-dist-checkpoint saved at TP=2 x PP=2 loads at TP=1 and continues identically. Each layout runs in its
+dist-checkpoint saved at TP=2 x PP=2 loads at TP=1, one saved with the distributed optimizer at DP=2 loads
+at TP=2 (DP=1), and both continue identically. Each layout runs in its
 own ``torchrun``-like subprocess world (spawned, under a timeout)."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ LAYOUTS = {
     "pp2vpp2": (2, {"pipeline_parallel_size": 2, "virtual_pipeline_parallel_size": 2}),
     "dp2dist": (2, {"use_distributed_optimizer": True}),
     "recompute": (1, {"recompute": "full"}),
+    "tp2dist": (2, {"tensor_parallel_size": 2, "use_distributed_optimizer": True}),  # loads dp2dist's checkpoint
 }
 ROLES = ("actor", "tied", "critic")
 
@@ -47,8 +49,11 @@ def run_world(tmp: Path, layout: str, mode: str, ckpt: Path | None = None, timeo
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron")
     ckpt = tmp / "ckpt_tp2pp2"
-    res = {layout: run_world(tmp, layout, "train", ckpt if layout == "tp2pp2" else None) for layout in LAYOUTS}
+    dist_ckpt = tmp / "ckpt_dp2dist"
+    saves = {"tp2pp2": ckpt, "dp2dist": dist_ckpt}
+    res = {layout: run_world(tmp, layout, "train", saves.get(layout)) for layout in LAYOUTS if layout != "tp2dist"}
     res["loaded"] = run_world(tmp, "tp1", "load", ckpt)
+    res["loaded_dist"] = run_world(tmp, "tp2dist", "load", dist_ckpt)
     return res
 
 
@@ -61,7 +66,7 @@ def test_tp1_matches_torch_backend(results):
             torch.testing.assert_close(tp1[f"{role}_weights"][name], t, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "tp1"])
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k not in ("tp1", "tp2dist")])
 def test_layout_matches_tp1(results, layout):
     ref, got = results["tp1"], results[layout]
     for key in ("logprobs", "tied_logprobs", "values", "logprobs_after", "tied_logprobs_after", "values_after"):
@@ -75,8 +80,10 @@ def test_layout_matches_tp1(results, layout):
             assert got[f"{role}_metrics"][name] == pytest.approx(ref[f"{role}_metrics"][name], rel=1e-5), name
 
 
-def test_checkpoint_saved_at_tp2pp2_loads_at_tp1(results):
-    saved, loaded = results["tp2pp2"], results["loaded"]
+@pytest.mark.parametrize(("saved", "loaded"), [("tp2pp2", "loaded"), ("dp2dist", "loaded_dist")],
+                         ids=["tp2pp2-to-tp1", "dp2-distopt-to-tp2-distopt"])
+def test_checkpoint_loads_at_another_layout(results, saved, loaded):
+    saved, loaded = results[saved], results[loaded]
     for role in ROLES:
         for name, t in saved[f"{role}_weights"].items():
             assert torch.equal(loaded[f"{role}_weights"][name], t), name
