@@ -151,7 +151,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    backend: str = "torch"  # train backend of actor and critic: torch (one process) | megatron (TP/DP)
+    backend: str = "torch"  # train backend of actor and critic: torch (one process) | megatron (TP/PP/DP)
     # backend=megatron: the keys of tempo_mega.backends.megatron.MegatronConfig (tensor_parallel_size,
     # pipeline_parallel_size, params_dtype, ...); params_dtype null (the default here) follows model.dtype
     megatron: dict[str, Any] = field(default_factory=dict)
@@ -267,18 +267,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.backend == "megatron":
         mc = megatron_config(cfg)
         tp, pp = mc.tensor_parallel_size, mc.pipeline_parallel_size
-        _check(pp == 1, "megatron.pipeline_parallel_size", f"backend=megatron trains with PP=1 for now, got {pp}")
         _check(mc.context_parallel_size == 1, "megatron.context_parallel_size",
                f"backend=megatron trains with CP=1 for now, got {mc.context_parallel_size}")
-        _check(not mc.use_distributed_optimizer, "megatron.use_distributed_optimizer",
-               "not supported by backend=megatron yet")
         if m.path is None:  # the model's shape is known here; a checkpoint's is checked when it is loaded
             _check(m.num_attention_heads % tp == 0, "megatron.tensor_parallel_size",
                    f"{tp} does not divide model.num_attention_heads={m.num_attention_heads}")
             _check(m.num_key_value_heads % tp == 0, "megatron.tensor_parallel_size",
                    f"{tp} does not divide model.num_key_value_heads={m.num_key_value_heads}")
-        _check(t.layout == "padded", "trainer.layout", "backend=megatron supports the padded layout only")
-        _check(r.engine == "hf", "rollout.engine", "backend=megatron feeds the hf rollout engine only (for now)")
+            vpp = mc.virtual_pipeline_parallel_size or 1
+            _check(m.num_hidden_layers % (pp * vpp) == 0, "megatron.pipeline_parallel_size",
+                   f"{pp} x megatron.virtual_pipeline_parallel_size={mc.virtual_pipeline_parallel_size} does not "
+                   f"divide model.num_hidden_layers={m.num_hidden_layers}")
     return cfg
 
 

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +167,7 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
         torch.manual_seed(cfg.trainer.seed)
         source = fresh_qwen3_config(m, tokenizer)
     if cfg.backend == "megatron":
-        return build_megatron_models(cfg, source, optim)
+        return build_megatron_models(cfg, source, optim, use_kernels=common["use_kernels"])
     actor = build_actor(source, optim["actor"], dtype=DTYPES[m.dtype], **common)
     critic_common = {k: v for k, v in common.items() if k != "temperature"}
     if m.critic_path is not None:
@@ -175,7 +177,7 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
     return actor, critic
 
 
-def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOptim]):
+def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOptim], use_kernels: bool = False):
     """backend=megatron: actor and critic as ``MegatronBackend``s, started from the same HF weights the
     torch backend would use (``source``: a checkpoint dir or a fresh Qwen3 config, built from
     trainer.seed). torch.distributed and megatron's parallel state come up through the backend's own
@@ -205,11 +207,13 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
                         world_size=dist.get_world_size())
     except ValueError as e:
         raise ValueError(f"config key 'megatron': {e}") from None
+    # no trainer.layout here: MegatronBackend packs every micro-batch (padded and packed give the same numbers)
     actor = MegatronBackend("actor", hf_config, mc, optim["actor"], hf_state_dict=hf_actor.state_dict(),
                             temperature=cfg.rollout.temperature, seed=seed)
     critic = MegatronBackend("critic", hf_config, mc, optim["critic"], hf_state_dict=hf_critic.state_dict(),
-                             seed=seed)
-    log.info("backend=megatron: TP %d, DP %d, params %s", actor.tp_size, actor.dp_size, mc.params_dtype)
+                             seed=seed, use_kernels=use_kernels)
+    log.info("backend=megatron: TP %d, PP %d (virtual %s), DP %d, params %s, distributed optimizer %s",
+             actor.tp_size, actor.pp_size, mc.vpp or 1, actor.dp_size, mc.params_dtype, mc.use_distributed_optimizer)
     return actor, critic
 
 
@@ -223,7 +227,9 @@ def copy_actor_trunk_to_critic(actor, critic) -> None:
 
 def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, device: torch.device):
     """The sampler: the HF engine (a copy of the actor) or SGLang (rollout.sglang.*), which is given
-    the trainer's log-probs for its post-sync probe and the actor's weights to re-sync a restarted server."""
+    the trainer's log-probs for its post-sync probe and the actor's weights to re-sync a restarted server.
+    backend=megatron drives SGLang through ``RankZeroSGLang`` (rank 0 talks to the servers, every rank
+    takes part in the collective weight export and probe forward)."""
     if cfg.rollout.engine == "hf":
         # backend=megatron: an HF model built from the actor's HF-named weights (export_weights)
         model = copy.deepcopy(actor.model) if isinstance(actor, TorchBackend) else actor.hf_module()
@@ -235,17 +241,148 @@ def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, devi
         sg = SGLangConfig(**cfg.rollout.sglang)
     except TypeError as e:
         raise ValueError(f"config key 'rollout.sglang': {e}") from None
-
-    @torch.no_grad()
-    def trainer_logprobs(ids: list[int]) -> list[float]:
-        x = torch.tensor([ids], device=actor.device)
-        logits = actor.model(input_ids=x).logits.float()[0, :-1]
-        return logits.log_softmax(-1).gather(-1, x[0, 1:, None]).squeeze(-1).tolist()
-
-    engine = build_sglang_engine(sg, pad_token_id=pad_token_id, trainer_logprob_fn=trainer_logprobs,
-                                 weights_source=actor.export_weights)
+    if isinstance(actor, TorchBackend):
+        engine = build_sglang_engine(sg, pad_token_id=pad_token_id,
+                                     trainer_logprob_fn=lambda ids: probe_logprobs(actor, ids, pad_token_id),
+                                     weights_source=actor.export_weights)
+    else:
+        engine = RankZeroSGLang(sg, actor, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype])
     engine.update_weights(actor.export_weights())  # the servers start from the trainer's weights
     return engine
+
+
+@contextlib.contextmanager
+def _at_temperature(actor, temperature: float) -> Iterator[None]:
+    saved = actor.temperature
+    actor.temperature = temperature
+    try:
+        yield
+    finally:
+        actor.temperature = saved
+
+
+def probe_logprobs(actor, ids: list[int], pad_token_id: int) -> list[float]:
+    """[len(ids) - 1] log-probs of ``ids[1:]``, each after its prefix, under the actor's current weights
+    at temperature 1, through the backend seam: ``forward_logprobs`` on a one-row batch (prompt
+    ``ids[:1]``, response ``ids[1:]``); a collective on a multi-rank MegatronBackend.
+
+    Temperature 1 because that is what the probe compares against: ``SGLangRolloutEngine.probe`` asks
+    each server for the ``input_token_logprobs`` of ``ids`` in a request sent with temperature 1.0 (the
+    fake server computes them at temperature 1 whatever the request says). ``forward_logprobs`` divides
+    the logits by the temperature the backend was built with (rollout.temperature), and log-probs at
+    temperature T cannot be rescaled to temperature 1 from the chosen tokens alone (the normaliser
+    changes), so this one forward runs with the backend's temperature set to 1."""
+    batch = RolloutBatch.from_samples([ids[:1]], [ids[1:]], is_labeled=[False], group_ids=[0],
+                                      pad_token_id=pad_token_id)
+    with _at_temperature(actor, 1.0):
+        return actor.forward_logprobs(batch)[0, : len(ids) - 1].tolist()
+
+
+class RankZeroSGLang:
+    """SGLang for backend=megatron, as every rank of the run sees it (a RolloutEngine).
+
+    Rank 0 of the default process group drives the servers (launch, generate, weight push, probe).
+    Every rank
+    - iterates each weight stream it is given to its end: ``MegatronBackend.export_weights`` is a
+      collective (TP shards are gathered, PP stages broadcast over the pipeline); rank 0 drains the
+      rest of the stream after a failed push too, so that no rank is left waiting in a collective;
+    - computes the probe's trainer log-probs (``probe_logprobs``, a collective forward) before each push,
+      and rank 0's probe compares the servers against them;
+    - gets rank 0's samples, metrics and outcome by broadcast (``broadcast_object_list``), so all ranks
+      train on the same batch and an error on rank 0 raises on every rank.
+
+    SGLang gets the tensors in ``weights_dtype`` (model.dtype: what the torch backend exports, bf16 in
+    the Qwen3 presets), cast here where megatron.params_dtype differs.
+
+    Minimal for now: the samples travel pickled from rank 0 (hundreds of MB at 16K responses); the
+    process group's timeout must cover rank 0's server launch and its longest generate; with world
+    size > 1 a restarted server is re-synced only from ``rollout.sglang.weight_sync=disk``'s last copy
+    (re-streaming the weights would be a collective that only rank 0 enters), with tensor or distributed
+    sync a server that fails mid-run is an error. In a one-process world it is the engine plus the probe
+    and the cast."""
+
+    def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype):
+        import torch.distributed as dist
+
+        from tempo_mega.rollout.sglang import build_sglang_engine
+
+        up = dist.is_available() and dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if up else (0, 1)
+        self.actor, self.pad_token_id, self.weights_dtype = actor, pad_token_id, weights_dtype
+        self.probe_ids = list(cfg.probe_ids) if cfg.probe else None
+        self.last_metrics: dict[str, float] = {}
+        self._want: list[float] | None = None
+        weights_source = (lambda: self._cast(actor.export_weights())) if self.world_size == 1 else None
+        self.engine = None
+        self._on_rank0(lambda: self._start(build_sglang_engine, cfg, weights_source))
+
+    def _start(self, build, cfg, weights_source) -> None:
+        self.engine = build(cfg, pad_token_id=self.pad_token_id, weights_source=weights_source,
+                            trainer_logprob_fn=self._trainer_logprobs if cfg.probe else None)
+
+    def _trainer_logprobs(self, ids: list[int]) -> list[float]:
+        """What ``probe_logprobs`` gave on every rank before this push (rank 0 alone cannot run it)."""
+        if self._want is None or list(ids) != self.probe_ids:
+            raise RuntimeError("RankZeroSGLang: the probe asked for log-probs that were not computed before the push")
+        return self._want
+
+    def _cast(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in named_tensors:
+            yield name, (t.to(self.weights_dtype) if t.is_floating_point() and t.dtype != self.weights_dtype else t)
+
+    def _on_rank0(self, fn):
+        """``fn()`` on rank 0; its result, rank 0's metrics and its error (if any) on every rank."""
+        import torch.distributed as dist
+
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # the other ranks must hear of it, or they wait in the next collective
+                error = e
+            if self.engine is not None:
+                self.last_metrics = dict(self.engine.last_metrics)
+        if self.world_size > 1:
+            box = [(result, None if error is None else f"{type(error).__name__}: {error}", self.last_metrics)]
+            dist.broadcast_object_list(box, src=0)
+            result, message, self.last_metrics = box[0]
+            if message is not None and error is None:
+                raise RuntimeError(f"SGLang rollout failed on rank 0: {message}")
+        if error is not None:
+            raise error
+        return result
+
+    def generate(self, prompt_ids, n: int, sampling) -> list:
+        return self._on_rank0(lambda: self.engine.generate(prompt_ids, n, sampling))
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        stream = self._cast(named_tensors)
+        if self.probe_ids is not None:
+            self._want = probe_logprobs(self.actor, self.probe_ids, self.pad_token_id)
+
+        def push() -> None:
+            try:
+                self.engine.update_weights(stream)
+            finally:
+                for _ in stream:  # the export is a collective: finish it whatever the push did
+                    pass
+
+        if self.rank != 0:
+            for _ in stream:
+                pass
+        self._on_rank0(push)
+
+    def release_memory(self, tags=None) -> None:
+        if self.engine is not None:
+            self.engine.release_memory(tags)
+
+    def resume_memory(self, tags=None) -> None:
+        if self.engine is not None:
+            self.engine.resume_memory(tags)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
 
 
 # ---------------------------------------------------------------------- warm start
@@ -526,6 +663,10 @@ def run_training(cfg: TrainConfig) -> Run:
         for step in range(run.start_step, t.total_steps):
             with profile_step(cfg, run.out, step):
                 metrics = run.ctrl.step(step)
+            # SGLang's post-sync probe of this step's weight push (the next generate clears it)
+            probe = getattr(run.rollout, "last_metrics", {}).get("rollout/probe_logprob_diff_max")
+            if probe is not None:
+                metrics["rollout/probe_logprob_diff_max"] = probe
             metrics.update(gpu.step_metrics())
             metrics.update(throughput_metrics(run, metrics))
             metrics.update(initial)

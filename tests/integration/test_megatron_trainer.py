@@ -1,11 +1,15 @@
 """backend=megatron end to end on CPU (one process, gloo, TP=1): the debug run trains two steps with
 finite losses, its step-1 losses equal the torch backend's on the same config, it checkpoints through
-the backend's dist-checkpoint, resumes, and its HF export loads with plain transformers."""
+the backend's dist-checkpoint, resumes, and its HF export loads with plain transformers. With
+rollout.engine=sglang it samples from the fake SGLang server, pushes the actor's export to it and passes
+the post-sync probe; with two ranks (TP=2) only rank 0 drives the server while both take part in the
+collective export and probe forward, and both get the same samples and the same errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,6 +94,116 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
         assert meg[2][key] == pytest.approx(ref[2][key], abs=1e-4), (3, key)
 
 
+def test_megatron_backend_with_sglang_rollouts(tmp_path, megatron_world):
+    """rollout.engine=sglang with backend=megatron against the fake SGLang server (HTTP generate with
+    log-probs, disk weight sync, the post-sync probe). rollout.temperature=0.7: the samples' log-probs
+    are at 0.7 (and match the trainer's), the probe compares at temperature 1 on both sides."""
+    from transformers import AutoModelForCausalLM
+
+    from tempo_mega.data.tokenizer import build_synthetic_tokenizer
+    from tempo_mega.models import fresh_qwen3_config
+    from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+
+    overrides = ["experiment=debug_cpu", "backend=megatron", "rollout.engine=sglang", "rollout.temperature=0.7",
+                 "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}",
+                 f"trainer.output_dir={tmp_path / 'run'}", "trainer.eval_max_prompts=2"]
+    # the server starts from a model of the run's shape; the trainer's first push replaces its weights
+    shape = load_config(overrides).model
+    served = tmp_path / "served"
+    AutoModelForCausalLM.from_config(fresh_qwen3_config(shape, build_synthetic_tokenizer())).save_pretrained(served)
+    server = FakeSGLangServer(str(served))
+    url = server.start()
+    try:
+        run = run_training(load_config([*overrides, f'rollout.sglang.urls=["{url}"]']))
+        assert type(run.rollout).__name__ == "RankZeroSGLang"
+        assert type(run.rollout.engine).__name__ == "SGLangRolloutEngine"
+        got = lines(tmp_path / "run")
+        assert [x["step"] for x in got] == [1, 2]
+        for line in got:
+            assert math.isfinite(line["actor/loss"]) and math.isfinite(line["critic/loss"])
+            # the server runs the actor's weights (temperature 1) and samples at 0.7 as the trainer scores
+            assert line["rollout/probe_logprob_diff_max"] < 1e-4
+            assert line["rollout/logprob_diff_max"] < 1e-4
+        # one push at the start, one per step, all from the actor's export
+        assert server.state.counts["/update_weights_from_disk"] == 3
+        served_weights = server.state.model.state_dict()
+        for name, t in run.actor.export_weights():
+            torch.testing.assert_close(served_weights[name], t, msg=name)
+    finally:
+        server.stop()
+
+
+def _tiny_qwen3():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       vocab_size=128, intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def test_two_ranks_one_sglang_driver(tmp_path):
+    """RankZeroSGLang in a 2-rank world (TP=2: the export gathers shards, the probe forward is a collective):
+    rank 0 alone talks to the server, both ranks get the same samples and metrics, and a push the probe
+    rejects raises on both ranks (no rank is left waiting in a collective)."""
+    from transformers import Qwen3ForCausalLM
+
+    from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+
+    served = tmp_path / "served"
+    Qwen3ForCausalLM(_tiny_qwen3()).save_pretrained(served)  # replaced by rank 0's first push
+    server = FakeSGLangServer(str(served))
+    url = server.start()
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               str(Path(__file__).resolve()), url, str(tmp_path / "sync"), str(tmp_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        counts = dict(server.state.counts)
+    finally:
+        server.stop()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert (r0["drives"], r1["drives"]) == (True, False)
+    assert r0["probe"] < 1e-4 and r1["probe"] == r0["probe"]  # the probe's outcome reaches rank 1 too
+    assert r0["samples"] and r1["samples"] == r0["samples"]
+    assert [s[0] for s in r0["samples"]] == [0, 0, 1, 1]
+    assert "probe failed" in r0["error"] and "failed on rank 0" in r1["error"] and "probe failed" in r1["error"]
+    # rank 0 only: two pushes, and per push one probe request; two prompts (n=2 in one request each)
+    assert counts["/update_weights_from_disk"] == 2 and counts["/generate"] == 4
+
+
+def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from transformers import Qwen3ForCausalLM
+
+    from tempo_mega.backends.megatron import MegatronConfig
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+    from tempo_mega.rollout.base import SamplingParams
+    from tempo_mega.rollout.sglang import SGLangConfig
+    from tempo_mega.trainer import RankZeroSGLang
+
+    with megatron_on_cpu():
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        torch.manual_seed(0)
+        hf = Qwen3ForCausalLM(_tiny_qwen3())
+        actor = MegatronBackend("actor", hf.config, MegatronConfig(tensor_parallel_size=2, params_dtype="float32"),
+                                hf_state_dict=hf.state_dict(), temperature=0.7)
+        sg = SGLangConfig(urls=(url,), weight_sync="disk", disk_dir=sync_dir)
+        rollout = RankZeroSGLang(sg, actor, pad_token_id=0, weights_dtype=torch.float32)
+        res = {"drives": rollout.engine is not None}
+        rollout.update_weights(actor.export_weights())
+        res["probe"] = rollout.last_metrics["rollout/probe_logprob_diff_max"]
+        samples = rollout.generate([[1, 2, 3], [4, 5]], 2, SamplingParams(temperature=0.7, max_response_tokens=4))
+        res["samples"] = [(s.prompt_index, s.response_ids, s.logprobs) for s in samples]
+        try:  # weights the server gets but the trainer does not have: the probe rejects them
+            rollout.update_weights((n, t + 0.05) for n, t in actor.export_weights())
+        except RuntimeError as e:
+            res["error"] = str(e)
+        dist.barrier()  # the collectives still line up after the error
+        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+        rollout.shutdown()
+        dist.destroy_process_group()
+
+
 def test_megatron_config_keys():
     cfg = load_config(["experiment=debug_cpu", "backend=megatron", "megatron.tensor_parallel_size=2"])
     assert cfg.backend == "megatron" and cfg.megatron["tensor_parallel_size"] == 2
@@ -101,3 +215,7 @@ def test_megatron_config_keys():
         load_config(["backend=jax"])
     with pytest.raises(ValueError, match="megatron.nonsense"):
         load_config(["backend=megatron", "+megatron.nonsense=1"])
+
+
+if __name__ == "__main__":
+    _two_rank_worker(*sys.argv[1:4])

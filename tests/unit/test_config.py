@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from tempo_mega.config import TrainConfig, from_dict, load_config
+from tempo_mega.backends.megatron.config import MegatronConfig
+from tempo_mega.config import TrainConfig, from_dict, load_config, megatron_config
 
 
 def test_presets_compose():
@@ -19,6 +20,53 @@ def test_presets_compose():
     q14 = load_config(["experiment=qwen3_14b_tempo", "model.path=/ckpt"])
     assert (q14.algo.labeled_prompts_per_step + q14.algo.unlabeled_prompts_per_step, q14.algo.mini_batch_prompts) == (128, 32)
     assert q14.algo.critic.lr == 1e-6
+    q32 = load_config(["experiment=qwen3_32b_tempo", "model.path=/ckpt"])  # no released run: the 14B's settings
+    assert (q32.algo.labeled_prompts_per_step + q32.algo.unlabeled_prompts_per_step, q32.algo.mini_batch_prompts) == (128, 32)
+    assert (q32.algo.clip_low, q32.algo.clip_high, q32.algo.actor.lr, q32.algo.critic.lr) == (3e-4, 5e-4, 1e-6, 1e-6)
+    assert q32.algo.num_samples_per_prompt == 8 and q32.rollout.max_response_tokens == 16384
+
+
+# The Qwen3 presets on Megatron: (preset, world size the layout is meant for, TP, PP, VPP, DP there).
+# The model shapes are the real HF config.json numbers (configs/model/qwen3_*.yaml); the vocabulary
+# (151936) is not a ModelConfig key.
+QWEN3_VOCAB = 151936
+MEGATRON_PRESETS = [
+    ("qwen3_8b_tempo", 8, 4, 1, None, 2),  # one 8xH100 node
+    ("qwen3_14b_tempo", 8, 8, 1, None, 1),  # one 8xH100 node
+    ("qwen3_32b_tempo", 16, 8, 2, 4, 1),  # two nodes (DP grows with more)
+]
+QWEN3_SHAPES = {  # HF config.json: hidden, intermediate, layers, heads, KV heads, head_dim, tied
+    "qwen3_8b_tempo": (4096, 12288, 36, 32, 8, 128, False),
+    "qwen3_14b_tempo": (5120, 17408, 40, 40, 8, 128, False),
+    "qwen3_32b_tempo": (5120, 25600, 64, 64, 8, 128, False),
+}
+
+
+@pytest.mark.parametrize("preset,world,tp,pp,vpp,dp", MEGATRON_PRESETS)
+def test_qwen3_presets_select_megatron_with_a_layout_that_fits(preset, world, tp, pp, vpp, dp):
+    cfg = load_config([f"experiment={preset}", "model.path=/ckpt"])  # composes and validates
+    assert cfg.backend == "megatron" and cfg.rollout.engine == "sglang" and cfg.trainer.layout == "packed"
+    m = cfg.model
+    shape = (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
+             m.num_key_value_heads, m.head_dim, m.tie_word_embeddings)
+    assert shape == QWEN3_SHAPES[preset] and m.rope_theta == 1e6 and m.dtype == "bfloat16"
+    mc = megatron_config(cfg)
+    assert isinstance(mc, MegatronConfig)
+    assert (mc.tensor_parallel_size, mc.pipeline_parallel_size, mc.virtual_pipeline_parallel_size) == (tp, pp, vpp)
+    assert mc.context_parallel_size == 1  # CP is not supported by backend=megatron yet
+    assert mc.sequence_parallel and mc.use_distributed_optimizer and mc.recompute == "full"
+    assert mc.params_dtype == "bfloat16"
+    # TP divides the heads, KV heads and vocabulary, PP x VPP the layers, and the node(s) hold whole replicas
+    mc.validate_for(num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+                    num_layers=m.num_hidden_layers, vocab_size=QWEN3_VOCAB, world_size=world)
+    assert mc.data_parallel_size(world) == dp
+    assert mc.data_parallel_size(2 * world) == 2 * dp  # more nodes: more DP
+    with pytest.raises(ValueError, match="not divisible by megatron.tensor_parallel_size"):
+        mc.validate_for(num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+                        num_layers=m.num_hidden_layers, vocab_size=QWEN3_VOCAB, world_size=world - 2)
+    # a fresh model of the preset's shape (model.path=null) goes through the config-time shape checks
+    fresh = load_config([f"experiment={preset}", "model.path=null"])
+    assert megatron_config(fresh) == mc
 
 
 def test_config_is_frozen():
@@ -48,11 +96,42 @@ def test_config_is_frozen():
         (["algo=rlvr", "algo.unlabeled_prompts_per_step=4"], "algo.unlabeled_prompts_per_step"),
         (["algo.unlabeled_prompts_per_step=0"], "algo.unlabeled_prompts_per_step"),
         (["model.num_key_value_heads=3"], "model.num_key_value_heads"),
+        # backend=megatron (model: tiny, 4 heads, 2 KV heads, 2 layers)
+        (["backend=megatron", "megatron.context_parallel_size=2"], "megatron.context_parallel_size"),
+        (["backend=megatron", "megatron.tensor_parallel_size=4"], "megatron.tensor_parallel_size"),  # 2 KV heads
+        (["backend=megatron", "megatron.pipeline_parallel_size=4"], "megatron.pipeline_parallel_size"),  # 2 layers
+        (["backend=megatron", "megatron.pipeline_parallel_size=2", "megatron.virtual_pipeline_parallel_size=2"],
+         "megatron.pipeline_parallel_size"),
+        (["backend=megatron", "megatron.virtual_pipeline_parallel_size=2"], "megatron.virtual_pipeline_parallel_size"),
+        (["backend=megatron", "megatron.sequence_parallel=true"], "megatron.sequence_parallel"),
+        (["backend=megatron", "megatron.recompute=some"], "megatron.recompute"),
+        (["backend=megatron", "+megatron.pipeline_size=2"], "megatron.pipeline_size"),
+        (["experiment=qwen3_32b_tempo", "model.path=/ckpt", "megatron.context_parallel_size=2"],
+         "megatron.context_parallel_size"),
+        (["experiment=qwen3_8b_tempo", "model.path=null", "megatron.tensor_parallel_size=16"],
+         "megatron.tensor_parallel_size"),  # 8 KV heads
+        (["experiment=qwen3_32b_tempo", "model.path=null", "megatron.virtual_pipeline_parallel_size=3"],
+         "megatron.pipeline_parallel_size"),  # 2 x 3 does not divide 64 layers
     ],
 )
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match.replace(".", r"\.")):
         load_config(override)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        ["megatron.pipeline_parallel_size=2"],
+        ["megatron.pipeline_parallel_size=2", "megatron.virtual_pipeline_parallel_size=1"],
+        ["megatron.use_distributed_optimizer=true"],
+        ["trainer.layout=packed"],
+        ["rollout.engine=sglang", "rollout.sglang.urls=[http://127.0.0.1:30000]"],
+    ],
+)
+def test_megatron_accepts_pipeline_distributed_optimizer_packed_and_sglang(override):
+    cfg = load_config(["backend=megatron", *override])
+    assert cfg.backend == "megatron"
 
 
 def test_from_dict_rejects_unknown_nested_key():
