@@ -125,40 +125,56 @@ def atomic_checkpoint(root: str | Path, step: int) -> Iterator[Path]:
     On a clean exit: fsync everything written, write the ``COMPLETE`` marker, and rename the directory
     to ``root/step_{step:08d}`` (an existing checkpoint of the same step is renamed aside first, then
     deleted). On an exception: remove the temporary directory and re-raise.
+
+    In a multi-process run every rank enters with the same ``step`` and gets the same directory (rank
+    0's name): each writes its part (e.g. its shards of a megatron dist-checkpoint), and rank 0
+    publishes once all have finished. Shared storage is assumed, as for any distributed checkpoint.
     """
+    from tempo_mega.distributed import barrier, broadcast_object, is_rank0
+
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / _step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():  # left by an earlier crash of a process that had the same pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = root / broadcast_object(f".tmp-{final.name}-{os.getpid()}")
+    if is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by an earlier crash of a process that had the same pid
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        save_json(tmp / COMPLETE_MARKER, {"step": step, "time": time.time()})
-        if final.exists():
-            # POSIX rename cannot replace a non-empty directory: move the old one aside. A crash
-            # between the two renames leaves no step_{step} at all, and the previous step is used.
-            old = root / f".old-{final.name}-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-            try:
-                os.rename(tmp, final)
-            except BaseException:
-                os.rename(old, final)  # put the previous checkpoint back
-                raise
-            _fsync_dir(root)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-            _fsync_dir(root)
+        barrier()  # every rank has written its part
+        if is_rank0():
+            _publish(root, tmp, final, step)
+        barrier()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
+    _fsync_tree(tmp)
+    save_json(tmp / COMPLETE_MARKER, {"step": step, "time": time.time()})
+    if final.exists():
+        # POSIX rename cannot replace a non-empty directory: move the old one aside. A crash
+        # between the two renames leaves no step_{step} at all, and the previous step is used.
+        old = root / f".old-{final.name}-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old, final)  # put the previous checkpoint back
+            raise
+        _fsync_dir(root)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+        _fsync_dir(root)
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from tempo_mega.controller import PromptSource, TempoController
 from tempo_mega.data import FIELD_MAPS, FieldMap, PromptRecord, PromptSampler, format_prompt, load_prompts
 from tempo_mega.data.synthetic import make_synthetic_task, solution_text
 from tempo_mega.data.tokenizer import build_synthetic_tokenizer
+from tempo_mega.distributed import barrier, is_rank0, rank
 from tempo_mega.eval.metrics import (
     auroc,
     avg_at_k,
@@ -409,12 +411,8 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[
     tok, src = pool.tokenizer, pool.source()
     eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     sampler = PromptSampler(pool.train, seed=t.seed + 7)
-    groups = actor.optimizer.param_groups
-    base_lr = [g["lr"] for g in groups]
-    for g in groups:
-        g["lr"] = t.warm_start_lr
     nll = []
-    try:
+    with actor.lr_override(t.warm_start_lr):
         for i in range(t.warm_start_steps):
             recs = sampler.next_batch(t.warm_start_batch_size)
             prompts = [pool.ids(r) for r in recs]
@@ -424,10 +422,7 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[
             nll.append(actor.train_step(batch, _token_nll)["actor/nll"])
             if i % 50 == 0 or i == t.warm_start_steps - 1:
                 log.info("warm start %d/%d: nll %.4f", i + 1, t.warm_start_steps, nll[-1])
-    finally:
-        for g, lr in zip(groups, base_lr):
-            g["lr"] = lr
-        actor.optimizer.state.clear()
+    actor.reset_optimizer_state()
     return {"warmup/nll_first": nll[0], "warmup/nll_last": nll[-1], "warmup/steps": float(len(nll))}
 
 
@@ -519,6 +514,8 @@ def setup(cfg: TrainConfig) -> Run:
     # checkpoints and metric lines count completed steps: step_00000003 holds the weights after 3 steps
     done_steps = int(load_json(ckpt / "state.json")["completed_steps"]) if ckpt is not None else 0
     sinks = []
+    if not is_rank0():  # rank 0 alone writes the run's files; every rank computes the same metrics
+        t = dataclasses.replace(t, loggers=[])
     if "jsonl" in t.loggers:
         sinks.append(JsonlSink(out / "metrics.jsonl", truncate_after_step=done_steps))
     if "progress" in t.loggers:
@@ -526,7 +523,8 @@ def setup(cfg: TrainConfig) -> Run:
     if "wandb" in t.loggers:
         sinks.append(WandbSink(t.wandb_project, out.name, to_dict(cfg), out, mode=t.wandb_mode))
     sink = MultiSink(sinks)
-    save_json(out / "config.json", to_dict(cfg))
+    if is_rank0():
+        save_json(out / "config.json", to_dict(cfg))
     ctrl = TempoController(cfg, actor, critic, rollout, src, PhaseTimer())
     run = Run(cfg, out, pool, actor, critic, rollout, ctrl, sink, start_step=0)
     if ckpt is not None:
@@ -534,7 +532,8 @@ def setup(cfg: TrainConfig) -> Run:
         critic.load(ckpt / "critic")
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         pool.load_state_dict(state["samplers"])
-        set_rng_state(state["rng"])
+        own_rng = ckpt / f"rng_rank{rank()}.pt"
+        set_rng_state(torch.load(own_rng, weights_only=False) if rank() > 0 and own_rng.is_file() else state["rng"])
         rollout.update_weights(actor.export_weights())
         run.start_step = done_steps
         log.info("resumed from %s after %d steps", ckpt, done_steps)
@@ -548,20 +547,26 @@ def setup(cfg: TrainConfig) -> Run:
 
 def save_checkpoint(run: Run, completed_steps: int) -> Path:
     root = run.out / "checkpoints"
-    with atomic_checkpoint(root, completed_steps) as d:
+    with atomic_checkpoint(root, completed_steps) as d:  # a collective in a multi-process run
         run.actor.save(d / "actor")
         run.critic.save(d / "critic")
-        torch.save({"samplers": run.pool.state_dict(), "rng": rng_state()}, d / "trainer_state.pt")
-        save_json(d / "state.json", {"completed_steps": completed_steps})
-        save_json(d / "config.json", to_dict(run.cfg))
-    prune_checkpoints(root, run.cfg.trainer.keep_last)
+        if is_rank0():
+            torch.save({"samplers": run.pool.state_dict(), "rng": rng_state()}, d / "trainer_state.pt")
+            save_json(d / "state.json", {"completed_steps": completed_steps})
+            save_json(d / "config.json", to_dict(run.cfg))
+        else:
+            torch.save(rng_state(), d / f"rng_rank{rank()}.pt")
+    if is_rank0():
+        prune_checkpoints(root, run.cfg.trainer.keep_last)
+    barrier()
     return root
 
 
 def export_hf(run: Run, directory: Path) -> None:
     """An HF-loadable actor (with tokenizer) and the critic beside it, for the next stage."""
-    run.actor.export_hf(directory / "actor")
-    run.pool.tokenizer.save_pretrained(directory / "actor")
+    run.actor.export_hf(directory / "actor")  # collectives for the Megatron backend; rank 0 writes
+    if is_rank0():
+        run.pool.tokenizer.save_pretrained(directory / "actor")
     run.critic.export_hf(directory / "critic")
 
 

@@ -309,6 +309,23 @@ class TorchBackend:
         return norm if math.isfinite(norm) else None
 
     # ------------------------------------------------------------------ weights and checkpoints
+    @contextlib.contextmanager
+    def lr_override(self, lr: float) -> Iterator[None]:
+        """Train at ``lr`` inside the block (e.g. a warm start), the configured rate after."""
+        groups = self.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = lr
+        try:
+            yield
+        finally:
+            for g, old in zip(groups, saved):
+                g["lr"] = old
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the Adam moments (the next step starts them afresh), keep the weights."""
+        self.optimizer.state.clear()
+
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
         """(name, tensor) pairs, detached, contiguous, on CPU, in the model dtype. Actor: the names of
         ``Qwen3ForCausalLM.state_dict()`` without ``lm_head.weight`` when tied; critic: ``model.*`` (the

@@ -465,6 +465,27 @@ class MegatronBackend:
                     keep = dtype is None or hf_name.startswith("value_head.")
                     yield hf_name, hf_t.to(dtype=hf_t.dtype if keep else dtype).contiguous()
 
+    @contextlib.contextmanager
+    def lr_override(self, lr: float) -> Iterator[None]:
+        """Train at ``lr`` inside the block (e.g. a warm start), the configured rate after."""
+        groups = self.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = lr
+        try:
+            yield
+        finally:
+            for g, old in zip(groups, saved):
+                g["lr"] = old
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the Adam moments (the next step starts them afresh), keep the weights."""
+        for opt in self._sub_optimizers:
+            inner = getattr(opt, "optimizer", None)
+            if inner is not None:
+                inner.state.clear()
+        self.num_optimizer_steps = 0
+
     def export_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         """HF-named (name, tensor) pairs on CPU, streamed one tensor at a time: TP shards gathered, PP
         stages broadcast to the whole pipeline (a collective: every rank must iterate to the end).
