@@ -81,3 +81,27 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+@contextlib.contextmanager
+def one_process_world(monkeypatch) -> Iterator[None]:
+    """The environment of a 1-process torchrun world with megatron on the CPU: torch.distributed and
+    megatron's parallel state are brought up by the code under test (the backend's init_parallel) and
+    torn down here. Skips when a process group is already up in this process."""
+    import pytest
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    with megatron_on_cpu():
+        try:
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            if dist.is_initialized():
+                dist.destroy_process_group()

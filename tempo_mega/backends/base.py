@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -156,3 +157,16 @@ def forward_in_micro_batches(batch: RolloutBatch, forward: Callable[[RolloutBatc
             out[start : start + micro.batch_size, : micro.response_len] = forward(micro).cpu()
             start += micro.batch_size
     return out
+
+
+@contextlib.contextmanager
+def lr_override(param_groups: list[dict], lr: float) -> Iterator[None]:
+    """Every param group at ``lr`` inside the block (e.g. a warm start), its own rate after."""
+    saved = [g["lr"] for g in param_groups]
+    for g in param_groups:
+        g["lr"] = lr
+    try:
+        yield
+    finally:
+        for g, old in zip(param_groups, saved):
+            g["lr"] = old

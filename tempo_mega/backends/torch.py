@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tempo_mega.backends.base import LossFn, forward_in_micro_batches, optimizer_passes
+from tempo_mega.backends.base import LossFn, forward_in_micro_batches, lr_override, optimizer_passes
 from tempo_mega.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -309,18 +309,9 @@ class TorchBackend:
         return norm if math.isfinite(norm) else None
 
     # ------------------------------------------------------------------ weights and checkpoints
-    @contextlib.contextmanager
-    def lr_override(self, lr: float) -> Iterator[None]:
+    def lr_override(self, lr: float) -> contextlib.AbstractContextManager[None]:
         """Train at ``lr`` inside the block (e.g. a warm start), the configured rate after."""
-        groups = self.optimizer.param_groups
-        saved = [g["lr"] for g in groups]
-        for g in groups:
-            g["lr"] = lr
-        try:
-            yield
-        finally:
-            for g, old in zip(groups, saved):
-                g["lr"] = old
+        return lr_override(self.optimizer.param_groups, lr)
 
     def reset_optimizer_state(self) -> None:
         """Forget the Adam moments (the next step starts them afresh), keep the weights."""

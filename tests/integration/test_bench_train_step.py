@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/megatron_cpu_support.py
 
-from megatron_cpu_support import free_port, megatron_on_cpu  # noqa: E402
+from megatron_cpu_support import one_process_world  # noqa: E402
 
 from tempo_mega.telemetry.flops import forward_flops_per_token, train_flops_per_token  # noqa: E402
 
@@ -45,24 +45,9 @@ def load_script():
 
 @pytest.fixture
 def megatron_world(monkeypatch):
-    """The environment of a 1-process torchrun world; the backend brings torch.distributed and megatron's
-    parallel state up, the script takes them down, and this makes sure of it."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already up in this process")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(key, value)
-    with megatron_on_cpu():
-        try:
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    """A 1-process torchrun world (the backend brings it up, the script takes it down)."""
+    with one_process_world(monkeypatch):
+        yield
 
 
 def test_bench_train_step_cpu_smoke(tmp_path, megatron_world, capsys):

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("megatron.core")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/megatron_cpu_support.py
 
-from megatron_cpu_support import free_port, megatron_on_cpu  # noqa: E402
+from megatron_cpu_support import free_port, megatron_on_cpu, one_process_world  # noqa: E402
 
 from tempo_mega.config import load_config  # noqa: E402
 from tempo_mega.trainer import run_training  # noqa: E402
@@ -31,24 +31,9 @@ def lines(out: Path) -> list[dict]:
 
 @pytest.fixture
 def megatron_world(monkeypatch):
-    """The environment of a 1-process torchrun world; torch.distributed and megatron's parallel state
-    are brought up by the trainer (the backend's init_parallel) and torn down here."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already up in this process")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(key, value)
-    with megatron_on_cpu():
-        try:
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    """A 1-process torchrun world, brought up by the trainer (the backend's init_parallel)."""
+    with one_process_world(monkeypatch):
+        yield
 
 
 def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):

@@ -52,7 +52,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from tempo_mega.backends.base import LossFn, optimizer_passes, weight_units
+from tempo_mega.backends.base import LossFn, lr_override, optimizer_passes, weight_units
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, layer_offset, mcore_to_hf_tensors
 from tempo_mega.backends.megatron.model import build_model_chunks, init_parallel
@@ -465,18 +465,9 @@ class MegatronBackend:
                     keep = dtype is None or hf_name.startswith("value_head.")
                     yield hf_name, hf_t.to(dtype=hf_t.dtype if keep else dtype).contiguous()
 
-    @contextlib.contextmanager
-    def lr_override(self, lr: float) -> Iterator[None]:
+    def lr_override(self, lr: float) -> contextlib.AbstractContextManager[None]:
         """Train at ``lr`` inside the block (e.g. a warm start), the configured rate after."""
-        groups = self.optimizer.param_groups
-        saved = [g["lr"] for g in groups]
-        for g in groups:
-            g["lr"] = lr
-        try:
-            yield
-        finally:
-            for g, old in zip(groups, saved):
-                g["lr"] = old
+        return lr_override(self.optimizer.param_groups, lr)
 
     def reset_optimizer_state(self) -> None:
         """Forget the Adam moments (the next step starts them afresh), keep the weights."""
