@@ -7,6 +7,7 @@ collective export and probe forward, and both get the same samples and the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -204,3 +205,25 @@ def test_megatron_config_keys():
 
 if __name__ == "__main__":
     _two_rank_worker(*sys.argv[1:4])
+
+
+@pytest.mark.parametrize("backend", ["torch", "megatron"])
+def test_warm_start_restores_lr_and_forgets_moments(tmp_path, backend, monkeypatch):
+    """The supervised warm start trains at trainer.warm_start_lr, then the configured rate is back and
+    the Adam moments are gone (the critic's trunk is then copied from the warmed-up actor)."""
+    from tempo_mega.trainer import setup
+
+    ctx = one_process_world(monkeypatch) if backend == "megatron" else contextlib.nullcontext()
+    with ctx:
+        run = setup(load_config(["experiment=debug_cpu", f"backend={backend}", "trainer.warm_start_steps=2",
+                                 "trainer.warm_start_lr=1e-3", f"trainer.output_dir={tmp_path}"]))
+        assert run.first_line["warmup/steps"] == 2.0 and math.isfinite(run.first_line["warmup/nll_last"])
+        assert [g["lr"] for g in run.actor.optimizer.param_groups] == \
+            [run.cfg.algo.actor.lr] * len(run.actor.optimizer.param_groups)
+        inner = [o.optimizer for o in run.actor._sub_optimizers] if backend == "megatron" else [run.actor.optimizer]
+        assert all(len(opt.state) == 0 for opt in inner)
+        actor_trunk = {n: t for n, t in run.actor.export_weights() if n.startswith("model.")}
+        critic = dict(run.critic.export_weights())
+        for name, t in actor_trunk.items():
+            assert torch.equal(critic[name], t), name
+        run.rollout.shutdown()
