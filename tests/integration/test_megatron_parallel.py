@@ -135,7 +135,8 @@ def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
         # gradients of the layouts linearly (with a small eps, a near-zero gradient summed in another
         # order flips to a +-lr update, float noise that would hide or fake a difference)
         optim = OptimConfig(lr=1.0, eps=1.0, mini_batch_size=3, max_tokens_per_micro_batch=8, grad_clip=0.5)
-        mc = MegatronConfig(params_dtype="float32", **LAYOUTS[layout][1])
+        # log-probs in chunks of 3 response tokens (recomputed in the backward): several per micro-batch
+        mc = MegatronConfig(params_dtype="float32", logprob_chunk_tokens=3, **LAYOUTS[layout][1])
         backends = {"actor": MegatronBackend("actor", cfg, mc, optim, hf_state_dict=sds["actor"]),
                     "tied": MegatronBackend("actor", cfg_tied, mc, optim, hf_state_dict=sds["tied"]),
                     "critic": MegatronBackend("critic", cfg, mc, optim, hf_state_dict=sds["critic"])}

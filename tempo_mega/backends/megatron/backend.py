@@ -116,6 +116,8 @@ class MegatronBackend:
         for chunk in self.chunks:
             if chunk.post_process:
                 chunk.output_layer.register_forward_pre_hook(self._select_positions, with_kwargs=True)
+                if role == "actor":
+                    chunk.output_layer.register_forward_hook(self._logprobs_instead_of_logits, with_kwargs=True)
                 if chunk.config.sequence_parallel and role == "actor":
                     # the hook gathers the sequence itself: the output layer must not gather it again
                     chunk.output_layer.sequence_parallel = False
@@ -139,7 +141,8 @@ class MegatronBackend:
         self._sub_optimizers = list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
         self.num_train_steps = 0
         self.num_optimizer_steps = 0
-        self._positions: tuple[Tensor, Tensor] | None = None
+        self._positions: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._selected: Tensor | None = None
         for chunk in self.chunks:
             chunk.eval()
 
@@ -212,22 +215,40 @@ class MegatronBackend:
     # ------------------------------------------------------------------ forward
     def _select_positions(self, module, args, kwargs):
         """output_layer pre-hook: keep only the hidden states at the selected (s, b) positions (with
-        sequence parallel, after gathering the sequence; the gather's backward keeps this rank's part)."""
+        sequence parallel, after gathering the sequence; the gather's backward keeps this rank's part).
+        The actor's are set aside for ``_logprobs_instead_of_logits`` and the layer itself gets none."""
         hidden = args[0]
         if self.chunks[-1].config.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         if self._positions is not None:
-            s_idx, b_idx = self._positions
+            s_idx, b_idx, _ = self._positions
             hidden = hidden[s_idx, b_idx].unsqueeze(1)  # [N, 1, H]
+            if self.role == "actor":
+                self._selected = hidden[:, 0]
+                hidden = hidden[:0]
         return (hidden, *args[1:]), kwargs
 
+    def _logprobs_instead_of_logits(self, module, args, kwargs, output):
+        """output_layer hook (actor): the log-probs [N, 1, 1] of the selected positions' targets,
+        computed chunk by chunk from the (tied or own) output weight, in place of the logits."""
+        if self._positions is None:
+            return None
+        hidden, self._selected = self._selected, None
+        weight = kwargs.get("weight")
+        if weight is None:
+            weight = args[1] if len(args) > 1 and args[1] is not None else module.weight
+        lp = vocab_parallel_logprobs(hidden, weight, self._positions[2], self.temperature,
+                                     self.megatron_config.logprob_chunk_tokens)
+        return lp[:, None, None], None
+
     @contextlib.contextmanager
-    def _selecting(self, s_idx: Tensor, b_idx: Tensor) -> Iterator[None]:
-        self._positions = (s_idx, b_idx)
+    def _selecting(self, s_idx: Tensor, b_idx: Tensor, targets: Tensor | None) -> Iterator[None]:
+        self._positions = (s_idx, b_idx, targets)
         try:
             yield
         finally:
             self._positions = None
+            self._selected = None
 
     def forward_logprobs(self, batch: RolloutBatch) -> Tensor:
         """[B, L] float32 log-probs of the response tokens under log_softmax(logits / temperature),
@@ -298,7 +319,8 @@ class MegatronBackend:
         batch, dev = micro.batch, self.device
         ids, positions, kwargs, select = self._packed_inputs(batch, micro.tokens)
         mask = batch.response_mask.to(dev).bool()
-        with self._selecting(select, torch.zeros_like(select)):
+        targets = batch.response_ids.to(dev)[mask] if self.role == "actor" else None
+        with self._selecting(select, torch.zeros_like(select), targets):
             out = model(input_ids=ids, position_ids=positions, **kwargs)
         return out, functools.partial(self._loss, micro, mask, loss_fn)
 
@@ -337,13 +359,7 @@ class MegatronBackend:
     def _loss(self, micro: _Micro, mask: Tensor, loss_fn: LossFn | None, output: Tensor):
         """megatron's loss_func on the last stage: (scalar to backward, token count (unused: we weight
         ourselves), what to keep)."""
-        out = output[0]  # [1, N, V/tp] or [1, N, 1] -> [N, .]
-        if self.role == "actor":
-            targets = micro.batch.response_ids.to(self.device)[mask]
-            vals = -tensor_parallel.vocab_parallel_cross_entropy((out.float() / self.temperature)[:, None],
-                                                                 targets[:, None])[:, 0]
-        else:
-            vals = out[:, 0].float()
+        vals = output[0, :, 0].float()  # [1, N, 1]: log-probs (actor) or values (critic)
         full = torch.zeros(mask.shape, dtype=vals.dtype, device=self.device).masked_scatter(mask, vals)
         one = torch.ones((), dtype=torch.int, device=self.device)
         if loss_fn is None:
@@ -629,6 +645,31 @@ class MegatronBackend:
             self._load_optimizer_state(loaded["optimizer"])
         self.num_train_steps = int(state["num_train_steps"])
         self.num_optimizer_steps = int(state["num_optimizer_steps"])
+
+
+def vocab_parallel_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+                            chunk_tokens: int) -> Tensor:
+    """[N] float32 log-probs of ``targets`` under softmax(hidden @ weight.T / temperature), where
+    ``weight`` is this TP rank's vocabulary shard [V/tp, H]: the vocabulary is never gathered (megatron's
+    vocab-parallel cross-entropy), and with gradients on, each chunk of ``chunk_tokens`` rows is
+    recomputed in the backward, so no more than [chunk, V/tp] logits live at once. ``hidden``'s
+    gradient is summed over TP, as the column-parallel output layer would."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        logits = torch.nn.functional.linear(h, weight).float() / temperature
+        return -tensor_parallel.vocab_parallel_cross_entropy(logits[:, None], t[:, None])[:, 0]
+
+    n = hidden.shape[0]
+    if n <= chunk_tokens:
+        return piece(hidden, targets)
+    recompute = torch.is_grad_enabled()
+    outs = [checkpoint(piece, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens], use_reentrant=False)
+            if recompute else piece(hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens])
+            for i in range(0, n, chunk_tokens)]
+    return torch.cat(outs)
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kwargs) -> None:

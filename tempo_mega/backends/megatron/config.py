@@ -28,9 +28,12 @@ class MegatronConfig:
     fp8: str = "none"  # "none" | "e4m3" | "hybrid" (TE only)
     fp8_recipe: str = "delayed"
     params_dtype: str = "bfloat16"
+    # actor log-probs: response tokens per chunk of vocab-parallel logits (recomputed in the backward),
+    # so a micro-batch never holds more than [chunk, vocab / TP] fp32 logits
+    logprob_chunk_tokens: int = 4096
 
     def __post_init__(self) -> None:
-        for key in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size", "logprob_chunk_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"megatron.{key} must be >= 1, got {getattr(self, key)}")
         vpp = self.virtual_pipeline_parallel_size
