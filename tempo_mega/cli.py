@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -80,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"tempo-mega: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # under torchrun: lines say their rank, and only rank 0 says more than warnings
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    logging.basicConfig(level=logging.INFO if verbose and rank == 0 else logging.WARNING,
+                        format=prefix + "%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if command == "train":
             return _train(rest)
