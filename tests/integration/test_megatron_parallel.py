@@ -1,4 +1,4 @@
-"""MegatronBackend on CPU with gloo: every parallel layout (TP=2, PP=2, TP=2 x PP=2, PP=2 with virtual
+"""MegatronBackend on CPU with gloo: every parallel layout (TP=2, TP=2 with sequence parallel, PP=2, TP=2 x PP=2, PP=2 with virtual
 stages, DP=2 with the distributed optimizer, full activation recompute) gives the same log-probs, values and post-step weights as
 TP=PP=1, for an untied actor, a tied actor and the critic; TP=1 agrees with the torch backend; a
 dist-checkpoint saved at TP=2 x PP=2 loads at TP=1, one saved with the distributed optimizer at DP=2 loads
@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # tests/megatron_cpu_support.py
 LAYOUTS = {
     "tp1": (1, {}),
     "tp2": (2, {"tensor_parallel_size": 2}),
+    "tp2sp": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "pp2": (2, {"pipeline_parallel_size": 2}),
     "tp2pp2": (4, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
     "pp2vpp2": (2, {"pipeline_parallel_size": 2, "virtual_pipeline_parallel_size": 2}),

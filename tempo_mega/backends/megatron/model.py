@@ -36,20 +36,36 @@ def transformer_engine_available() -> bool:
     return True
 
 
+class LocalRMSNorm(nn.RMSNorm):
+    """The local spec's RMSNorm (megatron's ``WrappedTorchNorm`` refuses sequence parallel): torch's
+    RMSNorm in ``params_dtype``; with sequence parallel its weight is marked ``sequence_parallel``, so
+    that ``finalize_model_grads`` sums its partial gradients (each TP rank normed its part of the
+    sequence) over TP, as Transformer Engine's norms are marked."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+
 def layer_spec(*, use_te: bool | None = None):
     """(spec, te_layout): the Transformer Engine spec when TE imports (or ``use_te``), else the local
-    spec (which has no sequence parallel). Said once in the log."""
+    spec with ``LocalRMSNorm`` for every norm (sequence parallel included; no FP8). Said once in the log."""
     global _SPEC_LOGGED
     te = transformer_engine_available() if use_te is None else use_te
     if not _SPEC_LOGGED:
         log.info("megatron layer spec: %s", "transformer_engine" if te else
-                 "local (transformer_engine not importable: no sequence parallel, no FP8)")
+                 "local (transformer_engine not importable: no FP8, no THD attention)")
         _SPEC_LOGGED = True
     if te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True), True
-    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"), False
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
+    attention.q_layernorm = attention.k_layernorm = LocalRMSNorm
+    return spec, False
 
 
 def init_parallel(megatron_config: MegatronConfig, *, seed: int = 0) -> None:
@@ -144,13 +160,19 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
                          "(or use build_model_chunks)")
     spec, te_layout = layer_spec(use_te=use_te)
     if not te_layout:
-        if mc.sequence_parallel:
-            raise ValueError("megatron.sequence_parallel=True needs Transformer Engine (the local spec has none)")
         if mc.fp8 != "none":
             raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
     config = to_transformer_config(hf_config, mc, **config_overrides)
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if not te_layout:  # the block's final norm too (megatron would pick its own for a layer spec)
+        from megatron.core.transformer.transformer_block import (
+            TransformerBlockSubmodules,
+            get_num_layers_to_build,
+        )
+
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage),
+                                          layer_norm=LocalRMSNorm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPTModel(config=config, transformer_layer_spec=spec, pre_process=first, post_process=last,
