@@ -348,8 +348,8 @@ class MegatronBackend:
             cu32 = cu.to(device=dev, dtype=torch.int32)
             longest = int((cu[1:] - cu[:-1]).max())
             kwargs = {"attention_mask": None, "packed_seq_params": PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32, max_seqlen_q=longest,
-                max_seqlen_kv=longest)}
+                qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32, cu_seqlens_q_padded=cu32,
+                cu_seqlens_kv_padded=cu32, max_seqlen_q=longest, max_seqlen_kv=longest)}  # no padding inside
         else:
             seg = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).to(dev)
             allowed = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool, device=dev).tril()
