@@ -267,8 +267,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.backend == "megatron":
         mc = megatron_config(cfg)
         tp, pp = mc.tensor_parallel_size, mc.pipeline_parallel_size
-        _check(mc.context_parallel_size == 1, "megatron.context_parallel_size",
-               f"backend=megatron trains with CP=1 for now, got {mc.context_parallel_size}")
         if m.path is None:  # the model's shape is known here; a checkpoint's is checked when it is loaded
             _check(m.num_attention_heads % tp == 0, "megatron.tensor_parallel_size",
                    f"{tp} does not divide model.num_attention_heads={m.num_attention_heads}")

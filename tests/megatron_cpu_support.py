@@ -30,6 +30,8 @@ class _CudaToCpu(TorchFunctionMode):
         dev = kwargs.get("device")
         if dev is not None and (str(dev).startswith("cuda") or isinstance(dev, int)):
             kwargs = {**kwargs, "device": "cpu"}
+        if kwargs.get("pin_memory"):  # pinned host memory needs a GPU (megatron's CP RoPE slicing)
+            kwargs = {**kwargs, "pin_memory": False}
         return func(*args, **kwargs)
 
 

@@ -24,6 +24,8 @@ LAYOUTS = {
     "tp1": (1, {}),
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2sp": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
+    "cp2": (2, {"context_parallel_size": 2}),
+    "tp2cp2sp": (4, {"tensor_parallel_size": 2, "context_parallel_size": 2, "sequence_parallel": True}),
     "pp2": (2, {"pipeline_parallel_size": 2}),
     "tp2pp2": (4, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
     "pp2vpp2": (2, {"pipeline_parallel_size": 2, "virtual_pipeline_parallel_size": 2}),

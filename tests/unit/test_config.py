@@ -53,7 +53,7 @@ def test_qwen3_presets_select_megatron_with_a_layout_that_fits(preset, world, tp
     mc = megatron_config(cfg)
     assert isinstance(mc, MegatronConfig)
     assert (mc.tensor_parallel_size, mc.pipeline_parallel_size, mc.virtual_pipeline_parallel_size) == (tp, pp, vpp)
-    assert mc.context_parallel_size == 1  # CP is not supported by backend=megatron yet
+    assert mc.context_parallel_size == 1  # 16K responses fit without CP (see the presets' comments)
     assert mc.sequence_parallel and mc.use_distributed_optimizer and mc.recompute == "full"
     assert mc.params_dtype == "bfloat16"
     # TP divides the heads, KV heads and vocabulary, PP x VPP the layers, and the node(s) hold whole replicas
@@ -97,7 +97,7 @@ def test_config_is_frozen():
         (["algo.unlabeled_prompts_per_step=0"], "algo.unlabeled_prompts_per_step"),
         (["model.num_key_value_heads=3"], "model.num_key_value_heads"),
         # backend=megatron (model: tiny, 4 heads, 2 KV heads, 2 layers)
-        (["backend=megatron", "megatron.context_parallel_size=2"], "megatron.context_parallel_size"),
+        (["backend=megatron", "megatron.context_parallel_size=0"], "megatron.context_parallel_size"),
         (["backend=megatron", "megatron.tensor_parallel_size=4"], "megatron.tensor_parallel_size"),  # 2 KV heads
         (["backend=megatron", "megatron.pipeline_parallel_size=4"], "megatron.pipeline_parallel_size"),  # 2 layers
         (["backend=megatron", "megatron.pipeline_parallel_size=2", "megatron.virtual_pipeline_parallel_size=2"],
@@ -106,7 +106,7 @@ def test_config_is_frozen():
         (["backend=megatron", "megatron.sequence_parallel=true"], "megatron.sequence_parallel"),
         (["backend=megatron", "megatron.recompute=some"], "megatron.recompute"),
         (["backend=megatron", "+megatron.pipeline_size=2"], "megatron.pipeline_size"),
-        (["experiment=qwen3_32b_tempo", "model.path=/ckpt", "megatron.context_parallel_size=2"],
+        (["experiment=qwen3_32b_tempo", "model.path=/ckpt", "megatron.context_parallel_size=0"],
          "megatron.context_parallel_size"),
         (["experiment=qwen3_8b_tempo", "model.path=null", "megatron.tensor_parallel_size=16"],
          "megatron.tensor_parallel_size"),  # 8 KV heads

@@ -56,6 +56,7 @@ from tempo_mega.backends.base import LossFn, lr_override, optimizer_passes, weig
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, layer_offset, mcore_to_hf_tensors
 from tempo_mega.backends.megatron.model import build_model_chunks, init_parallel
+from tempo_mega.backends.megatron.packing import PackedMicro, pack_micro_batch, stream_length
 from tempo_mega.backends.torch import OptimConfig
 from tempo_mega.batch import RolloutBatch
 
@@ -92,8 +93,6 @@ class MegatronBackend:
         if temperature <= 0:
             raise ValueError(f"MegatronBackend: temperature must be positive, got {temperature}")
         mc = megatron_config or MegatronConfig()
-        if mc.context_parallel_size > 1:
-            raise ValueError("MegatronBackend: megatron.context_parallel_size > 1 is not supported yet")
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
         init_parallel(mc, seed=seed)
@@ -168,6 +167,14 @@ class MegatronBackend:
     @property
     def pp_size(self) -> int:
         return parallel_state.get_pipeline_model_parallel_world_size()
+
+    @property
+    def cp_rank(self) -> int:
+        return parallel_state.get_context_parallel_rank()
+
+    @property
+    def cp_size(self) -> int:
+        return parallel_state.get_context_parallel_world_size()
 
     @property
     def dp_rank(self) -> int:
@@ -302,9 +309,11 @@ class MegatronBackend:
         # every rank's token count a multiple of 16
         mult = self.tp_size if self.chunks[0].config.sequence_parallel else 1
         mult *= 16 if self.megatron_config.fp8 != "none" else 1
-        tokens = -(-max(m.batch.num_tokens() for m in micros) // mult) * mult
-        for m in micros:
-            m.tokens = tokens if self._fixed_shapes else -(-m.batch.num_tokens() // mult) * mult
+        mult *= 2 * self.cp_size if self.cp_size > 1 else 1  # CP: 2 chunks per rank, as many tokens each
+        lengths = [stream_length(m.batch, cp_size=self.cp_size, per_sequence=self.te_layout) for m in micros]
+        tokens = -(-max(lengths) // mult) * mult
+        for m, n in zip(micros, lengths):
+            m.tokens = tokens if self._fixed_shapes else -(-n // mult) * mult
         step = functools.partial(self._forward_step, loss_fn=loss_fn)
         n_chunks = len(self.ddp)
         data = [iter(micros) for _ in range(n_chunks)] if n_chunks > 1 else iter(micros)
@@ -317,49 +326,41 @@ class MegatronBackend:
         """megatron's forward_step_func: one micro-batch through one model chunk."""
         micro: _Micro = next(data_iterator)
         batch, dev = micro.batch, self.device
-        ids, positions, kwargs, select = self._packed_inputs(batch, micro.tokens)
+        pm = pack_micro_batch(batch, tokens=micro.tokens, cp_size=self.cp_size, cp_rank=self.cp_rank,
+                              per_sequence=self.te_layout)
         mask = batch.response_mask.to(dev).bool()
-        targets = batch.response_ids.to(dev)[mask] if self.role == "actor" else None
+        owned = pm.owned.to(dev)
+        targets = batch.response_ids.to(dev)[mask][owned] if self.role == "actor" else None
+        select = pm.select.to(dev)
         with self._selecting(select, torch.zeros_like(select), targets):
-            out = model(input_ids=ids, position_ids=positions, **kwargs)
-        return out, functools.partial(self._loss, micro, mask, loss_fn)
+            out = model(input_ids=pm.input_ids.to(dev), position_ids=pm.position_ids.to(dev),
+                        **self._attention_kwargs(pm))
+        return out, functools.partial(self._loss, micro, mask, owned, loss_fn)
 
-    def _packed_inputs(self, batch: RolloutBatch, tokens: int | None) -> tuple[Tensor, Tensor, dict, Tensor]:
-        """The micro-batch as one packed stream [1, T] (real tokens only, every sequence attending to
-        itself; a trailing filler segment pads it to ``tokens``): (input_ids, position_ids, attention
-        kwargs, stream positions whose hidden states give the response tokens' outputs). With TE the
-        attention is told the sequence boundaries (THD, ``PackedSeqParams``); the local spec gets the
-        equivalent block-diagonal causal mask. RoPE is relative, so positions counted over the whole
-        stream give each sequence the same scores as its own."""
+    def _attention_kwargs(self, pm: PackedMicro) -> dict[str, Any]:
+        """How attention learns the sequence boundaries of the packed stream: THD ``PackedSeqParams``
+        under Transformer Engine (which splits the sequences over CP itself), the equivalent
+        block-diagonal causal mask on the local spec (over all CP ranks' tokens, which its attention
+        gathers)."""
         dev = self.device
-        packed = batch.to_packed()
-        n = packed.input_ids.numel()
-        t = max(tokens or n, n)
-        cu = packed.cu_seqlens.to(torch.int64)
-        if t > n:
-            cu = torch.cat([cu, torch.tensor([t])])
-        ids = torch.zeros(1, t, dtype=packed.input_ids.dtype, device=dev)
-        ids[0, :n] = packed.input_ids.to(dev)
-        positions = torch.zeros(1, t, dtype=torch.long, device=dev)
-        positions[0, :n] = packed.position_ids.to(dev)
         if self.te_layout:
             from megatron.core.packed_seq_params import PackedSeqParams
 
-            cu32 = cu.to(device=dev, dtype=torch.int32)
-            longest = int((cu[1:] - cu[:-1]).max())
-            kwargs = {"attention_mask": None, "packed_seq_params": PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32, cu_seqlens_q_padded=cu32,
-                cu_seqlens_kv_padded=cu32, max_seqlen_q=longest, max_seqlen_kv=longest)}  # no padding inside
-        else:
-            seg = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).to(dev)
-            allowed = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool, device=dev).tril()
-            kwargs = {"attention_mask": ~allowed[None, None]}  # True = masked out, [1, 1, T, T]
-        return ids, positions, kwargs, (packed.response_index - 1).to(dev)
+            cu, cu_pad = pm.cu_seqlens.to(dev), pm.cu_seqlens_padded.to(dev)
+            return {"attention_mask": None, "packed_seq_params": PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
+                cu_seqlens_kv_padded=cu_pad, max_seqlen_q=pm.max_seqlen, max_seqlen_kv=pm.max_seqlen)}
+        return {"attention_mask": pm.block_causal_mask().to(dev)}
 
-    def _loss(self, micro: _Micro, mask: Tensor, loss_fn: LossFn | None, output: Tensor):
+    def _loss(self, micro: _Micro, mask: Tensor, owned: Tensor, loss_fn: LossFn | None, output: Tensor):
         """megatron's loss_func on the last stage: (scalar to backward, token count (unused: we weight
-        ourselves), what to keep)."""
-        vals = output[0, :, 0].float()  # [1, N, 1]: log-probs (actor) or values (critic)
+        ourselves), what to keep). With CP every rank holds the outputs of its own tokens: they are
+        summed into the whole micro-batch's on every rank (each computes the same loss and sends the
+        gradient of its own outputs back)."""
+        vals = output[0, :, 0].float()  # [1, n, 1]: log-probs (actor) or values (critic)
+        if self.cp_size > 1:
+            mine = torch.zeros(owned.shape, dtype=vals.dtype, device=self.device).masked_scatter(owned, vals)
+            vals = _SumOverGroup.apply(mine, parallel_state.get_context_parallel_group())
         full = torch.zeros(mask.shape, dtype=vals.dtype, device=self.device).masked_scatter(mask, vals)
         one = torch.ones((), dtype=torch.int, device=self.device)
         if loss_fn is None:
@@ -670,6 +671,22 @@ def vocab_parallel_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, tem
             if recompute else piece(hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens])
             for i in range(0, n, chunk_tokens)]
     return torch.cat(outs)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Sum over a process group in the forward; in the backward every rank keeps its own gradient
+    (every rank computes the same loss from the sum, so summing the gradients too would count them
+    once per rank)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kwargs) -> None:

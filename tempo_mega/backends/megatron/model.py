@@ -8,6 +8,7 @@ checkpointing and pipeline code stay megatron's own, and the head is checkpointe
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor, nn
 
 from tempo_mega.backends.megatron.config import MegatronConfig
@@ -48,9 +50,30 @@ class LocalRMSNorm(nn.RMSNorm):
             self.weight.sequence_parallel = True
 
 
-def layer_spec(*, use_te: bool | None = None):
+class AllGatherCPAttention(DotProductAttention):
+    """The local spec's core attention with context parallelism (megatron's own supports CP only
+    through Transformer Engine): the keys and values of every CP rank are gathered (their gradients
+    reduce-scattered back), and this rank's queries attend to them under the block-diagonal causal
+    mask the backend builds over the gathered order (``PackedMicro.block_causal_mask``). Memory grows
+    with the whole stream's length; on GPUs Transformer Engine's ring attention is the one to use."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any):
+        single = copy.copy(config)  # the parent refuses CP > 1; it uses the config for nothing CP-related
+        single.context_parallel_size = 1
+        super().__init__(single, *args, **kwargs)
+        self.cp_group = parallel_state.get_context_parallel_group()
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *args: Any,
+                **kwargs: Any) -> Tensor:
+        key = tensor_parallel.gather_from_sequence_parallel_region(key, group=self.cp_group)
+        value = tensor_parallel.gather_from_sequence_parallel_region(value, group=self.cp_group)
+        return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+
+def layer_spec(*, use_te: bool | None = None, context_parallel: bool = False):
     """(spec, te_layout): the Transformer Engine spec when TE imports (or ``use_te``), else the local
-    spec with ``LocalRMSNorm`` for every norm (sequence parallel included; no FP8). Said once in the log."""
+    spec with ``LocalRMSNorm`` for every norm (sequence parallel included; no FP8) and, with
+    ``context_parallel``, ``AllGatherCPAttention``. Said once in the log."""
     global _SPEC_LOGGED
     te = transformer_engine_available() if use_te is None else use_te
     if not _SPEC_LOGGED:
@@ -65,6 +88,8 @@ def layer_spec(*, use_te: bool | None = None):
     layer, attention = spec.submodules, spec.submodules.self_attention.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
     attention.q_layernorm = attention.k_layernorm = LocalRMSNorm
+    if context_parallel:
+        attention.core_attention = AllGatherCPAttention
     return spec, False
 
 
@@ -158,7 +183,7 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
     if mc.vpp and vp_stage is None:
         raise ValueError("build_model: megatron.virtual_pipeline_parallel_size is set, pass vp_stage "
                          "(or use build_model_chunks)")
-    spec, te_layout = layer_spec(use_te=use_te)
+    spec, te_layout = layer_spec(use_te=use_te, context_parallel=mc.context_parallel_size > 1)
     if not te_layout:
         if mc.fp8 != "none":
             raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
