@@ -86,10 +86,10 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
 
 
 @contextlib.contextmanager
-def one_process_world(monkeypatch) -> Iterator[None]:
-    """The environment of a 1-process torchrun world with megatron on the CPU: torch.distributed and
-    megatron's parallel state are brought up by the code under test (the backend's init_parallel) and
-    torn down here. Skips when a process group is already up in this process."""
+def one_process_world(monkeypatch, *, cpu: bool = True) -> Iterator[None]:
+    """The environment of a 1-process torchrun world (megatron on the CPU unless ``cpu=False``):
+    torch.distributed and megatron's parallel state are brought up by the code under test (the
+    backend's init_parallel) and torn down here. Skips when a process group is already up."""
     import pytest
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -100,7 +100,7 @@ def one_process_world(monkeypatch) -> Iterator[None]:
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(key, value)
-    with megatron_on_cpu():
+    with megatron_on_cpu() if cpu else contextlib.nullcontext():
         try:
             yield
         finally:

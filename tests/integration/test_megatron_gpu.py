@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("megatron.core")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_cpu_support import free_port  # noqa: E402
+from megatron_cpu_support import one_process_world  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -28,21 +28,8 @@ def _te_or_skip():
 @pytest.fixture
 def gpu_world(monkeypatch):
     """A 1-process NCCL world, brought up by the backend (init_parallel) and torn down here."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already up in this process")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(key, value)
-    try:
+    with one_process_world(monkeypatch, cpu=False):
         yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _config():
