@@ -96,21 +96,20 @@ class MegatronBackend:
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
         init_parallel(mc, seed=seed)
-        # the schedule weights micro-batches as we say (see the module docstring)
         self.use_kernels = use_kernels
         self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te,
                                                          use_kernels=use_kernels)
+        # Micro-batch shapes vary and are sent ahead of the activations. Not with virtual stages on
+        # PP=2: the interleaved schedule sends to and receives from both neighbours at once, which are
+        # the same rank there, and megatron's batched exchange (of the shapes, and by default of the
+        # tensors) cannot tell the two directions apart. There every micro-batch of a schedule is
+        # padded to one shape, and the unbatched p2p path (two groups) is used.
+        self._fixed_shapes = bool(mc.vpp) and mc.pipeline_parallel_size == 2
         for c in self.chunks:  # set after construction: the config's own checks are about MoE dispatchers
-            # micro-batch shapes vary and are sent ahead of the activations. Not with virtual stages on
-            # PP=2: the interleaved schedule sends to and receives from both neighbours at once, which
-            # are the same rank there, and megatron's batched exchange (of the shapes, and by default
-            # of the tensors) cannot tell the two directions apart. There every micro-batch of a
-            # schedule is padded to one shape, and the unbatched p2p path (two groups) is used.
-            self._fixed_shapes = bool(mc.vpp) and mc.pipeline_parallel_size == 2
             c.config.variable_seq_lengths = not self._fixed_shapes
             if self._fixed_shapes:
                 c.config.batch_p2p_comm = False
-            c.config.calculate_per_token_loss = True
+            c.config.calculate_per_token_loss = True  # we weight the micro-batches (module docstring)
         self.device = next(p for c in self.chunks for p in c.parameters()).device
         for chunk in self.chunks:
             if chunk.post_process:
@@ -118,9 +117,8 @@ class MegatronBackend:
                 if role == "actor":
                     chunk.output_layer.register_forward_hook(self._logprobs_instead_of_logits, with_kwargs=True)
                 if chunk.config.sequence_parallel and role == "actor":
-                    # the hook gathers the sequence itself: the output layer must not gather it again
+                    # the pre-hook gathers the sequence and hands the layer no rows: no gather of its own
                     chunk.output_layer.sequence_parallel = False
-                    chunk.output_layer.allreduce_dgrad = self.tp_size > 1
         if hf_state_dict is not None:
             self._load_hf_into_chunks(hf_state_dict)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
