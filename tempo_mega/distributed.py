@@ -51,3 +51,17 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (e.g. a preemption signal that reached only some
+    processes: all of them must take the same checkpoint-and-exit path, or the collectives hang)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return flag
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -35,7 +35,7 @@ from tempo_mega.controller import PromptSource, TempoController
 from tempo_mega.data import FIELD_MAPS, FieldMap, PromptRecord, PromptSampler, format_prompt, load_prompts
 from tempo_mega.data.synthetic import make_synthetic_task, solution_text
 from tempo_mega.data.tokenizer import build_synthetic_tokenizer
-from tempo_mega.distributed import barrier, is_rank0, rank
+from tempo_mega.distributed import any_rank, barrier, is_rank0, rank
 from tempo_mega.eval.metrics import (
     auroc,
     avg_at_k,
@@ -680,11 +680,12 @@ def run_training(cfg: TrainConfig) -> Run:
             if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
                 metrics.update(evaluate(run.ctrl, run.pool, cfg, eval_seed))
             run.sink.log(metrics, step=step + 1)
-            if (t.save_every and (step + 1) % t.save_every == 0) or last or watch.signal is not None:
+            preempted = any_rank(watch.signal is not None)
+            if (t.save_every and (step + 1) % t.save_every == 0) or last or preempted:
                 save_checkpoint(run, step + 1)
             if any(isinstance(v, float) and math.isnan(v) for k, v in metrics.items() if k.endswith("/loss")):
                 raise FloatingPointError(f"step {step}: a loss is NaN; see {run.out / 'metrics.jsonl'}")
-            if watch.signal is not None and not last:
+            if preempted and not last:
                 run.sink.close()
                 run.rollout.shutdown()
                 raise Preempted(step + 1)
