@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
-
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,10 +20,12 @@ def test_one_process_answers():
     distributed.barrier()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(out: str) -> None:
+    """One rank of the torchrun world (run as this file's __main__)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     res = {
         "rank": distributed.rank(), "world": distributed.world_size(),
         "one_signalled": distributed.any_rank(rank == 1),  # a signal that reached rank 1 only
@@ -37,8 +38,15 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_agree(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           str(Path(__file__).resolve()), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for r in (0, 1):
         res = eval((tmp_path / f"rank{r}.txt").read_text())
         assert res == {"rank": r, "world": 2, "one_signalled": True, "none_signalled": False,
                        "from_rank0": "name-0"}
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
