@@ -155,12 +155,34 @@ if triton_available():  # kernels are defined at import; TRITON_INTERPRET must b
         return (hi + tl.zeros([], dtype=ACC)) + (lo + tl.zeros([], dtype=ACC))
 
     @triton.jit
-    def _gspo_fwd_kernel(LOGP, OLD, ADV, CU, SEQ_LR, ROW_LOSS, lo_hi, lo_lo, hi_hi, hi_lo,
-                         ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _seq_bounds(CU, ACC: tl.constexpr):
+        # this program's sequence: its index, token range [start, end) and length (>= 1, as a divisor)
         seq = tl.program_id(0)
         start = tl.load(CU + seq).to(tl.int64)
         end = tl.load(CU + seq + 1).to(tl.int64)
-        t_len = tl.maximum(end - start, 1).to(ACC)
+        return seq, start, end, tl.maximum(end - start, 1).to(ACC)
+
+    @triton.jit
+    def _gspo_ratios(seq_lr, lo_hi, lo_lo, hi_hi, hi_lo, ACC: tl.constexpr):
+        # the sequence's ratio (log-ratio capped at 10), its clipped value and the clip bounds
+        ratio = tl.exp(tl.minimum(seq_lr, 10.0))
+        lo = _const(lo_hi, lo_lo, ACC)
+        hi = _const(hi_hi, hi_lo, ACC)
+        return ratio, tl.minimum(tl.maximum(ratio, lo), hi), lo, hi
+
+    @triton.jit
+    def _value_errors(V, RET, offs, ok, off, ACC: tl.constexpr):
+        # per token: unclipped and clipped errors and their squares (the clip moves v by off)
+        v = tl.load(V + offs, mask=ok, other=0.0).to(ACC)
+        r = tl.load(RET + offs, mask=ok, other=0.0).to(ACC)
+        e_u = v - r
+        e_c = (v + off) - r
+        return e_u, e_c, e_u * e_u, e_c * e_c
+
+    @triton.jit
+    def _gspo_fwd_kernel(LOGP, OLD, ADV, CU, SEQ_LR, ROW_LOSS, lo_hi, lo_lo, hi_hi, hi_lo,
+                         ACC: tl.constexpr, BLOCK: tl.constexpr):
+        seq, start, end, t_len = _seq_bounds(CU, ACC)
         acc = tl.zeros([BLOCK], dtype=ACC)
         for t0 in range(start, end, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
@@ -169,10 +191,7 @@ if triton_available():  # kernels are defined at import; TRITON_INTERPRET must b
             old = tl.load(OLD + offs, mask=ok, other=0.0).to(ACC)
             acc += lp - old
         seq_lr = tl.sum(acc, axis=0) / t_len
-        ratio = tl.exp(tl.minimum(seq_lr, 10.0))
-        lo = _const(lo_hi, lo_lo, ACC)
-        hi = _const(hi_hi, hi_lo, ACC)
-        ratio_c = tl.minimum(tl.maximum(ratio, lo), hi)
+        ratio, ratio_c, lo, hi = _gspo_ratios(seq_lr, lo_hi, lo_lo, hi_hi, hi_lo, ACC)
         acc2 = tl.zeros([BLOCK], dtype=ACC)
         for t0 in range(start, end, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
@@ -185,15 +204,9 @@ if triton_available():  # kernels are defined at import; TRITON_INTERPRET must b
     @triton.jit
     def _gspo_bwd_kernel(ADV, CU, SEQ_LR, SCALE, DLOGP, lo_hi, lo_lo, hi_hi, hi_lo,
                          ACC: tl.constexpr, BLOCK: tl.constexpr):
-        seq = tl.program_id(0)
-        start = tl.load(CU + seq).to(tl.int64)
-        end = tl.load(CU + seq + 1).to(tl.int64)
-        t_len = tl.maximum(end - start, 1).to(ACC)
+        seq, start, end, t_len = _seq_bounds(CU, ACC)
         seq_lr = tl.load(SEQ_LR + seq).to(ACC)
-        ratio = tl.exp(tl.minimum(seq_lr, 10.0))
-        lo = _const(lo_hi, lo_lo, ACC)
-        hi = _const(hi_hi, hi_lo, ACC)
-        ratio_c = tl.minimum(tl.maximum(ratio, lo), hi)
+        ratio, ratio_c, lo, hi = _gspo_ratios(seq_lr, lo_hi, lo_lo, hi_hi, hi_lo, ACC)
         inside = ((ratio >= lo) & (ratio <= hi)).to(ACC)
         uncapped = (seq_lr <= 10.0).to(ACC)
         coef = tl.load(SCALE).to(ACC) / t_len * uncapped * ratio
@@ -209,10 +222,7 @@ if triton_available():  # kernels are defined at import; TRITON_INTERPRET must b
     @triton.jit
     def _value_fwd_kernel(V, OLD, RET, CU, DELTA, CSUM, ROW_LOSS, c_hi, c_lo,
                           ACC: tl.constexpr, BLOCK: tl.constexpr):
-        seq = tl.program_id(0)
-        start = tl.load(CU + seq).to(tl.int64)
-        end = tl.load(CU + seq + 1).to(tl.int64)
-        t_len = tl.maximum(end - start, 1).to(ACC)
+        seq, start, end, t_len = _seq_bounds(CU, ACC)
         acc_v = tl.zeros([BLOCK], dtype=ACC)
         acc_o = tl.zeros([BLOCK], dtype=ACC)
         for t0 in range(start, end, BLOCK):
@@ -228,12 +238,7 @@ if triton_available():  # kernels are defined at import; TRITON_INTERPRET must b
         for t0 in range(start, end, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
             ok = offs < end
-            v = tl.load(V + offs, mask=ok, other=0.0).to(ACC)
-            r = tl.load(RET + offs, mask=ok, other=0.0).to(ACC)
-            e_u = v - r
-            e_c = (v + off) - r
-            eu = e_u * e_u
-            ec = e_c * e_c
+            e_u, e_c, eu, ec = _value_errors(V, RET, offs, ok, off, ACC)
             wc = tl.where(ec > eu, 1.0, tl.where(ec == eu, 0.5, 0.0))
             acc_l += tl.where(ok, tl.maximum(eu, ec), 0.0)
             acc_c += tl.where(ok, wc * e_c, 0.0)
@@ -244,10 +249,7 @@ if triton_available():  # kernels are defined at import; TRITON_INTERPRET must b
     @triton.jit
     def _value_bwd_kernel(V, RET, CU, DELTA, CSUM, SCALE, DV, c_hi, c_lo,
                           ACC: tl.constexpr, BLOCK: tl.constexpr):
-        seq = tl.program_id(0)
-        start = tl.load(CU + seq).to(tl.int64)
-        end = tl.load(CU + seq + 1).to(tl.int64)
-        t_len = tl.maximum(end - start, 1).to(ACC)
+        seq, start, end, t_len = _seq_bounds(CU, ACC)
         delta = tl.load(DELTA + seq).to(ACC)
         c = _const(c_hi, c_lo, ACC)
         off = tl.minimum(tl.maximum(delta, -c), c) - delta
@@ -257,12 +259,7 @@ if triton_available():  # kernels are defined at import; TRITON_INTERPRET must b
         for t0 in range(start, end, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
             ok = offs < end
-            v = tl.load(V + offs, mask=ok, other=0.0).to(ACC)
-            r = tl.load(RET + offs, mask=ok, other=0.0).to(ACC)
-            e_u = v - r
-            e_c = (v + off) - r
-            eu = e_u * e_u
-            ec = e_c * e_c
+            e_u, e_c, eu, ec = _value_errors(V, RET, offs, ok, off, ACC)
             wu = tl.where(eu > ec, 1.0, tl.where(eu == ec, 0.5, 0.0))
             dv = scale * (wu * e_u + (1.0 - wu) * e_c + corr)
             tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
