@@ -138,16 +138,10 @@ class MegatronBackend:
         self._sub_optimizers = list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
         self.num_train_steps = 0
         self.num_optimizer_steps = 0
-        self._positions: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._positions: tuple[Tensor, Tensor | None] | None = None  # (stream positions, actor targets)
         self._selected: Tensor | None = None
         for chunk in self.chunks:
             chunk.eval()
-
-    @property
-    def model(self):
-        """The model chunk with the output layer on this rank's last virtual stage (the only chunk
-        without VPP)."""
-        return self.chunks[-1]
 
     # ------------------------------------------------------------------ groups
     @property
@@ -219,15 +213,14 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ forward
     def _select_positions(self, module, args, kwargs):
-        """output_layer pre-hook: keep only the hidden states at the selected (s, b) positions (with
-        sequence parallel, after gathering the sequence; the gather's backward keeps this rank's part).
+        """output_layer pre-hook: keep only the hidden states at the selected positions of the packed
+        stream (with sequence parallel, after gathering it; the gather's backward keeps this rank's part).
         The actor's are set aside for ``_logprobs_instead_of_logits`` and the layer itself gets none."""
         hidden = args[0]
         if self.chunks[-1].config.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         if self._positions is not None:
-            s_idx, b_idx, _ = self._positions
-            hidden = hidden[s_idx, b_idx].unsqueeze(1)  # [N, 1, H]
+            hidden = hidden[self._positions[0]]  # [T, 1, H] -> [N, 1, H]
             if self.role == "actor":
                 self._selected = hidden[:, 0]
                 hidden = hidden[:0]
@@ -242,13 +235,13 @@ class MegatronBackend:
         weight = kwargs.get("weight")
         if weight is None:
             weight = args[1] if len(args) > 1 and args[1] is not None else module.weight
-        lp = vocab_parallel_logprobs(hidden, weight, self._positions[2], self.temperature,
+        lp = vocab_parallel_logprobs(hidden, weight, self._positions[1], self.temperature,
                                      self.megatron_config.logprob_chunk_tokens)
         return lp[:, None, None], None
 
     @contextlib.contextmanager
-    def _selecting(self, s_idx: Tensor, b_idx: Tensor, targets: Tensor | None) -> Iterator[None]:
-        self._positions = (s_idx, b_idx, targets)
+    def _selecting(self, select: Tensor, targets: Tensor | None) -> Iterator[None]:
+        self._positions = (select, targets)
         try:
             yield
         finally:
@@ -329,8 +322,7 @@ class MegatronBackend:
         mask = batch.response_mask.to(dev).bool()
         owned = pm.owned.to(dev)
         targets = batch.response_ids.to(dev)[mask][owned] if self.role == "actor" else None
-        select = pm.select.to(dev)
-        with self._selecting(select, torch.zeros_like(select), targets):
+        with self._selecting(pm.select.to(dev), targets):
             out = model(input_ids=pm.input_ids.to(dev), position_ids=pm.position_ids.to(dev),
                         **self._attention_kwargs(pm))
         return out, functools.partial(self._loss, micro, mask, owned, loss_fn)
@@ -363,7 +355,7 @@ class MegatronBackend:
         one = torch.ones((), dtype=torch.int, device=self.device)
         if loss_fn is None:
             return full.sum() * 0.0, one, {"filler": micro.filler, "result": full.detach()}
-        if micro.filler or micro.weight == 0:
+        if micro.filler:  # (only fillers have weight 0: the others were dropped before the schedule)
             return full.sum() * 0.0, one, {"filler": True}
         loss, metrics = loss_fn(full, micro.batch)
         return loss * micro.weight, one, {"filler": False, "result": (loss.detach(), metrics, micro.weight)}
