@@ -1,4 +1,4 @@
-"""Evaluation: avg@k, pass@k, answer diversity, reward-drift monitors (benchmark runner to come)."""
+"""Evaluation: avg@k, pass@k, answer diversity, reward-drift monitors; benchmark loaders and the runner in benchmarks.py, runner.py."""
 
 from tempo_mega.eval.metrics import (
     auroc,

@@ -274,12 +274,7 @@ def test_choice_grading_compares_letters():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 1-layer model gains nothing from threads on a small box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(tok, seed: int = 0):

@@ -36,14 +36,7 @@ def tiny_qwen3(seed: int = 0, tie: bool = False) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core box their spin-waits
-    # make every op ~10x slower; restored after this module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
