@@ -143,6 +143,15 @@ class KernelsConfig:
 
 
 @dataclass(frozen=True)
+class PrecisionConfig:
+    # FP8 GEMMs through Transformer Engine (backend=megatron): none | e4m3 | hybrid, with one of the
+    # recipes TE offers (delayed, tensorwise, blockwise, mxfp8). Weights stay bf16 with fp32 masters; the
+    # rollout engine always gets bf16 weights. Sets megatron.fp8 / megatron.fp8_recipe.
+    fp8: str = "none"
+    fp8_recipe: str = "delayed"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -151,6 +160,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     backend: str = "torch"  # train backend of actor and critic: torch (one process) | megatron (TP/PP/DP)
     # backend=megatron: the keys of tempo_mega.backends.megatron.MegatronConfig (tensor_parallel_size,
     # pipeline_parallel_size, params_dtype, ...); params_dtype null (the default here) follows model.dtype
@@ -173,6 +183,14 @@ def megatron_config(cfg: TrainConfig):
     raw = dict(cfg.megatron)
     if raw.get("params_dtype") is None:
         raw["params_dtype"] = cfg.model.dtype
+    p = cfg.precision
+    if p.fp8 != "none":  # precision.* is the user-facing key; megatron.fp8* may only agree with it
+        defaults = {f.name: f.default for f in dataclasses.fields(MegatronConfig)}
+        for key in ("fp8", "fp8_recipe"):
+            mine = raw.get(key, defaults[key])
+            _check(mine in (defaults[key], getattr(p, key)), f"megatron.{key}",
+                   f"{mine!r} disagrees with precision.{key}={getattr(p, key)!r}; set one of them")
+            raw[key] = getattr(p, key)
     try:
         return MegatronConfig(**raw)
     except (TypeError, ValueError) as e:
@@ -264,6 +282,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
                "must divide model.num_attention_heads")
     _check(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {cfg.backend!r}")
+    if cfg.precision.fp8 != "none":
+        from tempo_mega.backends.megatron.config import FP8, FP8_RECIPES
+
+        pr = cfg.precision
+        _check(pr.fp8 in FP8, "precision.fp8", f"must be one of {FP8}, got {pr.fp8!r}")
+        _check(pr.fp8_recipe in FP8_RECIPES, "precision.fp8_recipe", f"must be one of {FP8_RECIPES}, got {pr.fp8_recipe!r}")
+        _check(cfg.backend == "megatron", "precision.fp8",
+               f"FP8 runs through Transformer Engine on backend=megatron; got backend={cfg.backend}")
     if cfg.backend == "megatron":
         mc = megatron_config(cfg)
         tp, pp = mc.tensor_parallel_size, mc.pipeline_parallel_size

@@ -112,6 +112,10 @@ def test_config_is_frozen():
          "megatron.tensor_parallel_size"),  # 8 KV heads
         (["experiment=qwen3_32b_tempo", "model.path=null", "megatron.virtual_pipeline_parallel_size=3"],
          "megatron.pipeline_parallel_size"),  # 2 x 3 does not divide 64 layers
+        (["precision.fp8=e4m3"], "precision.fp8"),  # the torch backend has no FP8
+        (["backend=megatron", "precision.fp8=fp4"], "precision.fp8"),
+        (["backend=megatron", "precision.fp8=hybrid", "precision.fp8_recipe=nvfp4"], "precision.fp8_recipe"),
+        (["backend=megatron", "model.dtype=bfloat16", "precision.fp8=e4m3", "megatron.fp8=hybrid"], "megatron.fp8"),
     ],
 )
 def test_bad_values_name_the_key(override, match):
@@ -138,3 +142,14 @@ def test_from_dict_rejects_unknown_nested_key():
     with pytest.raises(ValueError, match=r"algo\.actor\.momentum"):
         from_dict({"algo": {"actor": {"momentum": 0.9}}})
     assert isinstance(from_dict({}), TrainConfig)
+
+
+def test_precision_fp8_sets_the_megatron_layers():
+    """precision.fp8 / precision.fp8_recipe (the issue's key) reach MegatronConfig; FP8 off by default."""
+    from tempo_mega.config import megatron_config
+
+    assert megatron_config(load_config(["backend=megatron"])).fp8 == "none"
+    cfg = load_config(["experiment=qwen3_8b_tempo", "model.path=/ckpt", "precision.fp8=hybrid",
+                       "precision.fp8_recipe=tensorwise"])
+    mc = megatron_config(cfg)
+    assert (mc.fp8, mc.fp8_recipe, mc.params_dtype) == ("hybrid", "tensorwise", "bfloat16")
