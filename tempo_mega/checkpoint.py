@@ -10,6 +10,9 @@ Layout under a root directory::
 its contents and the ``COMPLETE`` marker are fsynced, so a crash at any point leaves either the
 previous state or a complete ``step_*`` directory. Directories being deleted are renamed to a hidden
 name first, so a crash half-way through a delete never leaves a partial ``step_*`` directory either.
+``recover_interrupted`` tidies what a crash left behind (at the start of a run, before any save): it
+publishes a temporary directory that was complete, puts back a checkpoint moved aside, and deletes the
+rest.
 
 One process manages the directory (rank 0 in a distributed run). When several ranks write shards
 into one checkpoint, rank 0 enters ``atomic_checkpoint``, broadcasts the temporary path, and the
@@ -38,6 +41,7 @@ __all__ = [
     "list_checkpoints",
     "load_json",
     "prune_checkpoints",
+    "recover_interrupted",
     "rng_state",
     "save_json",
     "set_rng_state",
@@ -160,7 +164,8 @@ def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
     save_json(tmp / COMPLETE_MARKER, {"step": step, "time": time.time()})
     if final.exists():
         # POSIX rename cannot replace a non-empty directory: move the old one aside. A crash
-        # between the two renames leaves no step_{step} at all, and the previous step is used.
+        # between the two renames leaves no step_{step} at all; recover_interrupted publishes the
+        # complete temporary directory at the next start.
         old = root / f".old-{final.name}-{os.getpid()}"
         if old.exists():
             shutil.rmtree(old)
@@ -175,6 +180,48 @@ def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
     else:
         os.rename(tmp, final)
         _fsync_dir(root)
+
+
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)-(step_\d+)-\d+$")
+
+
+def recover_interrupted(root: str | Path) -> list[str]:
+    """Finish or undo what a crashed ``atomic_checkpoint`` / ``prune_checkpoints`` left under ``root``.
+
+    Call it from the one process that manages ``root`` while no save is in progress (the trainer does, on
+    rank 0, before it looks for a checkpoint to resume from). For each ``step_N``:
+
+    - ``.tmp-step_N-<pid>`` holding the ``COMPLETE`` marker (a crash after the marker was written, before
+      or between the renames that publish it) becomes ``step_N`` if there is none: it is the newest
+      complete state of that step;
+    - ``.old-step_N-<pid>`` (a checkpoint moved aside to be replaced) becomes ``step_N`` again if there is
+      still none and it is complete;
+    - everything else (unfinished ``.tmp-*``, superseded ``.old-*``, ``.del-*`` half-deleted) is deleted.
+
+    Returns one line per action, for the log. Directories that do not match these names are not touched.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    actions: list[str] = []
+    leftovers = sorted(
+        (e for e in root.iterdir() if e.is_dir() and _LEFTOVER.match(e.name)),
+        # per step: complete temporaries first (newest first), then the moved-aside copies
+        key=lambda e: (_LEFTOVER.match(e.name)[1] != "tmp", -e.stat().st_mtime),
+    )
+    for entry in leftovers:
+        kind, step_name = _LEFTOVER.match(entry.name).groups()
+        final = root / step_name
+        complete = (entry / COMPLETE_MARKER).is_file()
+        if kind in ("tmp", "old") and complete and not final.exists():
+            os.rename(entry, final)
+            _fsync_dir(root)
+            actions.append(f"{entry.name}: complete, published as {step_name}")
+            continue
+        shutil.rmtree(entry)
+        why = "half-deleted" if kind == "del" else f"{step_name} exists" if final.exists() else "incomplete"
+        actions.append(f"{entry.name}: {why}, deleted")
+    return actions
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

@@ -18,6 +18,7 @@ from tempo_mega.checkpoint import (
     list_checkpoints,
     load_json,
     prune_checkpoints,
+    recover_interrupted,
     rng_state,
     save_json,
     set_rng_state,
@@ -125,6 +126,62 @@ def test_hidden_aside_dir_is_not_a_checkpoint(tmp_path):
     aside = write_checkpoint(tmp_path, 5)
     os.rename(aside, tmp_path / ".old-step_00000005-12345")
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000004"
+
+
+def _aside(root, step, kind, pid, payload, complete=True):
+    """A leftover ``.{kind}-step_N-pid`` directory as a killed save leaves it."""
+    d = root / f".{kind}-step_{step:08d}-{pid}"
+    d.mkdir(parents=True)
+    (d / "model.bin").write_text(f"{payload}-{step}")
+    if complete:
+        (d / "COMPLETE").write_text(json.dumps({"step": step}))
+    return d
+
+
+def test_recover_publishes_a_complete_temporary_killed_between_the_renames(tmp_path):
+    # killed after step 5 was moved aside, before the new step 5 was renamed into place
+    write_checkpoint(tmp_path, 4)
+    _aside(tmp_path, 5, "old", 111, "old")
+    _aside(tmp_path, 5, "tmp", 111, "new")
+    actions = recover_interrupted(tmp_path)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000005"
+    assert (tmp_path / "step_00000005" / "model.bin").read_text() == "new-5"  # the newer state wins
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000005"]
+    assert actions == [
+        ".tmp-step_00000005-111: complete, published as step_00000005",
+        ".old-step_00000005-111: step_00000005 exists, deleted",
+    ]
+    assert recover_interrupted(tmp_path) == []  # nothing left to do
+
+
+def test_recover_puts_back_a_checkpoint_moved_aside(tmp_path):
+    write_checkpoint(tmp_path, 4)
+    _aside(tmp_path, 5, "old", 222, "old")
+    _aside(tmp_path, 5, "tmp", 222, "half", complete=False)  # the replacement never finished
+    recover_interrupted(tmp_path)
+    assert (tmp_path / "step_00000005" / "model.bin").read_text() == "old-5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000005"]
+
+
+def test_recover_deletes_unfinished_and_half_deleted_dirs_only(tmp_path):
+    write_checkpoint(tmp_path, 1)
+    _aside(tmp_path, 2, "tmp", 333, "half", complete=False)
+    _aside(tmp_path, 0, "del", 333, "pruned")  # a prune killed mid-delete, marker and all
+    _aside(tmp_path, 1, "tmp", 333, "dup")  # complete, but step 1 exists
+    (tmp_path / "notes").mkdir()  # not ours: untouched
+    (tmp_path / ".tmp-something-else").mkdir()
+    (tmp_path / "step_00000003").mkdir()  # unmarked step dir: never read, never deleted here
+    actions = recover_interrupted(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tmp-something-else", "notes", "step_00000001", "step_00000003"
+    ]
+    assert (tmp_path / "step_00000001" / "model.bin").read_text() == "weights-1"
+    assert sorted(actions) == [
+        ".del-step_00000000-333: half-deleted, deleted",
+        ".tmp-step_00000001-333: step_00000001 exists, deleted",
+        ".tmp-step_00000002-333: incomplete, deleted",
+    ]
+    assert recover_interrupted(tmp_path / "missing") == []
 
 
 @pytest.mark.parametrize(
