@@ -26,6 +26,7 @@ from tempo_mega.checkpoint import (
     latest_checkpoint,
     load_json,
     prune_checkpoints,
+    recover_interrupted,
     rng_state,
     save_json,
     set_rng_state,
@@ -35,7 +36,7 @@ from tempo_mega.controller import PromptSource, TempoController
 from tempo_mega.data import FIELD_MAPS, FieldMap, PromptRecord, PromptSampler, format_prompt, load_prompts
 from tempo_mega.data.synthetic import make_synthetic_task, solution_text
 from tempo_mega.data.tokenizer import build_synthetic_tokenizer
-from tempo_mega.distributed import any_rank, barrier, is_rank0, rank
+from tempo_mega.distributed import any_rank, barrier, broadcast_object, is_rank0, rank
 from tempo_mega.eval.metrics import (
     auroc,
     avg_at_k,
@@ -78,7 +79,7 @@ def load_records(cfg: TrainConfig) -> tuple[list[PromptRecord], list[PromptRecor
 
     def field_map(name: str) -> FieldMap:
         base = FIELD_MAPS[name]
-        return FieldMap(prompt=d.prompt_key or base.prompt, answer=d.answer_key or base.answer, id=base.id)
+        return dataclasses.replace(base, prompt=d.prompt_key or base.prompt, answer=d.answer_key or base.answer)
 
     train = [r for f in d.train_files for r in load_prompts(f, field_map(d.field_map), labeled=True)]
     test_map = field_map(d.test_field_map or d.field_map)
@@ -493,6 +494,19 @@ class Run:
     first_line: dict[str, float] | None = None  # metrics that ride on the first step's line
 
 
+def find_resume_checkpoint(root: Path) -> Path | None:
+    """The checkpoint to resume from, the same on every rank: rank 0 first finishes or removes what a
+    crashed save left under ``root`` (``checkpoint.recover_interrupted``), then picks the newest."""
+    ckpt = None
+    if is_rank0():
+        for action in recover_interrupted(root):
+            log.warning("checkpoint recovery in %s: %s", root, action)
+        ckpt = latest_checkpoint(root)
+        if ckpt is None:
+            log.warning("trainer.resume=true but %s holds no complete checkpoint: starting from step 0", root)
+    return broadcast_object(ckpt)
+
+
 def setup(cfg: TrainConfig) -> Run:
     from transformers.utils import logging as hf_logging
 
@@ -500,17 +514,15 @@ def setup(cfg: TrainConfig) -> Run:
     t = cfg.trainer
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out / "checkpoints") if t.resume else None
-    if t.resume and ckpt is None:
-        log.warning("trainer.resume=true but %s holds no complete checkpoint: starting from step 0", out / "checkpoints")
     torch.manual_seed(t.seed)
     device = resolve_device(cfg)
     tokenizer = load_tokenizer(cfg)
     train, test = load_records(cfg)
     pool = PromptPool(cfg, tokenizer, train, test)
-    actor, critic = build_models(cfg, tokenizer, device)
+    actor, critic = build_models(cfg, tokenizer, device)  # starts the process group of a megatron run
     src = pool.source()
     rollout = build_rollout(cfg, actor, src.pad_token_id, device)
+    ckpt = find_resume_checkpoint(out / "checkpoints") if t.resume else None
     # checkpoints and metric lines count completed steps: step_00000003 holds the weights after 3 steps
     done_steps = int(load_json(ckpt / "state.json")["completed_steps"]) if ckpt is not None else 0
     sinks = []
@@ -521,7 +533,9 @@ def setup(cfg: TrainConfig) -> Run:
     if "progress" in t.loggers:
         sinks.append(ProgressSink(t.total_steps, initial_step=done_steps))
     if "wandb" in t.loggers:
-        sinks.append(WandbSink(t.wandb_project, out.name, to_dict(cfg), out, mode=t.wandb_mode))
+        # a resumed run continues the wandb run of its checkpoint rather than starting a new one
+        wandb_id = load_json(ckpt / "state.json").get("wandb_run_id") if ckpt is not None else None
+        sinks.append(WandbSink(t.wandb_project, out.name, to_dict(cfg), out, mode=t.wandb_mode, resume_id=wandb_id))
     sink = MultiSink(sinks)
     if is_rank0():
         save_json(out / "config.json", to_dict(cfg))
@@ -552,7 +566,11 @@ def save_checkpoint(run: Run, completed_steps: int) -> Path:
         run.critic.save(d / "critic")
         if is_rank0():
             torch.save({"samplers": run.pool.state_dict(), "rng": rng_state()}, d / "trainer_state.pt")
-            save_json(d / "state.json", {"completed_steps": completed_steps})
+            state: dict[str, Any] = {"completed_steps": completed_steps}
+            wandb_sinks = [x for x in getattr(run.sink, "sinks", []) if isinstance(x, WandbSink)]
+            if wandb_sinks:
+                state["wandb_run_id"] = wandb_sinks[0].run_id
+            save_json(d / "state.json", state)
             save_json(d / "config.json", to_dict(run.cfg))
         else:
             torch.save(rng_state(), d / f"rng_rank{rank()}.pt")

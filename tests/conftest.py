@@ -1,6 +1,9 @@
-"""Suite-wide setup: Triton's CPU interpreter on machines without CUDA, and `gpu` tests skipped there."""
+"""Suite-wide setup: Triton's CPU interpreter on machines without CUDA, and `gpu` tests skipped there;
+fixtures shared by several modules."""
 
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -29,3 +32,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -------------------------------------------------------------------------------------------- wandb
+
+
+class FakeRun:
+    def __init__(self, **init_kwargs):
+        self.init_kwargs = init_kwargs
+        self.id = init_kwargs.get("id") or "run123"
+        self.logged: list[tuple[dict, int]] = []
+        self.finished = 0
+
+    def log(self, data, step=None):
+        self.logged.append((data, step))
+
+    def finish(self):
+        self.finished += 1
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    module = types.ModuleType("wandb")
+    module.runs = []
+
+    def init(**kwargs):
+        run = FakeRun(**kwargs)
+        module.runs.append(run)
+        return run
+
+    module.init = init
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    # setenv first so that monkeypatch restores the original (possibly absent) WANDB_MODE afterwards,
+    # undoing the sink's os.environ.setdefault
+    monkeypatch.setenv("WANDB_MODE", "unset")
+    monkeypatch.delenv("WANDB_MODE")
+    return module

@@ -57,7 +57,11 @@ def test_cli_debug_run_then_resume(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     full = train(tmp_path / "full", "trainer.total_steps=3")
     train(tmp_path / "cut", "trainer.total_steps=2")
+    # killed after the last checkpoint was complete, before its rename: the resume publishes it
+    ckpts = tmp_path / "cut" / "checkpoints"
+    (ckpts / "step_00000002").rename(ckpts / ".tmp-step_00000002-99999")
     resumed = train(tmp_path / "cut", "trainer.total_steps=3", "trainer.resume=true")
+    assert resumed.start_step == 2 and not (ckpts / ".tmp-step_00000002-99999").exists()
     keys = ("actor/loss", "critic/loss", "rollout/response_len_mean", "actor/grad_norm")
     a, b = lines(tmp_path / "full"), lines(tmp_path / "cut")
     assert [x["step"] for x in b] == [1, 2, 3]
@@ -67,6 +71,16 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert n1 == n2 and torch.equal(p1, p2), n1
     for p1, p2 in zip(full.critic.model.parameters(), resumed.critic.model.parameters()):
         assert torch.equal(p1, p2)
+
+
+def test_resume_continues_the_wandb_run(tmp_path, fake_wandb):
+    train(tmp_path, "trainer.total_steps=1", "trainer.loggers=[jsonl,wandb]")
+    state = json.loads((tmp_path / "checkpoints" / "step_00000001" / "state.json").read_text())
+    assert state["wandb_run_id"] == fake_wandb.runs[0].id and fake_wandb.runs[0].init_kwargs["id"] is None
+    train(tmp_path, "trainer.total_steps=2", "trainer.loggers=[jsonl,wandb]", "trainer.resume=true")
+    again = fake_wandb.runs[1].init_kwargs
+    assert again["id"] == state["wandb_run_id"] and again["resume"] == "allow"
+    assert [step for _, step in fake_wandb.runs[1].logged] == [2]
 
 
 # Pinned from a fixed-seed run of the debug preset; a change to any part of the step (sampling,

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -127,39 +126,6 @@ def test_jsonl_truncate_of_missing_file_and_torn_line_without_truncation(tmp_pat
 
 
 # -------------------------------------------------------------------------------------------- wandb
-
-
-class FakeRun:
-    def __init__(self, **init_kwargs):
-        self.init_kwargs = init_kwargs
-        self.id = init_kwargs.get("id") or "run123"
-        self.logged: list[tuple[dict, int]] = []
-        self.finished = 0
-
-    def log(self, data, step=None):
-        self.logged.append((data, step))
-
-    def finish(self):
-        self.finished += 1
-
-
-@pytest.fixture
-def fake_wandb(monkeypatch):
-    module = types.ModuleType("wandb")
-    module.runs = []
-
-    def init(**kwargs):
-        run = FakeRun(**kwargs)
-        module.runs.append(run)
-        return run
-
-    module.init = init
-    monkeypatch.setitem(sys.modules, "wandb", module)
-    # setenv first so that monkeypatch restores the original (possibly absent) WANDB_MODE afterwards,
-    # undoing the sink's os.environ.setdefault
-    monkeypatch.setenv("WANDB_MODE", "unset")
-    monkeypatch.delenv("WANDB_MODE")
-    return module
 
 
 def test_wandb_sink_logs_with_step_offline_by_default(fake_wandb, tmp_path):
