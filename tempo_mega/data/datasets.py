@@ -38,17 +38,32 @@ __all__ = [
 class FieldMap:
     """Where a row keeps its fields. Each is a dotted path into nested objects (``"reward_model.ground_truth"``;
     a numeric part indexes a list: ``"prompt.0.content"``). ``answer=None``: the rows carry no answer;
-    ``id=None``: records are named by their source (``<path>:<line>`` / ``<path>[<row>]``)."""
+    ``id=None``: records are named by their source (``<path>:<line>`` / ``<path>[<row>]``).
+
+    ``strip_prefix`` / ``strip_suffix``: answer-format instructions a dataset wraps its questions in, cut
+    from the prompt (a string, or the last user message) where it starts / ends with them, so that the
+    template's ``\\boxed{}`` instruction, which the verifier grades, is the only one the model sees."""
 
     prompt: str = "prompt"
     answer: str | None = "answer"
     id: str | None = None
+    strip_prefix: str | None = None
+    strip_suffix: str | None = None
+
+
+# DAPO-Math-17K asks for the answer on a last line "Answer: ...", which the \boxed{} verifier would grade -1
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 
 
 FIELD_MAPS: dict[str, FieldMap] = {
     "default": FieldMap(),
     # {"prompt": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": ...}, "extra_info": {"index": ...}}
-    "dapo_math": FieldMap(prompt="prompt", answer="reward_model.ground_truth", id="extra_info.index"),
+    "dapo_math": FieldMap(prompt="prompt", answer="reward_model.ground_truth", id="extra_info.index",
+                          strip_prefix=DAPO_PREFIX, strip_suffix=DAPO_SUFFIX),
     # AIME exports (HuggingFaceH4/aime_2024, math-ai/aime25, ...): {"problem": ..., "answer": ...}
     "aime": FieldMap(prompt="problem", answer="answer"),
     # what write_jsonl writes: {"id": ..., "prompt": ..., "answer": ...}
@@ -133,6 +148,26 @@ def _check_prompt(value: Any, where: str, name: str, row: Mapping) -> str | list
         f"{where}: field '{name}' must be a string or a list of {{'role', 'content'}} messages, "
         f"got {type(value).__name__}"
     )
+
+
+def _strip_instructions(prompt: str | list[dict[str, str]], field_map: FieldMap, where: str, name: str):
+    """``prompt`` without ``field_map.strip_prefix`` / ``strip_suffix`` (see ``FieldMap``)."""
+    if field_map.strip_prefix is None and field_map.strip_suffix is None:
+        return prompt
+
+    def cut(text: str) -> str:
+        if field_map.strip_prefix and text.startswith(field_map.strip_prefix):
+            text = text[len(field_map.strip_prefix):]
+        if field_map.strip_suffix and text.endswith(field_map.strip_suffix):
+            text = text[: -len(field_map.strip_suffix)]
+        if not text.strip():
+            raise ValueError(f"{where}: field '{name}' holds only the instructions the field map strips, no question")
+        return text
+
+    if isinstance(prompt, str):
+        return cut(prompt)
+    last = max(i for i, m in enumerate(prompt) if m["role"] == "user")
+    return [{**m, "content": cut(m["content"])} if i == last else m for i, m in enumerate(prompt)]
 
 
 def _check_answer(value: Any, where: str, name: str) -> str | None:
@@ -311,6 +346,7 @@ def load_prompts(
         if not isinstance(row, Mapping):
             raise ValueError(f"{where}: expected an object (a mapping of fields), got {type(row).__name__}")
         prompt = _check_prompt(_get_path(row, field_map.prompt), where, field_map.prompt, row)
+        prompt = _strip_instructions(prompt, field_map, where, field_map.prompt)
         answer = None
         if field_map.answer is not None:
             answer = _check_answer(_get_path(row, field_map.answer), where, field_map.answer)

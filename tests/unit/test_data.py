@@ -27,6 +27,7 @@ from tempo_mega.data import (
     solution_text,
     write_jsonl,
 )
+from tempo_mega.data.datasets import DAPO_PREFIX, DAPO_SUFFIX
 
 PROBLEM = re.compile(r"What is (\d+) ([+\-*]) (\d+)\?")
 
@@ -225,6 +226,35 @@ def test_load_jsonl_dapo_nested_fields(tmp_path):
     # a numeric path part indexes a list
     flat = load_prompts(path, FieldMap(prompt="prompt.0.content", answer="reward_model.ground_truth"))
     assert flat[2].prompt == "Problem 2"
+
+
+def test_dapo_answer_format_instructions_give_way_to_the_boxed_one(tmp_path):
+    # DAPO-Math-17K's own wording, verbatim: the verifier grades \\boxed{}, so "Answer:" must not be asked for
+    content = (
+        "Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+        "In triangle $ABC$, $AB = 5$. Find $BC$.\n\n"
+        'Remember to put your answer on its own line after "Answer:".'
+    )
+    rows = [
+        {"prompt": [{"role": "user", "content": content}], "reward_model": {"ground_truth": "7"},
+         "extra_info": {"index": "a"}},
+        {"prompt": [{"role": "user", "content": "A plain question?"}], "reward_model": {"ground_truth": "1"},
+         "extra_info": {"index": "b"}},
+        {"prompt": [{"role": "user", "content": DAPO_PREFIX + DAPO_SUFFIX}], "reward_model": {"ground_truth": "1"},
+         "extra_info": {"index": "c"}},
+    ]
+    path = _write_lines(tmp_path / "dapo.jsonl", rows[:2])
+    records = load_prompts(path, FIELD_MAPS["dapo_math"], labeled=True)
+    assert records[0].prompt == [{"role": "user", "content": "In triangle $ABC$, $AB = 5$. Find $BC$."}]
+    assert records[1].prompt == [{"role": "user", "content": "A plain question?"}]  # nothing to strip
+    text = render_prompt(records[0].prompt, build_synthetic_tokenizer(), use_chat_template=False)
+    assert text == "In triangle $ABC$, $AB = 5$. Find $BC$. " + PLAIN_SUFFIX and "Answer:" not in text
+    # the default field map keeps a prompt as it is
+    assert load_prompts(path, FieldMap(answer="reward_model.ground_truth"))[0].prompt[0]["content"] == content
+    bad = _write_lines(tmp_path / "only_instructions.jsonl", rows[2:])
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:1: field 'prompt' holds only the instructions")):
+        load_prompts(bad, FIELD_MAPS["dapo_math"], labeled=True)
 
 
 def test_load_aime_fields_and_unlabeled(tmp_path):
