@@ -231,13 +231,18 @@ def copy_actor_trunk_to_critic(actor, critic) -> None:
 def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, device: torch.device):
     """The sampler: the HF engine (a copy of the actor) or SGLang (rollout.sglang.*), which is given
     the trainer's log-probs for its post-sync probe and the actor's weights to re-sync a restarted server.
-    backend=megatron drives SGLang through ``RankZeroSGLang`` (rank 0 talks to the servers, every rank
-    takes part in the collective weight export and probe forward)."""
+    backend=megatron wraps either in ``RankZeroRollout`` (rank 0 samples for every rank; every rank takes
+    part in the collective weight export, and in the probe forward for SGLang)."""
     if cfg.rollout.engine == "hf":
-        # backend=megatron: an HF model built from the actor's HF-named weights (export_weights)
-        model = copy.deepcopy(actor.model) if isinstance(actor, TorchBackend) else actor.hf_module()
-        return HFRolloutEngine(model, pad_token_id=pad_token_id, device=device,
-                               max_batch_size=cfg.rollout.max_batch_size)
+        if isinstance(actor, TorchBackend):
+            return HFRolloutEngine(copy.deepcopy(actor.model), pad_token_id=pad_token_id, device=device,
+                                   max_batch_size=cfg.rollout.max_batch_size)
+        # backend=megatron: an HF model from the actor's HF-named weights (hf_module is a collective),
+        # sampling on rank 0 for every rank
+        model = actor.hf_module()
+        return RankZeroRollout(lambda _: HFRolloutEngine(model, pad_token_id=pad_token_id, device=device,
+                                                         max_batch_size=cfg.rollout.max_batch_size),
+                               actor, pad_token_id=pad_token_id)
     from tempo_mega.rollout.sglang import SGLangConfig, build_sglang_engine
 
     try:
@@ -281,57 +286,50 @@ def probe_logprobs(actor, ids: list[int], pad_token_id: int) -> list[float]:
         return actor.forward_logprobs(batch)[0, : len(ids) - 1].tolist()
 
 
-class RankZeroSGLang:
-    """SGLang for backend=megatron, as every rank of the run sees it (a RolloutEngine).
+class RankZeroRollout:
+    """A rollout engine for backend=megatron, as every rank of the run sees it (a RolloutEngine): one
+    engine, on rank 0, samples for the whole run.
 
-    Rank 0 of the default process group drives the servers (launch, generate, weight push, probe).
-    Every rank
+    ``build(self)`` makes the engine; it runs on rank 0 alone (it may use ``self._trainer_logprobs`` as the
+    engine's probe). Every rank
     - iterates each weight stream it is given to its end: ``MegatronBackend.export_weights`` is a
       collective (TP shards are gathered, PP stages broadcast over the pipeline); rank 0 drains the
       rest of the stream after a failed push too, so that no rank is left waiting in a collective;
-    - computes the probe's trainer log-probs (``probe_logprobs``, a collective forward) before each push,
-      and rank 0's probe compares the servers against them;
+    - with ``probe_ids``, computes the probe's trainer log-probs (``probe_logprobs``, a collective
+      forward) before each push, which rank 0's engine compares its own against;
     - gets rank 0's samples, metrics and outcome by broadcast (``broadcast_object_list``), so all ranks
       train on the same batch and an error on rank 0 raises on every rank.
 
-    SGLang gets the tensors in ``weights_dtype`` (model.dtype: what the torch backend exports, bf16 in
-    the Qwen3 presets), cast here where megatron.params_dtype differs.
+    ``weights_dtype``: the engine gets the tensors in this dtype (cast here where megatron.params_dtype
+    differs); None passes them as exported.
 
-    Minimal for now: the samples travel pickled from rank 0 (hundreds of MB at 16K responses); the
-    process group's timeout must cover rank 0's server launch and its longest generate; with world
-    size > 1 a restarted server is re-synced only from ``rollout.sglang.weight_sync=disk``'s last copy
-    (re-streaming the weights would be a collective that only rank 0 enters), with tensor or distributed
-    sync a server that fails mid-run is an error. In a one-process world it is the engine plus the probe
-    and the cast."""
+    The samples travel pickled from rank 0 (hundreds of MB at 16K responses), and the process group's
+    timeout must cover rank 0's longest generate. In a one-process world it is the engine (plus the
+    probe and the cast)."""
 
-    def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype):
+    def __init__(self, build, actor, *, pad_token_id: int, weights_dtype: torch.dtype | None = None,
+                 probe_ids: list[int] | None = None):
         import torch.distributed as dist
-
-        from tempo_mega.rollout.sglang import build_sglang_engine
 
         up = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if up else (0, 1)
         self.actor, self.pad_token_id, self.weights_dtype = actor, pad_token_id, weights_dtype
-        self.probe_ids = list(cfg.probe_ids) if cfg.probe else None
+        self.probe_ids = list(probe_ids) if probe_ids is not None else None
         self.last_metrics: dict[str, float] = {}
         self._want: list[float] | None = None
-        weights_source = (lambda: self._cast(actor.export_weights())) if self.world_size == 1 else None
         self.engine = None
-        self._on_rank0(lambda: self._start(build_sglang_engine, cfg, weights_source))
-
-    def _start(self, build, cfg, weights_source) -> None:
-        self.engine = build(cfg, pad_token_id=self.pad_token_id, weights_source=weights_source,
-                            trainer_logprob_fn=self._trainer_logprobs if cfg.probe else None)
+        self._on_rank0(lambda: setattr(self, "engine", build(self)))
 
     def _trainer_logprobs(self, ids: list[int]) -> list[float]:
         """What ``probe_logprobs`` gave on every rank before this push (rank 0 alone cannot run it)."""
         if self._want is None or list(ids) != self.probe_ids:
-            raise RuntimeError("RankZeroSGLang: the probe asked for log-probs that were not computed before the push")
+            raise RuntimeError("RankZeroRollout: the probe asked for log-probs that were not computed before the push")
         return self._want
 
     def _cast(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        want = self.weights_dtype
         for name, t in named_tensors:
-            yield name, (t.to(self.weights_dtype) if t.is_floating_point() and t.dtype != self.weights_dtype else t)
+            yield name, (t.to(want) if want is not None and t.is_floating_point() and t.dtype != want else t)
 
     def _on_rank0(self, fn):
         """``fn()`` on rank 0; its result, rank 0's metrics and its error (if any) on every rank."""
@@ -344,13 +342,13 @@ class RankZeroSGLang:
             except Exception as e:  # the other ranks must hear of it, or they wait in the next collective
                 error = e
             if self.engine is not None:
-                self.last_metrics = dict(self.engine.last_metrics)
+                self.last_metrics = dict(getattr(self.engine, "last_metrics", {}))
         if self.world_size > 1:
             box = [(result, None if error is None else f"{type(error).__name__}: {error}", self.last_metrics)]
             dist.broadcast_object_list(box, src=0)
             result, message, self.last_metrics = box[0]
             if message is not None and error is None:
-                raise RuntimeError(f"SGLang rollout failed on rank 0: {message}")
+                raise RuntimeError(f"rollout failed on rank 0: {message}")
         if error is not None:
             raise error
         return result
@@ -376,16 +374,37 @@ class RankZeroSGLang:
         self._on_rank0(push)
 
     def release_memory(self, tags=None) -> None:
-        if self.engine is not None:
-            self.engine.release_memory(tags)
+        if self.engine is not None:  # tags only where given: the HF engine's methods take none
+            self.engine.release_memory(*([] if tags is None else [tags]))
 
     def resume_memory(self, tags=None) -> None:
         if self.engine is not None:
-            self.engine.resume_memory(tags)
+            self.engine.resume_memory(*([] if tags is None else [tags]))
 
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+
+
+class RankZeroSGLang(RankZeroRollout):
+    """SGLang for backend=megatron: rank 0 drives the servers (launch, generate, weight push, probe).
+
+    SGLang gets the tensors in ``weights_dtype`` (model.dtype: what the torch backend exports, bf16 in
+    the Qwen3 presets). The process group's timeout must also cover rank 0's server launch. With world
+    size > 1 a restarted server is re-synced only from ``rollout.sglang.weight_sync=disk``'s last copy
+    (re-streaming the weights would be a collective that only rank 0 enters); with tensor or distributed
+    sync a server that fails mid-run is an error."""
+
+    def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype):
+        from tempo_mega.rollout.sglang import build_sglang_engine
+
+        def build(me: RankZeroRollout):
+            source = (lambda: me._cast(actor.export_weights())) if me.world_size == 1 else None
+            return build_sglang_engine(cfg, pad_token_id=pad_token_id, weights_source=source,
+                                       trainer_logprob_fn=me._trainer_logprobs if cfg.probe else None)
+
+        super().__init__(build, actor, pad_token_id=pad_token_id, weights_dtype=weights_dtype,
+                         probe_ids=list(cfg.probe_ids) if cfg.probe else None)
 
 
 # ---------------------------------------------------------------------- warm start

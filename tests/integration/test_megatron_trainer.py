@@ -3,7 +3,8 @@ finite losses, its step-1 losses equal the torch backend's on the same config, i
 the backend's dist-checkpoint, resumes, and its HF export loads with plain transformers. With
 rollout.engine=sglang it samples from the fake SGLang server, pushes the actor's export to it and passes
 the post-sync probe; with two ranks (TP=2) only rank 0 drives the server while both take part in the
-collective export and probe forward, and both get the same samples and the same errors."""
+collective export and probe forward, and both get the same samples and the same errors; the HF engine is
+held by rank 0 alone in the same way."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
     run = run_training(load_config([*common, "backend=megatron", f"trainer.output_dir={out}",
                                     "trainer.total_steps=2"]))
     assert type(run.actor).__name__ == "MegatronBackend" and type(run.critic).__name__ == "MegatronBackend"
+    assert type(run.rollout).__name__ == "RankZeroRollout" and type(run.rollout.engine).__name__ == "HFRolloutEngine"
 
     meg, ref = lines(out), lines(tmp_path / "torch")
     assert [x["step"] for x in meg] == [1, 2]
@@ -154,6 +156,9 @@ def test_two_ranks_one_sglang_driver(tmp_path):
     assert "probe failed" in r0["error"] and "failed on rank 0" in r1["error"] and "probe failed" in r1["error"]
     # rank 0 only: two pushes, and per push one probe request; two prompts (n=2 in one request each)
     assert counts["/update_weights_from_disk"] == 2 and counts["/generate"] == 4
+    # backend=megatron with the HF engine: rank 0 alone holds and samples from it
+    assert (r0["drives_hf"], r1["drives_hf"]) == (True, False) and r0["hf_synced"]
+    assert len(r0["hf_samples"]) == 4 and r1["hf_samples"] == r0["hf_samples"]
 
 
 def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
@@ -163,8 +168,9 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
     from tempo_mega.backends.megatron import MegatronConfig
     from tempo_mega.backends.megatron.backend import MegatronBackend
     from tempo_mega.rollout.base import SamplingParams
+    from tempo_mega.rollout.hf import HFRolloutEngine
     from tempo_mega.rollout.sglang import SGLangConfig
-    from tempo_mega.trainer import RankZeroSGLang
+    from tempo_mega.trainer import RankZeroRollout, RankZeroSGLang
 
     with megatron_on_cpu():
         dist.init_process_group("gloo")
@@ -185,8 +191,28 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
         except RuntimeError as e:
             res["error"] = str(e)
         dist.barrier()  # the collectives still line up after the error
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
         rollout.shutdown()
+
+        # the HF engine the same way: one copy, on rank 0, samples for both ranks
+        hf_model = actor.hf_module()  # a collective
+        hf_rollout = RankZeroRollout(lambda _: HFRolloutEngine(hf_model, pad_token_id=0), actor, pad_token_id=0)
+        res["drives_hf"] = hf_rollout.engine is not None
+        with torch.no_grad():  # a change only a weight sync brings to rank 0's copy
+            for p in actor.chunks[0].parameters():
+                p.add_(0.01)
+        hf_rollout.update_weights(actor.export_weights())
+        if rank == 0:
+            synced = dict(hf_rollout.engine.model.state_dict())
+            res["hf_synced"] = all([torch.equal(synced[n], t) for n, t in actor.export_weights() if n in synced])
+        else:
+            for _ in actor.export_weights():  # rank 0's check above is a collective export
+                pass
+        # a different seed per rank: only rank 0's draw may count
+        got = hf_rollout.generate([[1, 2, 3], [4, 5]], 2,
+                                  SamplingParams(temperature=1.0, max_response_tokens=4, seed=rank))
+        res["hf_samples"] = [(s.prompt_index, s.response_ids, s.logprobs) for s in got]
+        hf_rollout.shutdown()
+        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
 
 
