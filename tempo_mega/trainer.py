@@ -238,8 +238,8 @@ def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, devi
             return HFRolloutEngine(copy.deepcopy(actor.model), pad_token_id=pad_token_id, device=device,
                                    max_batch_size=cfg.rollout.max_batch_size)
         # backend=megatron: an HF model from the actor's HF-named weights (hf_module is a collective),
-        # sampling on rank 0 for every rank
-        model = actor.hf_module()
+        # held and sampled from by rank 0 alone
+        model = actor.hf_module(rank0_only=True)
         return RankZeroRollout(lambda _: HFRolloutEngine(model, pad_token_id=pad_token_id, device=device,
                                                          max_batch_size=cfg.rollout.max_batch_size),
                                actor, pad_token_id=pad_token_id)

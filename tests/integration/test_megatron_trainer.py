@@ -158,6 +158,7 @@ def test_two_ranks_one_sglang_driver(tmp_path):
     assert counts["/update_weights_from_disk"] == 2 and counts["/generate"] == 4
     # backend=megatron with the HF engine: rank 0 alone holds and samples from it
     assert (r0["drives_hf"], r1["drives_hf"]) == (True, False) and r0["hf_synced"]
+    assert (r0["hf_module_on_rank"], r1["hf_module_on_rank"]) == (True, False)
     assert len(r0["hf_samples"]) == 4 and r1["hf_samples"] == r0["hf_samples"]
 
 
@@ -194,7 +195,8 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
         rollout.shutdown()
 
         # the HF engine the same way: one copy, on rank 0, samples for both ranks
-        hf_model = actor.hf_module()  # a collective
+        hf_model = actor.hf_module(rank0_only=True)  # a collective
+        res["hf_module_on_rank"] = hf_model is not None
         hf_rollout = RankZeroRollout(lambda _: HFRolloutEngine(hf_model, pad_token_id=0), actor, pad_token_id=0)
         res["drives_hf"] = hf_rollout.engine is not None
         with torch.no_grad():  # a change only a weight sync brings to rank 0's copy

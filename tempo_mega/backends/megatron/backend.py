@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -76,6 +77,15 @@ class _Micro:
     weight: float = 1.0
     filler: bool = False
     tokens: int | None = None  # length of the packed stream the micro-batch is padded to
+
+
+def _no_init_weights():
+    """transformers' context that allocates a model without its random init (it moved in 5.x)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 class MegatronBackend:
@@ -509,24 +519,45 @@ class MegatronBackend:
                 dist.broadcast(t, src=src_global, group=group)
                 yield name, t.to("cpu", copy=True)
 
-    def hf_module(self) -> torch.nn.Module:
+    def hf_module(self, *, rank0_only: bool = False) -> torch.nn.Module | None:
         """This role as a transformers module on CPU, from ``export_weights`` (a collective): a
         ``Qwen3ForCausalLM`` for the actor, a ``ValueHeadModel`` (torch backend's critic) for the critic.
+
+        The module is allocated without its random init and filled one exported tensor at a time, so a
+        rank holds the model once (not the model plus a dict of its weights). ``rank0_only``: the other
+        ranks take part in the export and return None, so that a node of 8 ranks does not hold 8 copies.
         Built under a forked RNG, so the caller's random stream does not move."""
         from transformers import AutoModel, AutoModelForCausalLM
 
         from tempo_mega.backends.torch import ValueHeadModel
 
-        weights = dict(self.export_weights(dtype=None))
-        dtype = next(t.dtype for n, t in weights.items() if not n.startswith("value_head."))
-        with torch.random.fork_rng(devices=[]):
+        stream = self.export_weights(dtype=None)
+        if rank0_only and dist.is_initialized() and dist.get_rank() != 0:
+            for _ in stream:  # the export is a collective
+                pass
+            return None
+        ahead: list[tuple[str, Tensor]] = []  # the model dtype is the first non-value-head tensor's
+        for name, t in stream:
+            ahead.append((name, t))
+            if not name.startswith("value_head."):
+                break
+        dtype = ahead[-1][1].dtype
+        with torch.random.fork_rng(devices=[]), _no_init_weights():
             if self.role == "actor":
                 module = AutoModelForCausalLM.from_config(self.hf_config, dtype=dtype)
             else:
                 module = ValueHeadModel(AutoModel.from_config(self.hf_config, dtype=dtype), seed=self.seed)
-        missing, unexpected = module.load_state_dict(weights, strict=False)
+        targets = module.state_dict(keep_vars=True)
+        loaded, unexpected = set(), []
+        with torch.no_grad():
+            for name, t in itertools.chain(ahead, stream):
+                if name not in targets or targets[name].shape != t.shape:
+                    unexpected.append(name if name not in targets else f"{name} {tuple(t.shape)}")
+                    continue
+                targets[name].copy_(t)
+                loaded.add(name)
         tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
-        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+        missing = [k for k in targets if k not in loaded and not (tied and k == "lm_head.weight")]
         if missing or unexpected:
             raise RuntimeError(f"MegatronBackend.hf_module: exported weights do not fit the HF model: "
                                f"missing {missing}, unexpected {unexpected}")
@@ -537,9 +568,9 @@ class MegatronBackend:
     def export_hf(self, directory: str | Path) -> None:
         """An HF directory (safetensors), as ``TorchBackend.export_hf`` writes it:
         ``AutoModelForCausalLM.from_pretrained`` for the actor, ``ValueHeadModel.from_pretrained`` for the
-        critic. A collective (shards and stages are gathered); rank 0 writes."""
-        module = self.hf_module()
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        critic. A collective (shards and stages are gathered); rank 0 alone builds the module and writes."""
+        module = self.hf_module(rank0_only=True)
+        if module is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
             module.save_pretrained(directory)
         if dist.is_initialized():
