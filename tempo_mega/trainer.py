@@ -182,8 +182,8 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
 
 def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOptim], use_kernels: bool = False):
     """backend=megatron: actor and critic as ``MegatronBackend``s, started from the same HF weights the
-    torch backend would use (``source``: a checkpoint dir or a fresh Qwen3 config, built from
-    trainer.seed). torch.distributed and megatron's parallel state come up through the backend's own
+    torch backend would use (``source``: a checkpoint dir, whose tensors each rank reads on demand for its
+    own stage, or a fresh Qwen3 config, built from trainer.seed). torch.distributed and megatron's parallel state come up through the backend's own
     ``init_parallel`` where they are not up yet (world size from the torchrun environment, else 1;
     gloo on CPU, nccl on CUDA)."""
     import torch.distributed as dist
@@ -195,13 +195,24 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
 
     m, seed = cfg.model, cfg.trainer.seed
     mc = megatron_config(cfg)
-    # the HF models exactly as the torch backend builds them (same init, same RNG use)
-    hf_actor = _load_causal_lm(source, DTYPES[m.dtype], "sdpa", seed)
-    if m.critic_path is not None:
-        hf_critic = ValueHeadModel.from_pretrained(m.critic_path, dtype=DTYPES[m.dtype], seed=seed)
+    if isinstance(source, (str, Path)):
+        # a checkpoint: each rank reads the tensors of its own stage from the safetensors files, on demand
+        from transformers import AutoConfig
+
+        from tempo_mega.backends.megatron.hf_weights import SafetensorsWeights, critic_weights
+
+        hf_config = AutoConfig.from_pretrained(source)
+        actor_sd = SafetensorsWeights(source, dtype=DTYPES[m.dtype])
+        critic_sd = critic_weights(actor_sd, m.critic_path, hidden_size=hf_config.hidden_size, seed=seed,
+                                   dtype=DTYPES[m.dtype])
     else:
-        hf_critic = ValueHeadModel.from_actor(hf_actor, seed=seed)
-    hf_config = hf_actor.config
+        # a fresh config: the HF models exactly as the torch backend builds them (same init, same RNG use)
+        hf_actor = _load_causal_lm(source, DTYPES[m.dtype], "sdpa", seed)
+        if m.critic_path is not None:
+            hf_critic = ValueHeadModel.from_pretrained(m.critic_path, dtype=DTYPES[m.dtype], seed=seed)
+        else:
+            hf_critic = ValueHeadModel.from_actor(hf_actor, seed=seed)
+        hf_config, actor_sd, critic_sd = hf_actor.config, hf_actor.state_dict(), hf_critic.state_dict()
     init_parallel(mc, seed=seed)
     try:
         mc.validate_for(num_attention_heads=hf_config.num_attention_heads,
@@ -211,9 +222,9 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
     except ValueError as e:
         raise ValueError(f"config key 'megatron': {e}") from None
     # no trainer.layout here: MegatronBackend packs every micro-batch (padded and packed give the same numbers)
-    actor = MegatronBackend("actor", hf_config, mc, optim["actor"], hf_state_dict=hf_actor.state_dict(),
+    actor = MegatronBackend("actor", hf_config, mc, optim["actor"], hf_state_dict=actor_sd,
                             temperature=cfg.rollout.temperature, seed=seed)
-    critic = MegatronBackend("critic", hf_config, mc, optim["critic"], hf_state_dict=hf_critic.state_dict(),
+    critic = MegatronBackend("critic", hf_config, mc, optim["critic"], hf_state_dict=critic_sd,
                              seed=seed, use_kernels=use_kernels)
     log.info("backend=megatron: TP %d, PP %d (virtual %s), DP %d, params %s, distributed optimizer %s",
              actor.tp_size, actor.pp_size, mc.vpp or 1, actor.dp_size, mc.params_dtype, mc.use_distributed_optimizer)

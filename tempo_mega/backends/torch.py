@@ -63,6 +63,14 @@ class OptimConfig:
             raise ValueError(f"OptimConfig: lr, weight_decay must be >= 0 and eps > 0, got {self}")
 
 
+def init_value_head(hidden_size: int, seed: int) -> dict[str, Tensor]:
+    """A fresh value head's ``weight`` [1, hidden] ~ N(0, 1/(hidden + 1)) from ``seed`` and ``bias`` [1] = 0
+    (float32; the RNG of the caller does not move)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(1, hidden_size, generator=gen) / math.sqrt(hidden_size + 1)
+    return {"weight": weight, "bias": torch.zeros(1)}
+
+
 class ValueHeadModel(nn.Module):
     """The critic: a decoder trunk (``Qwen3Model``) plus ``value_head = nn.Linear(hidden, 1)`` on the
     final-normed hidden states. The head is kept in float32 and runs outside autocast; it is initialized
@@ -79,11 +87,8 @@ class ValueHeadModel(nn.Module):
         self.config = trunk.config
         hidden = trunk.config.hidden_size
         self.value_head = nn.Linear(hidden, 1, dtype=torch.float32, device=trunk.device)
-        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            w = torch.randn(1, hidden, generator=gen) / math.sqrt(hidden + 1)
-            self.value_head.weight.copy_(w)
-            self.value_head.bias.zero_()
+            self.value_head.load_state_dict(init_value_head(hidden, seed))
 
     @property
     def final_norm(self) -> nn.Module:

@@ -82,6 +82,34 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
         assert meg[2][key] == pytest.approx(ref[2][key], abs=1e-4), (3, key)
 
 
+@pytest.mark.parametrize("critic_from", ["critic_dir", "actor"])
+def test_megatron_backend_from_checkpoint_dirs_trains_like_torch(tmp_path, megatron_world, critic_from):
+    """model.path (and model.critic_path): every rank reads its stage's tensors from the safetensors files
+    on demand (sharded here, with an index); the run equals the torch backend's from the same dirs."""
+    from tempo_mega.backends.torch import ValueHeadModel
+
+    common = ["experiment=debug_cpu", "trainer.total_steps=2"]
+    run_training(load_config([*common, "trainer.total_steps=1", f"trainer.output_dir={tmp_path / 'base'}"]))
+    actor_dir, critic_dir = tmp_path / "base" / "hf" / "actor", tmp_path / "base" / "hf" / "critic"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(actor_dir).save_pretrained(actor_dir, max_shard_size="200KB")
+    assert (actor_dir / "model.safetensors.index.json").is_file()
+    critic = ValueHeadModel.from_pretrained(critic_dir)
+    with torch.no_grad():  # a trained head, so that "loaded" and "fresh" differ
+        critic.value_head.bias.fill_(0.25)
+    critic.save_pretrained(critic_dir)
+    src = [f"model.path={actor_dir}"] + ([f"model.critic_path={critic_dir}"] if critic_from == "critic_dir" else [])
+    run_training(load_config([*common, *src, f"trainer.output_dir={tmp_path / 'torch'}"]))
+    run = run_training(load_config([*common, *src, "backend=megatron", f"trainer.output_dir={tmp_path / 'meg'}"]))
+    meg, ref = lines(tmp_path / "meg"), lines(tmp_path / "torch")
+    for step in (0, 1):
+        for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm"):
+            assert meg[step][key] == pytest.approx(ref[step][key], abs=1e-4), (step + 1, key)
+    if critic_from == "critic_dir":  # the head came from value_head.safetensors (one step moved it a little)
+        assert float(dict(run.critic.export_weights())["value_head.bias"]) == pytest.approx(0.25, abs=0.01)
+
+
 def test_megatron_backend_with_sglang_rollouts(tmp_path, megatron_world):
     """rollout.engine=sglang with backend=megatron against the fake SGLang server (HTTP generate with
     log-probs, disk weight sync, the post-sync probe). rollout.temperature=0.7: the samples' log-probs

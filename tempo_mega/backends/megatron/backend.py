@@ -28,6 +28,7 @@ pipeline and summed over DP (other ranks' rows are 0).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -35,7 +36,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class MegatronBackend:
     Triton ``fused_value_head`` (the trainer's ``kernels.enable``); its torch reference otherwise."""
 
     def __init__(self, role: str, hf_config: Any, megatron_config: MegatronConfig | None = None,
-                 optim: OptimConfig | None = None, *, hf_state_dict: dict[str, Tensor] | None = None,
+                 optim: OptimConfig | None = None, *, hf_state_dict: Mapping[str, Tensor] | None = None,
                  temperature: float = 1.0, seed: int = 0, use_te: bool | None = None, use_kernels: bool = False):
         if role not in ROLES:
             raise ValueError(f"MegatronBackend: role must be one of {ROLES}, got {role!r}")
@@ -107,6 +108,9 @@ class MegatronBackend:
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
         init_parallel(mc, seed=seed)
         self.use_kernels = use_kernels
+        # Megatron's random init runs even when starting weights overwrite it: megatron-core 0.16 sets the
+        # tensor-parallel attributes of a weight inside its init, so perform_initialization=False leaves
+        # TP weights unmarked (found by the 2-rank test: the export stopped gathering their shards).
         self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te,
                                                          use_kernels=use_kernels)
         # Micro-batch shapes vary and are sent ahead of the activations. Not with virtual stages on
@@ -199,17 +203,20 @@ class MegatronBackend:
         self._load_hf_into_chunks(hf_state_dict)
         self.optimizer.reload_model_params()  # the fp32 master copies follow
 
-    def _load_hf_into_chunks(self, hf_state_dict: dict[str, Tensor]) -> None:
-        sd = dict(hf_state_dict)
+    def _load_hf_into_chunks(self, hf_state_dict: Mapping[str, Tensor]) -> None:
+        """Each chunk reads only the names of its stage from ``hf_state_dict`` (which may read them from
+        disk on access: ``hf_weights.SafetensorsWeights``) and keeps its TP slice."""
+        sd: Mapping[str, Tensor] = hf_state_dict
         last = self.chunks[-1]
         if self.role == "critic" and "value_head.weight" not in sd:
             if last.post_process:
                 log.info("MegatronBackend: no value_head.* in the HF weights, value head freshly initialized")
-                sd["value_head.weight"] = last.output_layer.weight.detach().cpu()
-                sd["value_head.bias"] = last.output_layer.bias.detach().cpu()
+                head = {"value_head.weight": last.output_layer.weight.detach().cpu(),
+                        "value_head.bias": last.output_layer.bias.detach().cpu()}
             else:  # not used on this stage, only marks the weights as a critic's
-                sd["value_head.weight"] = torch.zeros(1, self.hf_config.hidden_size)
-                sd["value_head.bias"] = torch.zeros(1)
+                head = {"value_head.weight": torch.zeros(1, self.hf_config.hidden_size),
+                        "value_head.bias": torch.zeros(1)}
+            sd = collections.ChainMap(head, sd)
         vpp = self.megatron_config.vpp
         for v, chunk in enumerate(self.chunks):
             mc = hf_to_mcore_state_dict(sd, self.hf_config, self.tp_rank, self.tp_size, pp_rank=self.pp_rank,

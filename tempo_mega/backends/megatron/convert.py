@@ -148,7 +148,9 @@ def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrid
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu_initialization=True,
+        # CPU init draws every full weight on every rank before slicing it (minutes at 32B); on a GPU the
+        # random init (overwritten by the starting weights anyway) is megatron's usual on-device one
+        use_cpu_initialization=not torch.cuda.is_available(),
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -337,27 +339,21 @@ def _shard_file(tp_rank: int, pp_rank: int) -> str:
     return f"mcore_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
 
 
-def _read_hf_dir(src: Path, critic: bool) -> dict[str, Tensor]:
+def _read_hf_dir(src: Path, critic: bool) -> Mapping[str, Tensor]:
     """HF tensors of an actor dir (``Qwen3ForCausalLM`` names) or a critic dir (the trunk saved by
-    ``ValueHeadModel.save_pretrained``, names without ``model.``, plus ``value_head.safetensors``)."""
+    ``ValueHeadModel.save_pretrained``, names without ``model.``, plus ``value_head.safetensors``),
+    read from the files as they are asked for."""
     from safetensors.torch import load_file
 
+    from tempo_mega.backends.megatron.hf_weights import CriticWeights, SafetensorsWeights, trunk_weights
     from tempo_mega.backends.torch import VALUE_HEAD_FILE
 
-    files = sorted(f for f in src.glob("*.safetensors") if f.name != VALUE_HEAD_FILE)
-    if not files:
-        raise FileNotFoundError(f"{src}: no *.safetensors weights")
-    sd: dict[str, Tensor] = {}
-    for f in files:
-        sd.update(load_file(f))
     if not critic:
-        return sd
+        return SafetensorsWeights(src)
     head = src / VALUE_HEAD_FILE
     if not head.is_file():
         raise FileNotFoundError(f"{src}: --critic needs {VALUE_HEAD_FILE} (a critic saved by tempo-mega)")
-    out = {k if k.startswith("model.") else f"model.{k}": v for k, v in sd.items()}
-    out.update({f"value_head.{k}": v for k, v in load_file(head).items()})
-    return out
+    return CriticWeights(trunk_weights(src), {f"value_head.{k}": v for k, v in load_file(head).items()})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from typing import Any
 
@@ -136,10 +135,10 @@ class ValueHead(nn.Module):
     def __init__(self, hidden_size: int, *, seed: int = 0, norm_weight: nn.Parameter | None = None,
                  eps: float = 1e-6, impl: str = "torch"):
         super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        # same init as the torch backend's ValueHeadModel: N(0, 1/(hidden + 1)), bias 0
-        self.weight = nn.Parameter(torch.randn(1, hidden_size, generator=gen) / math.sqrt(hidden_size + 1))
-        self.bias = nn.Parameter(torch.zeros(1))
+        from tempo_mega.backends.torch import init_value_head
+
+        head = init_value_head(hidden_size, seed)  # the torch backend's ValueHeadModel init
+        self.weight, self.bias = nn.Parameter(head["weight"]), nn.Parameter(head["bias"])
         self._norm_weight = [norm_weight]  # a list: not registered here, it stays decoder.final_layernorm's
         self.eps, self.impl = eps, impl
 
