@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +75,11 @@ class BoundLoss:
         return self.kernel(*(x for x, _ in packed), packed[0][1], **self.kw), metrics
 
 
+# per-call counters a rollout engine may report in ``last_metrics`` (requests resubmitted after a server
+# failed, weight re-syncs of restarted servers), summed over a step's generate calls
+_ENGINE_COUNTERS = ("rollout/retried_requests", "rollout/weight_resyncs")
+
+
 class TempoController:
     def __init__(self, cfg: TrainConfig, actor: TrainBackend, critic: TrainBackend, rollout: RolloutEngine,
                  prompts: PromptSource, timer: PhaseTimer | None = None):
@@ -81,6 +88,7 @@ class TempoController:
         a = cfg.algo
         self.labeled_only = a.mode in ("rlvr", "supervised_continuation")
         self.pseudo_reward = {"ttrl": ttrl_rewards, "empo": empo_rewards}.get(a.mode)
+        self._gen: defaultdict[str, float] = defaultdict(float)  # the step's generate calls, summed
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, float]:
@@ -135,7 +143,13 @@ class TempoController:
                  first_group: int, n: int | None = None, temperature: float | None = None) -> RolloutBatch:
         """Sample n responses per prompt and score them (verified for labeled prompts)."""
         n = n or self.cfg.algo.num_samples_per_prompt
+        t0 = time.perf_counter()
         samples = self.rollout.generate([p for p, _ in prompts], n, self.sampling(seed, temperature))
+        self._gen["seconds"] += time.perf_counter() - t0
+        self._gen["tokens"] += sum(len(s.response_ids) for s in samples)
+        engine = getattr(self.rollout, "last_metrics", None) or {}  # SGLang's fault counters, where given
+        for key in _ENGINE_COUNTERS:
+            self._gen[key] += float(engine.get(key, 0.0))
         texts = [self.prompts.decode(s.response_ids) for s in samples]
         answers = [prompts[s.prompt_index][1] for s in samples]
         a = self.cfg.algo
@@ -158,6 +172,7 @@ class TempoController:
         """Steps 1-3: one mixed batch, labeled groups filtered and refilled up to max_gen_batches."""
         a = self.cfg.algo
         seed = self.cfg.trainer.seed * 1_000_003 + step * 1009
+        self._gen.clear()
         parts: list[RolloutBatch] = []
         next_group = 0
         want = {"labeled": a.labeled_prompts_per_step, "unlabeled": a.unlabeled_prompts_per_step}
@@ -189,6 +204,10 @@ class TempoController:
             batch = batch.select(result.keep).trim()
         m = self.rollout_metrics(batch)
         m["rollout/gen_batches"] = float(gen_batches)
+        # the engine's speed over every sample it made this step (dropped groups included)
+        m["rollout/generated_tokens"] = self._gen["tokens"]
+        m["rollout/tokens_per_s"] = self._gen["tokens"] / max(self._gen["seconds"], 1e-9)
+        m.update({key: self._gen[key] for key in _ENGINE_COUNTERS})
         if result is not None:
             m["rollout/dropped_groups"] = float(result.dropped_groups)
             m["rollout/groups_short"] = float(result.groups_needed)

@@ -319,13 +319,14 @@ class RankZeroRollout:
     probe and the cast)."""
 
     def __init__(self, build, actor, *, pad_token_id: int, weights_dtype: torch.dtype | None = None,
-                 probe_ids: list[int] | None = None):
+                 probe_ids: list[int] | None = None, max_resyncs: int = 2):
         import torch.distributed as dist
 
         up = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if up else (0, 1)
         self.actor, self.pad_token_id, self.weights_dtype = actor, pad_token_id, weights_dtype
         self.probe_ids = list(probe_ids) if probe_ids is not None else None
+        self.max_resyncs = max_resyncs
         self.last_metrics: dict[str, float] = {}
         self._want: list[float] | None = None
         self.engine = None
@@ -365,16 +366,45 @@ class RankZeroRollout:
         return result
 
     def generate(self, prompt_ids, n: int, sampling) -> list:
-        return self._on_rank0(lambda: self.engine.generate(prompt_ids, n, sampling))
+        """Rank 0's samples on every rank. When rank 0's engine lost the weights (a restarted server that
+        it cannot re-sync alone: ``RolloutNeedsWeights``), every rank takes part in exporting them again,
+        rank 0 pushes them to what was restarted, and the whole call is generated again (at most
+        ``max_resyncs`` times)."""
+        from tempo_mega.rollout.base import RolloutNeedsWeights
+
+        def attempt():
+            try:
+                return "samples", self.engine.generate(prompt_ids, n, sampling)
+            except RolloutNeedsWeights as e:
+                return "needs_weights", str(e)
+
+        resynced: dict[str, float] = {}
+        for k in range(self.max_resyncs + 1):
+            kind, value = self._on_rank0(attempt)
+            if kind == "samples":
+                self.last_metrics.update(resynced)  # the generate's own metrics replaced the re-sync's
+                return value
+            log.warning("rollout: %s; re-sending the weights", value)
+            self._push_weights(self.actor.export_weights(), "resync_stale")
+            keep = ("rollout/probe_logprob_diff_max", "timing/weight_resync_s")
+            resynced = {key: self.last_metrics[key] for key in keep if key in self.last_metrics}
+            resynced["rollout/weight_resyncs"] = float(k + 1)
+        raise RuntimeError(f"rollout: the engine lost its weights again after {self.max_resyncs} re-syncs: {value}")
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        stream = self._cast(named_tensors)
         if self.probe_ids is not None:
             self._want = probe_logprobs(self.actor, self.probe_ids, self.pad_token_id)
+        self._push_weights(named_tensors, "update_weights")
+
+    def _push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], method: str) -> None:
+        """Rank 0's ``engine.<method>(stream)``, every rank iterating the stream to its end."""
+        stream = self._cast(named_tensors)
 
         def push() -> None:
             try:
-                self.engine.update_weights(stream)
+                getattr(self.engine, method)(stream)
+                if method == "resync_stale" and self.probe_ids is not None:
+                    self.engine.last_metrics["rollout/probe_logprob_diff_max"] = self.engine.probe()
             finally:
                 for _ in stream:  # the export is a collective: finish it whatever the push did
                     pass
@@ -402,9 +432,9 @@ class RankZeroSGLang(RankZeroRollout):
 
     SGLang gets the tensors in ``weights_dtype`` (model.dtype: what the torch backend exports, bf16 in
     the Qwen3 presets). The process group's timeout must also cover rank 0's server launch. With world
-    size > 1 a restarted server is re-synced only from ``rollout.sglang.weight_sync=disk``'s last copy
-    (re-streaming the weights would be a collective that only rank 0 enters); with tensor or distributed
-    sync a server that fails mid-run is an error."""
+    size > 1 and tensor sync, a restarted server is re-synced by every rank exporting the weights again
+    (``RankZeroRollout.generate``); disk sync re-syncs from its last copy; distributed (NCCL) sync cannot
+    take a restarted server back into its weight group, which is an error."""
 
     def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype):
         from tempo_mega.rollout.sglang import build_sglang_engine
@@ -415,7 +445,7 @@ class RankZeroSGLang(RankZeroRollout):
                                        trainer_logprob_fn=me._trainer_logprobs if cfg.probe else None)
 
         super().__init__(build, actor, pad_token_id=pad_token_id, weights_dtype=weights_dtype,
-                         probe_ids=list(cfg.probe_ids) if cfg.probe else None)
+                         probe_ids=list(cfg.probe_ids) if cfg.probe else None, max_resyncs=cfg.max_retries)
 
 
 # ---------------------------------------------------------------------- warm start

@@ -52,6 +52,13 @@ def check_generate_args(engine: str, prompt_ids: Sequence[Sequence[int]], n: int
     return prompts
 
 
+class RolloutNeedsWeights(RuntimeError):
+    """Raised by ``generate`` when a restarted part of the engine runs without the trainer's current weights
+    and the engine keeps no copy to restore them from. The caller streams them to it with
+    ``resync_stale(named_tensors)`` (the weights it last gave ``update_weights``) and calls ``generate``
+    again; no sample of the failed call is returned, so none is lost or given twice."""
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:

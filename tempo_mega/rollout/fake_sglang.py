@@ -5,6 +5,7 @@ It answers the endpoints ``SGLangRolloutEngine`` uses with the request and respo
 single or batch, ``sampling_params`` one dict or one per prompt, ``n`` > 1 prompt-major,
 ``return_logprob``, ``logprob_start_len``; log-probs as ``[logprob, token_id, null]`` entries in
 ``meta_info``; ``finish_reason`` ``{"type": "stop"|"length"|"abort", ...}``), ``/update_weights_from_disk``,
+``/update_weights_from_tensor`` (payloads of ``FakeTensorSerializer``, see ``install_fake_serializer``),
 ``/begin_weight_update`` / ``/end_weight_update``, ``/flush_cache``, ``/health``, ``/health_generate``,
 ``/model_info`` (and the deprecated ``/get_model_info``), ``/release_memory_occupation``,
 ``/resume_memory_occupation``, ``/abort_request``. Errors are HTTP 400 with ``{"error": {"message": ...}}``.
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FakeSGLangServer", "main"]
+__all__ = ["FakeSGLangServer", "FakeTensorSerializer", "install_fake_serializer", "main", "uninstall_fake_serializer"]
 
 
 class _FakeState:
@@ -141,21 +142,73 @@ class _FakeState:
         files = sorted(Path(model_path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {model_path}")
-        targets = self.model.state_dict()
-        loaded: dict[str, torch.Tensor] = {}
-        for f in files:
-            for name, t in load_file(str(f)).items():
-                if name not in targets:
-                    raise ValueError(f"unknown tensor {name!r}")
-                if tuple(t.shape) != tuple(targets[name].shape):
-                    raise ValueError(
-                        f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(targets[name].shape)}"
-                    )
-                loaded[name] = t
-        with self.model_lock, torch.no_grad():
-            for name, t in loaded.items():
-                targets[name].copy_(t.to(targets[name].dtype))
+        self.load_tensors([item for f in files for item in load_file(str(f)).items()])
         self.model_path = model_path
+
+    def load_tensors(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Replace the named weights (all checked before any is written)."""
+        targets = self.model.state_dict()
+        for name, t in named_tensors:
+            if name not in targets:
+                raise ValueError(f"unknown tensor {name!r}")
+            if tuple(t.shape) != tuple(targets[name].shape):
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(targets[name].shape)}"
+                )
+        with self.model_lock, torch.no_grad():
+            for name, t in named_tensors:
+                targets[name].copy_(t.to(targets[name].dtype))
+
+
+class FakeTensorSerializer:
+    """Stands in for ``sglang.srt.utils.MultiprocessingSerializer`` on a machine without SGLang: the same
+    ``serialize(obj, output_str=...)`` / ``deserialize(data)`` calls, with the tensors' bytes in the payload
+    (SGLang's own passes CUDA IPC handles, which only a GPU has). ``install_fake_serializer`` puts it where
+    the client imports it from, so the fake server's ``/update_weights_from_tensor`` can be exercised."""
+
+    @staticmethod
+    def serialize(obj, output_str: bool = False):
+        import base64
+        import io
+
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return base64.b64encode(buf.getvalue()).decode() if output_str else buf.getvalue()
+
+    @staticmethod
+    def deserialize(data):
+        import base64
+        import io
+
+        raw = base64.b64decode(data) if isinstance(data, str) else data
+        return torch.load(io.BytesIO(raw), weights_only=True)
+
+
+_FAKE_MODULES = ("sglang", "sglang.srt", "sglang.srt.utils")
+
+
+def install_fake_serializer() -> list[str]:
+    """Make ``from sglang.srt.utils import MultiprocessingSerializer`` give ``FakeTensorSerializer`` in this
+    process (only where SGLang itself is not installed: tests of the tensor sync path on CPU). Returns the
+    ``sys.modules`` names it added (``uninstall_fake_serializer`` removes them)."""
+    import importlib.util
+    import sys
+    import types
+
+    if "sglang" not in sys.modules and importlib.util.find_spec("sglang") is not None:
+        raise RuntimeError("install_fake_serializer: sglang is installed here; test against it instead")
+    added = [name for name in _FAKE_MODULES if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules["sglang.srt.utils"].MultiprocessingSerializer = FakeTensorSerializer
+    return added
+
+
+def uninstall_fake_serializer(added: list[str]) -> None:
+    import sys
+
+    for name in added:
+        sys.modules.pop(name, None)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -229,6 +282,13 @@ class _Handler(BaseHTTPRequestHandler):
                         "num_paused_requests": 0,
                     },
                 )
+            elif path == "/update_weights_from_tensor":
+                # one payload per TP rank of the server, all the same bucket: load the first
+                blobs = body.get("serialized_named_tensors")
+                if not blobs:
+                    return self._error("serialized_named_tensors is required")
+                st.load_tensors(list(FakeTensorSerializer.deserialize(blobs[0])))
+                self._send(200, {"success": True, "message": "Succeeded to update model weights."})
             elif path in ("/begin_weight_update", "/end_weight_update"):
                 self._send(200, {"success": True, "message": ""})
             elif path == "/release_memory_occupation":

@@ -21,7 +21,10 @@ Faults: a request that times out, a refused/reset connection or an HTTP 5xx mark
 server we launched is restarted (its pid terminated, then killed), a server given by URL is marked down
 until ``/health`` answers again; either gets the last weights again (last disk checkpoint, or
 ``weights_source()``) before it serves. The failed prompts are resubmitted, at most ``max_retries`` times
-each; then a RuntimeError names the prompts and the last error.
+each; then a RuntimeError names the prompts and the last error. Where the engine has neither (tensor or
+distributed sync without ``weights_source``: a multi-rank trainer, whose weight export is a collective),
+``generate`` raises ``RolloutNeedsWeights`` and the caller streams the weights with ``resync_stale``;
+a server without the current weights is never given a request.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args
+from tempo_mega.rollout.base import RolloutNeedsWeights, Sample, SamplingParams, check_generate_args
 
 __all__ = [
     "SGLangConfig",
@@ -361,9 +364,9 @@ class SGLangRolloutEngine:
     # ------------------------------------------------------------------ routing and transport
     def _pick(self) -> _Server:
         with self._lock:
-            live = [s for s in self.servers if s.healthy]
+            live = [s for s in self.servers if s.healthy and not s.weights_stale]
             if not live:
-                raise _ServerDown("no healthy SGLang server")
+                raise _ServerDown("no healthy SGLang server with the current weights")
             s = min(live, key=lambda x: x.outstanding)  # least outstanding requests
             s.outstanding += 1
             return s
@@ -554,8 +557,9 @@ class SGLangRolloutEngine:
         return self.abort_snapshot()
 
     # ------------------------------------------------------------------ faults
-    def _recover(self) -> None:
-        """Bring failed servers back (restart ours, re-check given URLs), re-sync their weights."""
+    def _recover(self, resync: bool = True) -> None:
+        """Bring failed servers back (restart ours, re-check given URLs), re-sync their weights (unless
+        ``resync`` is False: a push to every server follows)."""
         for k, s in enumerate(self.servers):
             if s.healthy and not s.weights_stale:
                 continue
@@ -582,7 +586,7 @@ class SGLangRolloutEngine:
                         continue
                     s.healthy = True
                     s.weights_stale = True  # it may have been restarted by someone else
-            if s.weights_stale:
+            if s.weights_stale and resync:
                 self._resync(s)
         if not any(s.healthy for s in self.servers):
             raise RuntimeError(
@@ -604,9 +608,10 @@ class SGLangRolloutEngine:
         elif self.weights_source is not None:
             self._push(self.weights_source(), only=[s])
         else:
-            raise RuntimeError(
+            raise RolloutNeedsWeights(
                 f"SGLangRolloutEngine: {s.url} came back without the last weights, and weight_sync="
-                f"{self.cfg.weight_sync!r} keeps no copy; pass weights_source= to build_sglang_engine"
+                f"{self.cfg.weight_sync!r} keeps no copy: stream them with resync_stale() (or pass "
+                "weights_source= to build_sglang_engine)"
             )
         _http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
         s.weights_stale = False
@@ -616,26 +621,49 @@ class SGLangRolloutEngine:
         """Push HF-named tensors (streamed) to every server, flush its cache, then probe."""
         t0 = time.perf_counter()
         if self._engine is None:
-            self._recover()
+            self._recover(resync=False)  # the push below brings a restarted server up to date too
         try:
             self._push(named_tensors, only=None)
         except _ServerDown as e:
-            # the stream is spent: only a disk copy or weights_source can bring every server up to date
-            if self._engine is not None or (self._last_disk_dir is None and self.weights_source is None):
-                raise RuntimeError(
-                    f"SGLangRolloutEngine.update_weights: a server failed during the push ({e}) and weight_sync="
-                    f"{self.cfg.weight_sync!r} keeps no copy to re-push; pass weights_source= to build_sglang_engine"
-                ) from e
-            log.warning("SGLang server failed during the weight push (%s); recovering", e)
+            # the stream is spent and every server may hold part of it: all of them need the weights again
+            if self._engine is not None:
+                raise RuntimeError(f"SGLangRolloutEngine.update_weights: the engine failed during the push ({e})") from e
             for s in self.servers:
                 s.weights_stale = True
             self._synced = True
+            if self._last_disk_dir is None and self.weights_source is None:
+                # no copy here: the next generate raises RolloutNeedsWeights, and the caller re-streams them
+                log.warning("SGLang server failed during the weight push (%s); the weights must be pushed "
+                            "again (resync_stale) before the next generate", e)
+                self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
+                self.last_metrics.pop("rollout/probe_logprob_diff_max", None)
+                return
+            log.warning("SGLang server failed during the weight push (%s); recovering", e)
             self._recover()
+        else:
+            for s in self.servers:
+                if s.healthy:
+                    s.weights_stale = False
         self._synced = True
         self._call("/flush_cache", {})
         self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
         if self.cfg.probe and self.trainer_logprob_fn is not None:
             self.last_metrics["rollout/probe_logprob_diff_max"] = self.probe()
+
+    def resync_stale(self, named_tensors: Iterable[tuple[str, Tensor]]) -> list[str]:
+        """Push ``named_tensors`` (the weights last given to ``update_weights``) to the servers that came
+        back without them (after ``generate`` raised ``RolloutNeedsWeights``), flush their caches, and
+        return their URLs; [] when none is waiting (the stream is then not read)."""
+        stale = [s for s in self.servers if s.healthy and s.weights_stale]
+        if not stale:
+            return []
+        t0 = time.perf_counter()
+        self._push(named_tensors, only=stale)
+        for s in stale:
+            _http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
+            s.weights_stale = False
+        self.last_metrics["timing/weight_resync_s"] = time.perf_counter() - t0
+        return [s.url for s in stale]
 
     def _push(self, named_tensors: Iterable[tuple[str, Tensor]], only: list[_Server] | None) -> None:
         mode = self.cfg.weight_sync

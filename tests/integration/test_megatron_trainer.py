@@ -259,8 +259,71 @@ def test_megatron_config_keys():
         load_config(["backend=megatron", "+megatron.nonsense=1"])
 
 
+def test_two_ranks_resync_a_restarted_server_with_tensor_sync(tmp_path):
+    """weight_sync=tensor in a 2-rank world (TP=2): rank 0's engine cannot re-stream the weights to a
+    server that crashed and was restarted (the export is a collective), so both ranks export them again
+    and rank 0 pushes them to it; the call is generated again: both ranks get the same samples, one per
+    (prompt, j), from the trainer's weights (the probe after the re-sync passes)."""
+    from transformers import Qwen3ForCausalLM
+
+    served = tmp_path / "served"
+    Qwen3ForCausalLM(_tiny_qwen3()).save_pretrained(served)  # not the actor's weights: the push replaces them
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           str(Path(__file__).resolve()), "resync", str(served), str(tmp_path), str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (torch.load(tmp_path / f"resync_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert (tmp_path / "crashed").exists() and r0["restarts"] == 1
+    assert len(r0["samples"]) == 4 and [s[0] for s in r0["samples"]] == [0, 0, 1, 1]
+    assert r1["samples"] == r0["samples"] and r0["again"] == r0["samples"]
+    assert r0["probe"] < 1e-4 and r1["probe"] == r0["probe"]
+    assert r0["resyncs"] == r1["resyncs"] == 1.0
+    assert "re-sending the weights" in proc.stderr
+
+
+def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
+    import torch.distributed as dist
+    from transformers import Qwen3ForCausalLM
+
+    from tempo_mega.backends.megatron import MegatronConfig
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+    from tempo_mega.rollout.base import SamplingParams
+    from tempo_mega.rollout.fake_sglang import install_fake_serializer
+    from tempo_mega.rollout.sglang import SGLangConfig
+    from tempo_mega.trainer import RankZeroSGLang
+
+    install_fake_serializer()  # the client's tensor payloads, as the fake server reads them
+    with megatron_on_cpu():
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        torch.manual_seed(1)
+        hf = Qwen3ForCausalLM(_tiny_qwen3())
+        actor = MegatronBackend("actor", hf.config, MegatronConfig(tensor_parallel_size=2, params_dtype="float32"),
+                                hf_state_dict=hf.state_dict(), temperature=0.7)
+        # generate requests: 1 = the probe after the first push, 2 and 3 = the prompts: the 3rd kills it
+        extra = ("--slow-s", "0.3", "--crash-after-requests", "2", "--crash-once-file", f"{out_dir}/crashed")
+        sg = SGLangConfig(model_path=served, launch_module="tempo_mega.rollout.fake_sglang", base_port=int(port),
+                          extra_args=extra, weight_sync="tensor", request_timeout_s=20.0, health_timeout_s=60.0)
+        rollout = RankZeroSGLang(sg, actor, pad_token_id=0, weights_dtype=torch.float32)
+        rollout.update_weights(actor.export_weights())
+        sampling = SamplingParams(temperature=0.7, max_response_tokens=4)
+        got = rollout.generate([[1, 2, 3], [4, 5]], 2, sampling)
+        res = {"samples": [(s.prompt_index, s.response_ids, s.logprobs) for s in got],
+               "probe": rollout.last_metrics["rollout/probe_logprob_diff_max"],
+               "restarts": rollout.engine.servers[0].restarts if rank == 0 else None,
+               "resyncs": rollout.last_metrics.get("rollout/weight_resyncs")}
+        again = rollout.generate([[1, 2, 3], [4, 5]], 2, sampling)  # no crash this time: the same draws
+        res["again"] = [(s.prompt_index, s.response_ids, s.logprobs) for s in again]
+        torch.save(res, Path(out_dir) / f"resync_rank{rank}.pt")
+        rollout.shutdown()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    _two_rank_worker(*sys.argv[1:4])
+    if sys.argv[1] == "resync":
+        _two_rank_resync_worker(*sys.argv[2:5])
+    else:
+        _two_rank_worker(*sys.argv[1:4])
 
 
 @pytest.mark.parametrize("backend", ["torch", "megatron"])

@@ -15,7 +15,8 @@ from tempo_mega.data import make_synthetic_task, write_jsonl
 from tempo_mega.rollout.base import SamplingParams
 from tempo_mega.trainer import run_training, setup
 
-REQUIRED = ("step", "actor/loss", "critic/loss", "rollout/score_mean", "perf/tokens_per_s", "timing/step_s")
+REQUIRED = ("step", "actor/loss", "critic/loss", "rollout/score_mean", "perf/tokens_per_s", "timing/step_s",
+            "rollout/tokens_per_s", "rollout/generated_tokens")
 
 
 def lines(out: Path) -> list[dict]:
@@ -42,6 +43,10 @@ def test_cli_debug_run_then_resume(tmp_path):
         missing = [k for k in REQUIRED if k not in line]
         assert not missing, f"metrics line lacks {missing}"
         assert math.isfinite(line["actor/loss"]) and math.isfinite(line["critic/loss"])
+        # every sample generated counts, those of dropped groups too
+        kept = line["rollout/num_samples"] * line["rollout/response_len_mean"]
+        assert line["rollout/generated_tokens"] >= kept - 1e-6 and line["rollout/tokens_per_s"] > 0
+        assert line["rollout/retried_requests"] == 0.0  # the HF engine reports none: summed as 0
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").exists()
     r = cli("train", "experiment=debug_cpu", "trainer.total_steps=3", f"trainer.output_dir={out}",
             "trainer.resume=true", cwd=tmp_path)

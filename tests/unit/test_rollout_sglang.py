@@ -3,6 +3,7 @@ runs a real tiny Qwen3, so samples, weight updates and the probe are checked aga
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -12,8 +13,12 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from tempo_mega.rollout.base import RolloutEngine, SamplingParams
-from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+from tempo_mega.rollout.base import RolloutEngine, RolloutNeedsWeights, SamplingParams
+from tempo_mega.rollout.fake_sglang import (
+    FakeSGLangServer,
+    install_fake_serializer,
+    uninstall_fake_serializer,
+)
 from tempo_mega.rollout.sglang import (
     SGLangConfig,
     SGLangRolloutEngine,
@@ -343,6 +348,57 @@ def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tm
         (x.prompt_index, x.response_ids) for x in expected
     ]
     assert eng.last_metrics["rollout/retried_requests"] >= 1
+    assert eng.probe() < 1e-4
+    eng.shutdown()
+
+
+@pytest.fixture
+def tensor_sync():
+    """weight_sync=tensor on CPU: the client's MultiprocessingSerializer is the fake server's stand-in."""
+    added = install_fake_serializer()
+    yield
+    uninstall_fake_serializer(added)
+
+
+def test_tensor_sync_buckets_reach_the_server(fake, tensor_sync):
+    server = fake()
+    new = tiny_qwen3(1)
+    eng = build_sglang_engine(url_cfg(server.url, weight_sync="tensor", bucket_bytes=4096), pad_token_id=PAD,
+                              trainer_logprob_fn=trainer_logprob_fn(new))
+    eng.update_weights(new.state_dict().items())
+    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    for name, t in new.state_dict().items():
+        torch.testing.assert_close(server.state.model.state_dict()[name], t, msg=name)
+    counts = server.state.counts
+    assert counts["/update_weights_from_tensor"] > 1  # bucketed, inside one begin/end session
+    assert counts["/begin_weight_update"] == counts["/end_weight_update"] == 1
+    eng.shutdown()
+
+
+def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp_path, tensor_sync):
+    """tensor sync without weights_source (a multi-rank trainer's case): the restarted server is not used,
+    generate raises RolloutNeedsWeights, resync_stale pushes to it alone, and the retried call gives what a
+    run without the crash gives."""
+    new = tiny_qwen3(1)
+    ref_server = fake()
+    ref = build_sglang_engine(url_cfg(ref_server.url), pad_token_id=PAD)
+    ref.update_weights(new.state_dict().items())
+    expected = ref.generate(PROMPTS, 2, SAMPLING)
+    ref.shutdown()
+
+    marker = tmp_path / "crashed"
+    extra = ["--slow-s", "0.3", "--crash-after-requests", "3", "--crash-once-file", str(marker)]
+    cfg = dataclasses.replace(launch_cfg(model_dir, tmp_path, free_port(), extra, max_retries=2),
+                              weight_sync="tensor")
+    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng.update_weights(new.state_dict().items())
+    with pytest.raises(RolloutNeedsWeights, match="resync_stale"):
+        eng.generate(PROMPTS, 2, SAMPLING)
+    assert marker.exists() and eng.servers[0].restarts == 1 and eng.servers[0].weights_stale
+    assert eng.resync_stale(new.state_dict().items()) == [eng.servers[0].url]
+    assert eng.resync_stale(iter(())) == []  # nothing waits any more
+    samples = eng.generate(PROMPTS, 2, SAMPLING)
+    assert [(x.prompt_index, x.response_ids) for x in samples] == [(x.prompt_index, x.response_ids) for x in expected]
     assert eng.probe() < 1e-4
     eng.shutdown()
 
