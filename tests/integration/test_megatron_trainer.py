@@ -190,12 +190,22 @@ def test_two_ranks_one_sglang_driver(tmp_path):
     assert len(r0["hf_samples"]) == 4 and r1["hf_samples"] == r0["hf_samples"]
 
 
-def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
-    import torch.distributed as dist
+def _tp2_actor(seed: int):
+    """A TP=2 megatron actor (temperature 0.7) of a tiny random Qwen3, inside a worker's 2-rank world."""
     from transformers import Qwen3ForCausalLM
 
     from tempo_mega.backends.megatron import MegatronConfig
     from tempo_mega.backends.megatron.backend import MegatronBackend
+
+    torch.manual_seed(seed)
+    hf = Qwen3ForCausalLM(_tiny_qwen3())
+    return MegatronBackend("actor", hf.config, MegatronConfig(tensor_parallel_size=2, params_dtype="float32"),
+                           hf_state_dict=hf.state_dict(), temperature=0.7)
+
+
+def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
     from tempo_mega.rollout.base import SamplingParams
     from tempo_mega.rollout.hf import HFRolloutEngine
     from tempo_mega.rollout.sglang import SGLangConfig
@@ -204,10 +214,7 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
     with megatron_on_cpu():
         dist.init_process_group("gloo")
         rank = dist.get_rank()
-        torch.manual_seed(0)
-        hf = Qwen3ForCausalLM(_tiny_qwen3())
-        actor = MegatronBackend("actor", hf.config, MegatronConfig(tensor_parallel_size=2, params_dtype="float32"),
-                                hf_state_dict=hf.state_dict(), temperature=0.7)
+        actor = _tp2_actor(seed=0)
         sg = SGLangConfig(urls=(url,), weight_sync="disk", disk_dir=sync_dir)
         rollout = RankZeroSGLang(sg, actor, pad_token_id=0, weights_dtype=torch.float32)
         res = {"drives": rollout.engine is not None}
@@ -283,10 +290,7 @@ def test_two_ranks_resync_a_restarted_server_with_tensor_sync(tmp_path):
 
 def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
     import torch.distributed as dist
-    from transformers import Qwen3ForCausalLM
 
-    from tempo_mega.backends.megatron import MegatronConfig
-    from tempo_mega.backends.megatron.backend import MegatronBackend
     from tempo_mega.rollout.base import SamplingParams
     from tempo_mega.rollout.fake_sglang import install_fake_serializer
     from tempo_mega.rollout.sglang import SGLangConfig
@@ -296,10 +300,7 @@ def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
     with megatron_on_cpu():
         dist.init_process_group("gloo")
         rank = dist.get_rank()
-        torch.manual_seed(1)
-        hf = Qwen3ForCausalLM(_tiny_qwen3())
-        actor = MegatronBackend("actor", hf.config, MegatronConfig(tensor_parallel_size=2, params_dtype="float32"),
-                                hf_state_dict=hf.state_dict(), temperature=0.7)
+        actor = _tp2_actor(seed=1)
         # generate requests: 1 = the probe after the first push, 2 and 3 = the prompts: the 3rd kills it
         extra = ("--slow-s", "0.3", "--crash-after-requests", "2", "--crash-once-file", f"{out_dir}/crashed")
         sg = SGLangConfig(model_path=served, launch_module="tempo_mega.rollout.fake_sglang", base_port=int(port),

@@ -323,18 +323,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tmp_path):
-    new = tiny_qwen3(1)
-    # reference: the same weights on an in-process fake, no faults
+def reference_and_crashing_cfg(fake, model_dir, tmp_path, new, **kw) -> tuple[list, SGLangConfig]:
+    """The samples of ``new``'s weights on an in-process fake without faults, and the config of a launched
+    fake that dies (once) at its 3rd generate request while others are in flight."""
     ref_server = fake()
     ref = build_sglang_engine(url_cfg(ref_server.url), pad_token_id=PAD)
     ref.update_weights(new.state_dict().items())
     expected = ref.generate(PROMPTS, 2, SAMPLING)
     ref.shutdown()
+    extra = ["--slow-s", "0.3", "--crash-after-requests", "3", "--crash-once-file", str(tmp_path / "crashed")]
+    cfg = dataclasses.replace(launch_cfg(model_dir, tmp_path, free_port(), extra, max_retries=2), **kw)
+    return expected, cfg
 
+
+def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tmp_path):
+    new = tiny_qwen3(1)
+    expected, cfg = reference_and_crashing_cfg(fake, model_dir, tmp_path, new)
     marker = tmp_path / "crashed"
-    extra = ["--slow-s", "0.3", "--crash-after-requests", "3", "--crash-once-file", str(marker)]
-    cfg = launch_cfg(model_dir, tmp_path, free_port(), extra, max_retries=2)
     eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
     first_pid = eng.pids[0]
     eng.update_weights(new.state_dict().items())
@@ -380,16 +385,8 @@ def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp
     generate raises RolloutNeedsWeights, resync_stale pushes to it alone, and the retried call gives what a
     run without the crash gives."""
     new = tiny_qwen3(1)
-    ref_server = fake()
-    ref = build_sglang_engine(url_cfg(ref_server.url), pad_token_id=PAD)
-    ref.update_weights(new.state_dict().items())
-    expected = ref.generate(PROMPTS, 2, SAMPLING)
-    ref.shutdown()
-
+    expected, cfg = reference_and_crashing_cfg(fake, model_dir, tmp_path, new, weight_sync="tensor")
     marker = tmp_path / "crashed"
-    extra = ["--slow-s", "0.3", "--crash-after-requests", "3", "--crash-once-file", str(marker)]
-    cfg = dataclasses.replace(launch_cfg(model_dir, tmp_path, free_port(), extra, max_retries=2),
-                              weight_sync="tensor")
     eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
     eng.update_weights(new.state_dict().items())
     with pytest.raises(RolloutNeedsWeights, match="resync_stale"):
@@ -484,3 +481,26 @@ def test_server_distributed_sync(tmp_path):  # pragma: no cover - needs sglang +
     eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
     eng.update_weights(new.state_dict().items())
     eng.shutdown()
+
+
+@pytest.mark.gpu
+def test_server_tensor_sync_after_release_and_resume(tmp_path):  # pragma: no cover - needs sglang + CUDA
+    """The colocated production path: a launched server, CUDA-IPC tensor sync in buckets, the memory
+    released and resumed around a training phase, then the weights pushed again (the release dropped them)."""
+    pytest.importorskip("sglang")
+    tiny_qwen3(0).save_pretrained(tmp_path)
+    new = tiny_qwen3(1)
+    cfg = SGLangConfig(model_path=str(tmp_path), weight_sync="tensor", base_port=free_port(), probe_tolerance=5e-2,
+                       mem_fraction_static=0.3, bucket_bytes=2**16)
+    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    try:
+        eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
+        assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 5e-2
+        eng.release_memory()
+        eng.resume_memory()
+        eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
+        samples = eng.generate(PROMPTS, 2, SAMPLING)
+        assert [x.prompt_index for x in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
+        assert all(len(x.logprobs) == len(x.response_ids) for x in samples)
+    finally:
+        eng.shutdown()
