@@ -30,6 +30,7 @@ a server without the current weights is never given a request.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import math
@@ -541,13 +542,16 @@ class SGLangRolloutEngine:
             return dict(self._finished)
 
     def abort(self) -> dict[int, list[Sample]]:
-        """Abort every in-flight request (``/abort_request`` with ``abort_all``). The running ``generate``
-        returns the prompts that finished; this returns those finished so far, by prompt index."""
-        if self._engine is not None:
-            raise NotImplementedError(
-                "SGLangRolloutEngine.abort: server mode only (engine mode blocks in generate)"
-            )
+        """Abort every in-flight request (``/abort_request`` with ``abort_all``; in engine mode the
+        tokenizer manager's ``abort_request``, run on the engine's event loop, which the blocked
+        ``generate`` is driving). The running ``generate`` returns the prompts whose n samples all
+        finished; this returns those finished so far, by prompt index (engine mode: {}, as the engine
+        hands back nothing before its ``generate`` returns)."""
         self._aborting.set()
+        if self._engine is not None:
+            eng = self._engine
+            eng.loop.call_soon_threadsafe(functools.partial(eng.tokenizer_manager.abort_request, abort_all=True))
+            return self.abort_snapshot()
         for s in self.servers:
             if s.healthy:
                 try:

@@ -3,11 +3,13 @@ runs a real tiny Qwen3, so samples, weight updates and the probe are checked aga
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -449,6 +451,62 @@ def test_abort_returns_what_finished(fake):
     assert [x.prompt_index for x in out[0]] == [i for i in done for _ in range(2)]
     assert [x.response_ids for x in out[0]] == [x.response_ids for i in done for x in finished[i]]
     assert stats(hung.url)["counts"]["/abort_request"] == 1
+    eng.shutdown()
+
+
+class _LoopEngine:
+    """Stands in for ``sglang.Engine`` (0.5.23) with only what engine-mode abort touches: ``loop`` (the
+    asyncio loop its blocking ``generate`` runs on) and ``tokenizer_manager.abort_request(rid, abort_all)``.
+    Prompt 0's samples finish at once, the others wait until aborted and come back with finish_reason
+    abort, prompt-major, as SGLang returns a batch with n > 1."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.aborted = False
+        self.abort_thread = None
+        self.tokenizer_manager = types.SimpleNamespace(abort_request=self._abort_request)
+
+    def _abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        assert abort_all and rid == ""
+        self.abort_thread = threading.current_thread()
+        self.aborted = True
+
+    def generate(self, input_ids, sampling_params, return_logprob, logprob_start_len):
+        self.generate_thread = threading.current_thread()
+        n = sampling_params["n"]
+
+        def out(i: int, j: int) -> dict:
+            kind = "stop" if i == 0 else "abort"
+            ids = [10 + i, 20 + j] if i == 0 else [30 + i]
+            return {"text": "", "output_ids": ids, "meta_info": {
+                "output_token_logprobs": [[-0.5, t, None] for t in ids], "finish_reason": {"type": kind}}}
+
+        async def run():
+            while not self.aborted:
+                await asyncio.sleep(0.01)
+            return [out(i, j) for i in range(len(input_ids)) for j in range(n)]
+
+        return self.loop.run_until_complete(run())
+
+    def shutdown(self):
+        self.loop.close()
+
+
+def test_engine_mode_abort_runs_on_the_engine_loop_and_returns_what_finished(monkeypatch):
+    fake_engine = _LoopEngine()
+    monkeypatch.setattr(SGLangRolloutEngine, "_make_inprocess_engine", lambda self: fake_engine)
+    eng = build_sglang_engine(SGLangConfig(mode="engine", model_path="/unused"), pad_token_id=PAD)
+    out: list = []
+    th = threading.Thread(target=lambda: out.append(eng.generate(PROMPTS, 2, SAMPLING)))
+    th.start()
+    time.sleep(0.2)  # generate is blocked inside the engine's loop
+    assert th.is_alive() and eng.abort() == {}
+    th.join(timeout=10)
+    assert not th.is_alive()
+    # the abort ran on the thread driving the loop (SGLang's ZMQ sockets are not thread-safe)
+    assert fake_engine.abort_thread is fake_engine.generate_thread
+    assert [(x.prompt_index, x.response_ids, x.finish_reason) for x in out[0]] == [
+        (0, [10, 20], "stop"), (0, [10, 21], "stop")]
     eng.shutdown()
 
 
