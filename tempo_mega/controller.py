@@ -35,7 +35,7 @@ from tempo_mega.backends.base import TrainBackend
 from tempo_mega.batch import RolloutBatch
 from tempo_mega.config import TrainConfig
 from tempo_mega.rewards import compute_score, empo_rewards, ttrl_rewards
-from tempo_mega.rollout.base import RolloutEngine, SamplingParams
+from tempo_mega.rollout.base import RolloutEngine, SamplingParams, weights_device
 from tempo_mega.telemetry.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class TempoController:
             with t.phase("m_step"):
                 m.update(self.actor.train_step(batch, self.policy_loss()))
             with t.phase("weight_sync"):
-                self.rollout.update_weights(self.actor.export_weights())
+                self.rollout.update_weights(self.actor.export_weights(device=weights_device(self.rollout)))
         m.update(t.metrics())
         m["perf/tokens_per_s"] = batch.num_tokens() / max(m["timing/step_s"], 1e-9)
         m["perf/num_tokens"] = float(batch.num_tokens())

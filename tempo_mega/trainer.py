@@ -48,6 +48,7 @@ from tempo_mega.eval.metrics import (
 from tempo_mega.launch.slurm import REQUEUE_EXIT_CODE  # "checkpointed on a preemption signal: requeue me"
 from tempo_mega.models import fresh_qwen3_config, stop_token_ids
 from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
+from tempo_mega.rollout.base import weights_device
 from tempo_mega.rollout.hf import HFRolloutEngine
 from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
 from tempo_mega.telemetry.flops import phase_mfu
@@ -239,6 +240,11 @@ def copy_actor_trunk_to_critic(actor, critic) -> None:
         critic.load_hf_state_dict({n: t for n, t in actor.export_weights(dtype=None) if n.startswith("model.")})
 
 
+def push_weights(actor, rollout) -> None:
+    """The actor's weights into the rollout engine, exported where the engine takes them."""
+    rollout.update_weights(actor.export_weights(device=weights_device(rollout)))
+
+
 def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, device: torch.device):
     """The sampler: the HF engine (a copy of the actor) or SGLang (rollout.sglang.*), which is given
     the trainer's log-probs for its post-sync probe and the actor's weights to re-sync a restarted server.
@@ -253,8 +259,8 @@ def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, devi
         model = actor.hf_module(rank0_only=True)
         return RankZeroRollout(lambda _: HFRolloutEngine(model, pad_token_id=pad_token_id, device=device,
                                                          max_batch_size=cfg.rollout.max_batch_size),
-                               actor, pad_token_id=pad_token_id)
-    from tempo_mega.rollout.sglang import SGLangConfig, build_sglang_engine
+                               actor, pad_token_id=pad_token_id, weights_device=device)
+    from tempo_mega.rollout.sglang import SGLangConfig, build_sglang_engine, sync_device
 
     try:
         sg = SGLangConfig(**cfg.rollout.sglang)
@@ -263,10 +269,10 @@ def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, devi
     if isinstance(actor, TorchBackend):
         engine = build_sglang_engine(sg, pad_token_id=pad_token_id,
                                      trainer_logprob_fn=lambda ids: probe_logprobs(actor, ids, pad_token_id),
-                                     weights_source=actor.export_weights)
+                                     weights_source=lambda: actor.export_weights(device=sync_device(sg)))
     else:
         engine = RankZeroSGLang(sg, actor, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype])
-    engine.update_weights(actor.export_weights())  # the servers start from the trainer's weights
+    push_weights(actor, engine)  # the servers start from the trainer's weights
     return engine
 
 
@@ -319,7 +325,8 @@ class RankZeroRollout:
     probe and the cast)."""
 
     def __init__(self, build, actor, *, pad_token_id: int, weights_dtype: torch.dtype | None = None,
-                 probe_ids: list[int] | None = None, max_resyncs: int = 2):
+                 probe_ids: list[int] | None = None, max_resyncs: int = 2,
+                 weights_device: str | torch.device = "cpu"):
         import torch.distributed as dist
 
         up = dist.is_available() and dist.is_initialized()
@@ -327,6 +334,7 @@ class RankZeroRollout:
         self.actor, self.pad_token_id, self.weights_dtype = actor, pad_token_id, weights_dtype
         self.probe_ids = list(probe_ids) if probe_ids is not None else None
         self.max_resyncs = max_resyncs
+        self.weights_device = weights_device  # the same on every rank: each one exports there
         self.last_metrics: dict[str, float] = {}
         self._want: list[float] | None = None
         self.engine = None
@@ -385,7 +393,7 @@ class RankZeroRollout:
                 self.last_metrics.update(resynced)  # the generate's own metrics replaced the re-sync's
                 return value
             log.warning("rollout: %s; re-sending the weights", value)
-            self._push_weights(self.actor.export_weights(), "resync_stale")
+            self._push_weights(self.actor.export_weights(device=self.weights_device), "resync_stale")
             keep = ("rollout/probe_logprob_diff_max", "timing/weight_resync_s")
             resynced = {key: self.last_metrics[key] for key in keep if key in self.last_metrics}
             resynced["rollout/weight_resyncs"] = float(k + 1)
@@ -437,15 +445,16 @@ class RankZeroSGLang(RankZeroRollout):
     take a restarted server back into its weight group, which is an error."""
 
     def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype):
-        from tempo_mega.rollout.sglang import build_sglang_engine
+        from tempo_mega.rollout.sglang import build_sglang_engine, sync_device
 
         def build(me: RankZeroRollout):
-            source = (lambda: me._cast(actor.export_weights())) if me.world_size == 1 else None
+            source = (lambda: me._cast(actor.export_weights(device=me.weights_device))) if me.world_size == 1 else None
             return build_sglang_engine(cfg, pad_token_id=pad_token_id, weights_source=source,
                                        trainer_logprob_fn=me._trainer_logprobs if cfg.probe else None)
 
         super().__init__(build, actor, pad_token_id=pad_token_id, weights_dtype=weights_dtype,
-                         probe_ids=list(cfg.probe_ids) if cfg.probe else None, max_resyncs=cfg.max_retries)
+                         probe_ids=list(cfg.probe_ids) if cfg.probe else None, max_resyncs=cfg.max_retries,
+                         weights_device=sync_device(cfg))
 
 
 # ---------------------------------------------------------------------- warm start
@@ -608,14 +617,14 @@ def setup(cfg: TrainConfig) -> Run:
         pool.load_state_dict(state["samplers"])
         own_rng = ckpt / f"rng_rank{rank()}.pt"
         set_rng_state(torch.load(own_rng, weights_only=False) if rank() > 0 and own_rng.is_file() else state["rng"])
-        rollout.update_weights(actor.export_weights())
+        push_weights(actor, rollout)
         run.start_step = done_steps
         log.info("resumed from %s after %d steps", ckpt, done_steps)
     else:
         run.first_line = warm_start(cfg, actor, pool)
         if t.warm_start_steps > 0:  # the critic starts from the warmed-up actor, as Stage 1 prescribes
             copy_actor_trunk_to_critic(actor, critic)
-            rollout.update_weights(actor.export_weights())
+            push_weights(actor, rollout)
     return run
 
 

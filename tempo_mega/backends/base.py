@@ -37,8 +37,9 @@ class TrainBackend(Protocol):
         """One optimizer pass over ``batch``: mini-batches, micro-batches with accumulation, clipping."""
         ...
 
-    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """HF-named tensors, streamed."""
+    def export_weights(self, device: str | torch.device | None = "cpu") -> Iterator[tuple[str, Tensor]]:
+        """HF-named tensors, streamed, on ``device`` (None: where the weights live; a rollout engine that
+        takes GPU tensors, SGLang's CUDA-IPC or NCCL sync, asks for them there: ``weights_device``)."""
         ...
 
     def save(self, directory: str | Path) -> None: ...

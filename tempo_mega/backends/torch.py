@@ -322,15 +322,16 @@ class TorchBackend:
         """Forget the Adam moments (the next step starts them afresh), keep the weights."""
         self.optimizer.state.clear()
 
-    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """(name, tensor) pairs, detached, contiguous, on CPU, in the model dtype. Actor: the names of
+    def export_weights(self, device: str | torch.device | None = "cpu") -> Iterator[tuple[str, Tensor]]:
+        """(name, tensor) pairs, detached, contiguous, on ``device`` (None: the model's), in the model dtype;
+        a tensor already there is the parameter itself, not a copy. Actor: the names of
         ``Qwen3ForCausalLM.state_dict()`` without ``lm_head.weight`` when tied; critic: ``model.*`` (the
         trunk, HF causal-LM names) and ``value_head.weight`` / ``value_head.bias``."""
         tied = self.role == "actor" and bool(getattr(self.model.config, "tie_word_embeddings", False))
         for name, t in self.model.state_dict().items():
             if tied and name == "lm_head.weight":
                 continue
-            yield name, t.detach().to("cpu").contiguous()
+            yield name, t.detach().to(t.device if device is None else device).contiguous()
 
     def export_hf(self, directory: str | Path) -> None:
         """An HF directory (safetensors): ``AutoModelForCausalLM.from_pretrained`` for the actor,

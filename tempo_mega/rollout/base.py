@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
@@ -74,3 +75,9 @@ class RolloutEngine(Protocol):
     def resume_memory(self) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+def weights_device(engine: RolloutEngine) -> str | torch.device:
+    """Where ``engine.update_weights`` wants its tensors (its ``weights_device``; "cpu" if it names none):
+    the trainer exports them there (``TrainBackend.export_weights(device=...)``)."""
+    return getattr(engine, "weights_device", "cpu")

@@ -219,6 +219,11 @@ class HFRolloutEngine:
             return DynamicCache()
 
     # ------------------------------------------------------------------ weights and memory
+    @property
+    def weights_device(self) -> torch.device:
+        """Where ``update_weights`` is best given its tensors: this engine's device."""
+        return self.device
+
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> int:
         """Copy HF-named tensors (names as in ``model.state_dict()``; any iterable, streamed) into the
         model, cast to each target's dtype. A subset is fine (bucketed pushes); with tied embeddings

@@ -60,6 +60,7 @@ __all__ = [
     "build_sglang_engine",
     "bucket_named_tensors",
     "logprob_mismatch",
+    "sync_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,12 @@ class SGLangServerError(RuntimeError):
 class _ServerDown(RuntimeError):
     """A server did not answer: timeout, refused/reset connection, HTTP 5xx. Caught and recovered from
     inside the engine; a RuntimeError (naming the URL) where it does surface."""
+
+
+def sync_device(cfg: SGLangConfig) -> str:
+    """Where the trainer should export the weights for ``cfg.weight_sync``: on the GPU for the CUDA-IPC
+    (tensor) and NCCL (distributed) hand-offs, on the CPU for disk (and wherever there is no GPU)."""
+    return "cuda" if cfg.weight_sync in ("tensor", "distributed") and torch.cuda.is_available() else "cpu"
 
 
 def logprob_mismatch(rollout_lp: Tensor, trainer_lp: Tensor, mask: Tensor) -> dict[str, float]:
@@ -266,6 +273,10 @@ class SGLangRolloutEngine:
         atexit.register(self.shutdown)
         if start:
             self.start()
+
+    @property
+    def weights_device(self) -> str:
+        return sync_device(self.cfg)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

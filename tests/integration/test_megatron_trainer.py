@@ -65,6 +65,10 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
 
     hf = AutoModelForCausalLM.from_pretrained(out / "hf" / "actor")
     exported = dict(run.actor.export_weights())
+    # on the model's device (what SGLang's GPU syncs ask for): the same values, copies of the parameters
+    params = {p.data_ptr() for c in run.actor.chunks for p in c.parameters()}
+    for name, t in run.actor.export_weights(device=None):
+        assert torch.equal(t, exported[name]) and t.data_ptr() not in params, name
     for name, t in hf.state_dict().items():
         if name in exported:
             torch.testing.assert_close(t, exported[name], msg=name)

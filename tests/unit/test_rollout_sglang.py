@@ -157,6 +157,18 @@ def test_helpers():
     assert m["rollout/logprob_diff_mean"] == pytest.approx(0.1)
 
 
+def test_weights_are_exported_where_the_sync_takes_them(monkeypatch):
+    from tempo_mega.rollout.base import weights_device
+    from tempo_mega.rollout.sglang import sync_device
+
+    cfg = {mode: url_cfg("http://x", weight_sync=mode) for mode in ("tensor", "distributed", "disk")}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [sync_device(c) for c in cfg.values()] == ["cuda", "cuda", "cpu"]  # IPC / NCCL take GPU tensors
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {sync_device(c) for c in cfg.values()} == {"cpu"}
+    assert weights_device(object()) == "cpu"  # an engine that names none
+
+
 # ---------------------------------------------------------------------------------------------- generate
 
 

@@ -501,15 +501,18 @@ class MegatronBackend:
                 inner.state.clear()
         self.num_optimizer_steps = 0
 
-    def export_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
-        """HF-named (name, tensor) pairs on CPU, streamed one tensor at a time: TP shards gathered, PP
-        stages broadcast to the whole pipeline (a collective: every rank must iterate to the end).
-        ``dtype`` None (default) keeps the model dtype, like ``TorchBackend.export_weights``; pass
-        ``torch.bfloat16`` for a bf16 inference server. The critic's value head stays float32. Every
-        tensor is a copy, never a view of a live parameter."""
+    def export_weights(self, dtype: torch.dtype | None = None,
+                       device: str | torch.device | None = "cpu") -> Iterator[tuple[str, Tensor]]:
+        """HF-named (name, tensor) pairs on ``device`` (None: the model's, e.g. for SGLang's CUDA-IPC sync,
+        which would otherwise take every tensor through host memory and back), streamed one tensor at a
+        time: TP shards gathered, PP stages broadcast to the whole pipeline (a collective: every rank must
+        iterate to the end). ``dtype`` None (default) keeps the model dtype, like
+        ``TorchBackend.export_weights``; pass ``torch.bfloat16`` for a bf16 inference server. The critic's
+        value head stays float32. Every tensor is a copy, never a view of a live parameter."""
+        device = self.device if device is None else device
         if self.pp_size == 1:
             for name, t in self._local_hf_tensors(dtype):
-                yield name, t.to("cpu", copy=True)
+                yield name, t.to(device, copy=True)
             return
         group = parallel_state.get_pipeline_model_parallel_group()
         for src in range(self.pp_size):
@@ -524,7 +527,7 @@ class MegatronBackend:
                 name, shape, dt = meta[0]
                 t = item[1].to(self.device) if item is not None else torch.empty(shape, dtype=dt, device=self.device)
                 dist.broadcast(t, src=src_global, group=group)
-                yield name, t.to("cpu", copy=True)
+                yield name, t.to(device, copy=True)
 
     def hf_module(self, *, rank0_only: bool = False) -> torch.nn.Module | None:
         """This role as a transformers module on CPU, from ``export_weights`` (a collective): a
