@@ -17,7 +17,8 @@ deterministic: sample ``j`` of a prompt draws its uniforms from a generator seed
 Fault knobs (command line, or ``POST /fake/config`` in process): ``slow_s`` (sleep per generate request,
 so requests overlap), ``crash_after_requests`` (the process exits hard when generate request N+1 arrives;
 with ``crash_once_file`` only the first process to get there crashes, so a restarted server behaves),
-``hang`` (generate requests block). ``GET /fake/stats`` reports request counts and the most generate
+``hang`` (generate requests block, and ``/health`` answers 503 while one is blocked, as SGLang's
+does when its scheduler makes no progress). ``GET /fake/stats`` reports request counts and the most generate
 requests seen in flight at once.
 
     python -m tempo_mega.rollout.fake_sglang --model-path DIR --host 127.0.0.1 --port 30000
@@ -249,7 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
             st.counts[path] = st.counts.get(path, 0) + 1
         try:
             if path in ("/health", "/health_generate"):
-                self._send(200, "")
+                # SGLang answers 503 when its scheduler has produced nothing for 20 s (HEALTH_CHECK_TIMEOUT)
+                hung = st.hang and st.in_flight > 0
+                self._send(503 if hung else 200, "")
             elif path in ("/model_info", "/get_model_info"):
                 self._send(
                     200,

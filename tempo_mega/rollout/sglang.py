@@ -17,7 +17,9 @@ Log-probs: SGLang returns ``log(probs)`` after temperature and before top-p/top-
 contract as ``Sample.logprobs`` and the HF engine). ``SamplingParams.seed`` is not sent (SGLang's
 per-request seed needs deterministic inference mode); this is said once in the log.
 
-Faults: a request that times out, a refused/reset connection or an HTTP 5xx marks its server failed. A
+Faults: a request that times out, a refused/reset connection or an HTTP 5xx marks its server failed, and
+so does a watchdog that, while requests run, checks each busy server's ``/health_generate`` (a hung
+server is found in about ``watchdog_interval_s x watchdog_failures``, not after ``request_timeout_s``). A
 server we launched is restarted (its pid terminated, then killed), a server given by URL is marked down
 until ``/health`` answers again; either gets the last weights again (last disk checkpoint, or
 ``weights_source()``) before it serves. The failed prompts are resubmitted, at most ``max_retries`` times
@@ -43,7 +45,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
@@ -96,6 +98,12 @@ class SGLangConfig:
     health_timeout_s: float = 600.0  # launch until /health answers
     max_retries: int = 2
     max_concurrent_requests: int = 1024
+    # a hung server answers nothing until request_timeout_s; while requests run, every busy server's
+    # /health_generate (200 while its scheduler makes progress, 503 after SGLang's own 20 s without) is
+    # checked each watchdog_interval_s, and watchdog_failures failures in a row mark it hung (0 = off)
+    watchdog_interval_s: float = 30.0
+    watchdog_timeout_s: float = 60.0
+    watchdog_failures: int = 2
     # weights
     weight_sync: str = "tensor"  # "tensor" | "distributed" | "disk"
     bucket_bytes: int = 512 * 2**20
@@ -124,12 +132,14 @@ class SGLangConfig:
             raise bad("urls", "engine mode runs in process; urls are for mode=server")
         if not self.urls and not self.model_path:
             raise bad("model_path", "required to launch servers (or give urls to connect to)")
-        for key in ("num_engines", "tp_size", "max_concurrent_requests", "bucket_bytes"):
+        if self.watchdog_interval_s < 0:
+            raise bad("watchdog_interval_s", f"must be >= 0 (0 = off), got {self.watchdog_interval_s}")
+        for key in ("num_engines", "tp_size", "max_concurrent_requests", "bucket_bytes", "watchdog_failures"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.max_retries < 0:
             raise bad("max_retries", f"must be >= 0, got {self.max_retries}")
-        for key in ("request_timeout_s", "health_timeout_s", "probe_tolerance"):
+        for key in ("request_timeout_s", "health_timeout_s", "probe_tolerance", "watchdog_timeout_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, f"must be > 0, got {getattr(self, key)}")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -224,6 +234,12 @@ class _Server:
     restarts: int = 0
     weights_stale: bool = False  # needs the last weights again before serving
     last_error: str = ""
+    epoch: int = 0  # +1 each time it is marked failed: a late answer to an older request changes nothing
+
+    def fail(self, epoch: int, error: str) -> None:
+        """Mark it failed, unless it was already marked so since the request of ``epoch`` was sent."""
+        if epoch == self.epoch:
+            self.healthy, self.last_error, self.epoch = False, error, self.epoch + 1
 
     @property
     def launched(self) -> bool:
@@ -235,6 +251,36 @@ class _PromptResult:
     samples: list[Sample] = field(default_factory=list)
     attempts: int = 0
     last_error: str = ""
+
+
+class _Watchdog(threading.Thread):
+    """While a round of requests runs: each ``watchdog_interval_s``, GET ``/health_generate`` of every
+    healthy server with requests outstanding; ``watchdog_failures`` failures in a row mark it failed
+    ("hung"), which ends the round's wait for its requests."""
+
+    def __init__(self, engine: SGLangRolloutEngine):
+        super().__init__(name="sglang-watchdog", daemon=True)
+        self.engine, self._stop_event = engine, threading.Event()
+        self._failures: dict[str, int] = {}
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        cfg = self.engine.cfg
+        while not self._stop_event.wait(cfg.watchdog_interval_s):
+            for s in list(self.engine.servers):
+                if self._stop_event.is_set() or not s.healthy or s.outstanding == 0:
+                    continue
+                epoch = s.epoch
+                try:
+                    _http(s.url, "/health_generate", None, cfg.watchdog_timeout_s, method="GET")
+                    self._failures[s.url] = 0
+                except (_ServerDown, SGLangServerError) as e:
+                    k = self._failures[s.url] = self._failures.get(s.url, 0) + 1
+                    if k >= cfg.watchdog_failures:
+                        log.warning("SGLang server %s is hung: %d health checks failed in a row (%s)", s.url, k, e)
+                        s.fail(epoch, f"hung: {k} /health_generate checks failed in a row, the last: {e}")
 
 
 class SGLangRolloutEngine:
@@ -443,11 +489,11 @@ class SGLangRolloutEngine:
 
     def _generate_prompt(self, s: _Server, i: int, prompt: list[int], sp: dict, n: int) -> list[Sample]:
         body = {"input_ids": prompt, "sampling_params": sp, "return_logprob": True, "logprob_start_len": -1}
+        epoch = s.epoch
         try:
             resp = _http(s.url, "/generate", body, self.cfg.request_timeout_s)
         except _ServerDown as e:
-            s.last_error = str(e)
-            s.healthy = False
+            s.fail(epoch, str(e))
             raise
         finally:
             with self._lock:
@@ -511,26 +557,44 @@ class SGLangRolloutEngine:
     def _run_round(self, prompts, pending: list[int], sp: dict, n: int, results) -> list[int]:
         failed: list[int] = []
         workers = min(len(pending), self.cfg.max_concurrent_requests)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-gen") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-gen")
+        watchdog = _Watchdog(self) if self.cfg.watchdog_interval_s > 0 else None
+        try:
             # all servers picked before any request starts, in prompt order (least outstanding, ties to
             # the first): the assignment does not depend on thread timing
             picks = [(i, self._pick()) for i in pending]
-            futures = {pool.submit(self._generate_prompt, s, i, prompts[i], sp, n): i for i, s in picks}
-            for fut in as_completed(futures):  # record each prompt as it lands (abort() reports them)
-                i = futures[fut]
-                try:
-                    results[i].samples = fut.result()
-                    if all(x.finish_reason != "abort" for x in results[i].samples):
-                        with self._lock:
-                            self._finished[i] = results[i].samples
-                except _ServerDown as e:
-                    results[i].samples = []  # a resubmission replaces, never adds
-                    results[i].last_error = str(e)
+            futures = {pool.submit(self._generate_prompt, s, i, prompts[i], sp, n): (i, s) for i, s in picks}
+            if watchdog is not None:
+                watchdog.start()
+            waiting = set(futures)
+            while waiting:
+                done, waiting = wait(waiting, timeout=0.25, return_when=FIRST_COMPLETED)
+                for fut in done:  # record each prompt as it lands (abort() reports them)
+                    i = futures[fut][0]
+                    try:
+                        results[i].samples = fut.result()
+                        if all(x.finish_reason != "abort" for x in results[i].samples):
+                            with self._lock:
+                                self._finished[i] = results[i].samples
+                    except _ServerDown as e:
+                        results[i].samples = []  # a resubmission replaces, never adds
+                        results[i].last_error = str(e)
+                        failed.append(i)
+                    except SGLangServerError as e:
+                        if not self._aborting.is_set():
+                            raise
+                        results[i].last_error = str(e)
+                # requests to a server the watchdog found hung are given up (resubmitted elsewhere or after
+                # its restart); their threads end when the restart closes the connection or they time out
+                for fut in [f for f in waiting if not futures[f][1].healthy]:
+                    i, s = futures[fut]
+                    waiting.discard(fut)
+                    results[i].samples, results[i].last_error = [], f"{s.url}: {s.last_error}"
                     failed.append(i)
-                except SGLangServerError as e:
-                    if not self._aborting.is_set():
-                        raise
-                    results[i].last_error = str(e)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
         return failed
 
     def _metrics(self, samples: list[Sample], elapsed_s: float, retries: int) -> None:
@@ -567,8 +631,8 @@ class SGLangRolloutEngine:
             if s.healthy:
                 try:
                     _http(s.url, "/abort_request", {"rid": "", "abort_all": True}, timeout_s=30.0)
-                except _ServerDown:
-                    s.healthy = False
+                except _ServerDown as e:
+                    s.fail(s.epoch, str(e))
         return self.abort_snapshot()
 
     # ------------------------------------------------------------------ faults
@@ -710,7 +774,7 @@ class SGLangRolloutEngine:
             try:
                 resp = _http(s.url, path, body, self.cfg.request_timeout_s)
             except _ServerDown as e:
-                s.healthy, s.last_error = False, str(e)
+                s.fail(s.epoch, str(e))
                 raise
             _check_success(resp, f"{s.url}{path}")
 

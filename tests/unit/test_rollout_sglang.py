@@ -111,6 +111,10 @@ def test_config_validation_names_the_key():
         SGLangConfig()
     with pytest.raises(ValueError, match="rollout.sglang.kv_cache_dtype"):
         SGLangConfig(model_path="m", kv_cache_dtype="fp4")
+    for key, bad in (("watchdog_interval_s", -1.0), ("watchdog_timeout_s", 0.0), ("watchdog_failures", 0)):
+        with pytest.raises(ValueError, match=f"rollout.sglang.{key}"):
+            SGLangConfig(model_path="m", **{key: bad})
+    assert SGLangConfig(model_path="m", watchdog_interval_s=0).watchdog_interval_s == 0  # off
     cfg = SGLangConfig(model_path="m", kv_cache_dtype="fp8_e4m3", quantization="fp8", extra_args=["--x", "1"])
     assert cfg.extra_args == ("--x", "1") and hash(cfg)
 
@@ -277,14 +281,42 @@ def test_release_resume(fake):
 # ---------------------------------------------------------------------------------------------- faults
 
 
-def test_hung_server_times_out_and_errors_after_max_retries(fake):
-    s = fake(hang=True)
+def test_timed_out_requests_are_retried_then_an_error_names_them(fake):
+    s = fake(slow_s=3.0)  # answers /health, but never a request within the timeout
     eng = build_sglang_engine(url_cfg(s.url, request_timeout_s=0.5, max_retries=1), pad_token_id=PAD)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"failed 2 times \(rollout.sglang.max_retries=1\).*timed out"):
         eng.generate(PROMPTS[:2], 2, SAMPLING)
     assert time.monotonic() - t0 < 5.0
     assert stats(s.url)["generate_requests"] == 4  # 2 prompts x 2 attempts
+    eng.shutdown()
+
+
+def test_hung_server_is_not_given_work_again(fake):
+    s = fake(hang=True)  # blocks requests, and /health says so (503) while one is blocked
+    eng = build_sglang_engine(url_cfg(s.url, request_timeout_s=0.5, max_retries=3), pad_token_id=PAD)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"no SGLang server is healthy: .*timed out"):
+        eng.generate(PROMPTS[:2], 2, SAMPLING)
+    assert time.monotonic() - t0 < 5.0
+    assert stats(s.url)["generate_requests"] == 2  # one attempt: the health check keeps it out after
+    eng.shutdown()
+
+
+def test_watchdog_finds_a_hung_server_long_before_the_request_timeout(fake):
+    """A request may run for an hour (request_timeout_s), a hung server is found within seconds: the
+    watchdog's /health_generate checks fail, the server is marked hung, its prompts go to the live one."""
+    a = fake()
+    ref = build_sglang_engine(url_cfg(a.url), pad_token_id=PAD).generate(PROMPTS, 2, SAMPLING)
+    b = fake(hang=True)
+    eng = build_sglang_engine(url_cfg(a.url, b.url, request_timeout_s=120.0, watchdog_interval_s=0.2,
+                                      watchdog_timeout_s=5.0, watchdog_failures=2), pad_token_id=PAD)
+    t0 = time.monotonic()
+    out = eng.generate(PROMPTS, 2, SAMPLING)
+    assert time.monotonic() - t0 < 10.0
+    assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in ref]
+    assert not eng.servers[1].healthy and "hung: 2 /health_generate checks failed" in eng.servers[1].last_error
+    assert eng.last_metrics["rollout/retried_requests"] == 2  # prompts 1 and 3 had gone to the hung one
     eng.shutdown()
 
 
