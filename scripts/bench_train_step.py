@@ -256,7 +256,7 @@ def build_megatron(role: str, hf_config, args: argparse.Namespace, precision: st
     from tempo_mega.backends.megatron.config import MegatronConfig
 
     kw: dict[str, Any] = dict(tensor_parallel_size=args.tp, sequence_parallel=args.sequence_parallel,
-                              recompute=args.recompute, params_dtype="bfloat16")
+                              recompute=args.recompute, params_dtype="bfloat16", fusions=args.fusions)
     if precision == "fp8":
         kw.update(fp8=args.fp8_format, fp8_recipe=fp8_recipe or args.fp8_recipe)
     return MegatronBackend(role, hf_config, MegatronConfig(**kw), optim, hf_state_dict=hf_state_dict,
@@ -636,6 +636,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="megatron tensor-parallel size")
     p.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel (TP >= 2, TE)")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none", help="megatron activation recompute")
+    p.add_argument("--fusions", action="store_true",
+                   help="megatron.fusions (GPU + TE): run once with and once without to measure them")
     p.add_argument("--fp8-format", choices=FP8_FORMATS, default="hybrid", help="megatron.fp8 of the FP8 rows")
     p.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed", help="megatron.fp8_recipe")
     p.add_argument("--baseline", choices=("torch", "none"), default="torch",

@@ -115,3 +115,31 @@ def test_fp8_critic_values_track_bf16(gpu_world):
     mask = batch.response_mask.bool()
     rel = float((got - ref)[mask].pow(2).mean().sqrt() / ref[mask].pow(2).mean().sqrt())
     assert rel < 0.1, rel
+
+
+def test_fusions_keep_the_numbers(gpu_world):
+    """megatron.fusions (weight-gradient accumulation fusion, fused SwiGLU, bias-dropout-add and RoPE) give
+    the unfused layers' log-probs and a train step's loss and grad norm within bf16 rounding."""
+    _te_or_skip()
+    from transformers import Qwen3ForCausalLM
+
+    from tempo_mega.backends.megatron import MegatronConfig
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+    from tempo_mega.backends.torch import OptimConfig
+
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(_config()).eval()
+    batch = _batch(torch.Generator().manual_seed(2))
+    optim = OptimConfig(lr=1e-4, mini_batch_size=2, max_tokens_per_micro_batch=48, grad_clip=1.0)
+    got = {}
+    for fusions in (False, True):
+        actor = MegatronBackend("actor", hf.config, MegatronConfig(params_dtype="bfloat16", fusions=fusions), optim,
+                                hf_state_dict=hf.state_dict(), use_te=True)
+        assert actor.chunks[0].config.gradient_accumulation_fusion == fusions
+        lp = actor.forward_logprobs(batch).float().cpu()
+        m = actor.train_step(batch, _pg_loss)
+        got[fusions] = (lp, m["actor/loss"], m["actor/grad_norm"])
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(got[True][0][mask], got[False][0][mask], atol=5e-2, rtol=0)
+    assert got[True][1] == pytest.approx(got[False][1], abs=5e-2)
+    assert got[True][2] == pytest.approx(got[False][2], rel=5e-2)

@@ -257,6 +257,14 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def test_fusions_need_a_gpu_and_transformer_engine(tmp_path, megatron_world):
+    from tempo_mega.trainer import setup
+
+    with pytest.raises(ValueError, match="megatron.fusions=true needs a GPU and Transformer Engine"):
+        setup(load_config(["experiment=debug_cpu", "backend=megatron", "megatron.fusions=true",
+                           f"trainer.output_dir={tmp_path}"]))
+
+
 def test_megatron_config_keys():
     cfg = load_config(["experiment=debug_cpu", "backend=megatron", "megatron.tensor_parallel_size=2"])
     assert cfg.backend == "megatron" and cfg.megatron["tensor_parallel_size"] == 2

@@ -31,6 +31,11 @@ class MegatronConfig:
     # actor log-probs: response tokens per chunk of vocab-parallel logits (recomputed in the backward),
     # so a micro-batch never holds more than [chunk, vocab / TP] fp32 logits
     logprob_chunk_tokens: int = 4096
+    # megatron's kernel fusions (GPU with Transformer Engine): weight-gradient accumulation into the fp32
+    # main grads (needs Apex for the output layer, as in the NGC container), fused SwiGLU, fused
+    # bias-dropout-add and TE's fused RoPE. Off by default until measured on a GPU (scripts/bench_train_step.py
+    # --fusions); with them off every op is the one the CPU tests check.
+    fusions: bool = False
 
     def __post_init__(self) -> None:
         for key in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size", "logprob_chunk_tokens"):

@@ -105,11 +105,18 @@ def _num_kv_heads(hf_config: Any) -> int:
     return int(_get(hf_config, "num_key_value_heads") or _get(hf_config, "num_attention_heads"))
 
 
+# what megatron.fusions turns on (TransformerConfig fields); masked-softmax fusion is not among them:
+# Transformer Engine's attention does its own softmax
+FUSIONS = {"gradient_accumulation_fusion": True, "bias_activation_fusion": True, "bias_dropout_fusion": True,
+           "apply_rope_fusion": True}
+
+
 def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrides: Any):
     """HF Qwen3 config (+ ``MegatronConfig``) -> ``megatron.core.transformer.TransformerConfig``.
 
-    Numerics chosen for exactness against HF: dropout 0, softmax in fp32, every fusion off (the product
-    turns fusions on through ``overrides`` on GPU where they exist). ``overrides`` win over all else.
+    Numerics chosen for exactness against HF: dropout 0, softmax in fp32, every fusion off unless
+    ``megatron.fusions`` (GPU and Transformer Engine only; ``build_model`` checks). ``overrides`` win over
+    all else.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -164,6 +171,8 @@ def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrid
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if mc.fp8 != "none":
         kwargs.update(fp8=mc.fp8, fp8_recipe=mc.fp8_recipe)
+    if mc.fusions:
+        kwargs.update(FUSIONS)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

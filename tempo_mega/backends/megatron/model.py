@@ -186,6 +186,9 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
     if not te_layout:
         if mc.fp8 != "none":
             raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
+    if mc.fusions and not (te_layout and torch.cuda.is_available()):
+        raise ValueError("megatron.fusions=true needs a GPU and Transformer Engine (its fused RoPE and "
+                         "weight-gradient kernels); set it false here")
     config = to_transformer_config(hf_config, mc, **config_overrides)
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
