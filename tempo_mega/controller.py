@@ -97,6 +97,8 @@ class TempoController:
         with t.phase("step"):
             with t.phase("rollout"):
                 batch, m = self.collect_batch(step)
+                if getattr(self.rollout, "release_during_training", False):
+                    self.rollout.release_memory()  # colocated: the GPU memory is the trainer's until the push
             if len(batch) == 0:  # every group was uninformative, even after refills: nothing to learn from
                 log.warning("step %d: no informative group after %d generation batches; no update",
                             step, int(m["rollout/gen_batches"]))

@@ -326,7 +326,7 @@ class RankZeroRollout:
 
     def __init__(self, build, actor, *, pad_token_id: int, weights_dtype: torch.dtype | None = None,
                  probe_ids: list[int] | None = None, max_resyncs: int = 2,
-                 weights_device: str | torch.device = "cpu"):
+                 weights_device: str | torch.device = "cpu", release_during_training: bool = False):
         import torch.distributed as dist
 
         up = dist.is_available() and dist.is_initialized()
@@ -335,6 +335,7 @@ class RankZeroRollout:
         self.probe_ids = list(probe_ids) if probe_ids is not None else None
         self.max_resyncs = max_resyncs
         self.weights_device = weights_device  # the same on every rank: each one exports there
+        self._release_during_training = release_during_training  # the same on every rank too
         self.last_metrics: dict[str, float] = {}
         self._want: list[float] | None = None
         self.engine = None
@@ -422,13 +423,16 @@ class RankZeroRollout:
                 pass
         self._on_rank0(push)
 
+    @property
+    def release_during_training(self) -> bool:
+        return self._release_during_training
+
     def release_memory(self, tags=None) -> None:
-        if self.engine is not None:  # tags only where given: the HF engine's methods take none
-            self.engine.release_memory(*([] if tags is None else [tags]))
+        # tags only where given: the HF engine's methods take none; an error reaches every rank
+        self._on_rank0(lambda: self.engine.release_memory(*([] if tags is None else [tags])))
 
     def resume_memory(self, tags=None) -> None:
-        if self.engine is not None:
-            self.engine.resume_memory(*([] if tags is None else [tags]))
+        self._on_rank0(lambda: self.engine.resume_memory(*([] if tags is None else [tags])))
 
     def shutdown(self) -> None:
         if self.engine is not None:
@@ -454,7 +458,7 @@ class RankZeroSGLang(RankZeroRollout):
 
         super().__init__(build, actor, pad_token_id=pad_token_id, weights_dtype=weights_dtype,
                          probe_ids=list(cfg.probe_ids) if cfg.probe else None, max_resyncs=cfg.max_retries,
-                         weights_device=sync_device(cfg))
+                         weights_device=sync_device(cfg), release_during_training=cfg.release_during_training)
 
 
 # ---------------------------------------------------------------------- warm start

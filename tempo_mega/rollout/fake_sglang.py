@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES (0.5.x)
+
 __all__ = ["FakeSGLangServer", "FakeTensorSerializer", "install_fake_serializer", "main", "uninstall_fake_serializer"]
 
 
@@ -65,7 +67,7 @@ class _FakeState:
         self.in_process = in_process
         self.unhang = threading.Event()
         self.abort_event = threading.Event()
-        self.released = False
+        self.released: set[str] = set()  # memory tags released, as SGLang's scheduler tracks them
         self.weight_version = "default"
         self.generate_requests = 0
         self.in_flight = 0
@@ -271,6 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)\n",
                     "text/plain",
                 )
+            elif path.startswith("/update_weights") and "weights" in st.released:
+                return self._error("the weights are released (resume them first)")
             elif path == "/update_weights_from_disk":
                 if "model_path" not in body:
                     return self._error("model_path is required")
@@ -295,10 +299,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif path in ("/begin_weight_update", "/end_weight_update"):
                 self._send(200, {"success": True, "message": ""})
             elif path == "/release_memory_occupation":
-                st.released = True
+                st.released |= set(body.get("tags") or MEMORY_TAGS)
                 self._send(200, "")
             elif path == "/resume_memory_occupation":
-                st.released = False
+                tags = set(body.get("tags") or MEMORY_TAGS)
+                if not tags <= st.released:  # SGLang's set.remove raises: the request fails
+                    return self._error(f"resume of tags that are not released: {sorted(tags - st.released)}", 500)
+                st.released -= tags
                 self._send(200, "")
             elif path == "/abort_request":
                 if body.get("abort_all"):
@@ -313,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "generate_requests": st.generate_requests,
                             "max_in_flight": st.max_in_flight,
                             "counts": dict(st.counts),
-                            "released": st.released,
+                            "released": sorted(st.released),
                             "pid": os.getpid(),
                         },
                     )

@@ -13,6 +13,11 @@ once (a thread per in-flight request). Per prompt rather than per sample because
 shared prompt once and the n samples share its KV prefix; the unit of retry is the prompt, so results are
 keyed by prompt index and a resubmitted prompt replaces, never adds to, what it had.
 
+Memory: colocated with the trainer, the servers release their GPU memory (``MEMORY_TAGS``) after each
+rollout (the controller calls ``release_memory`` where ``release_during_training``); ``update_weights``
+takes the weights back before the push and the rest after it, ``generate`` whatever is still released.
+Released tags are tracked per server because SGLang fails a resume of a tag it has not released.
+
 Log-probs: SGLang returns ``log(probs)`` after temperature and before top-p/top-k truncation (the same
 contract as ``Sample.logprobs`` and the HF engine). ``SamplingParams.seed`` is not sent (SGLang's
 per-request seed needs deterministic inference mode); this is said once in the log.
@@ -61,6 +66,7 @@ __all__ = [
     "SGLangServerError",
     "build_sglang_engine",
     "bucket_named_tensors",
+    "MEMORY_TAGS",
     "logprob_mismatch",
     "sync_device",
 ]
@@ -89,6 +95,9 @@ class SGLangConfig:
     quantization: str | None = None  # e.g. "fp8"
     kv_cache_dtype: str = "auto"  # "fp8_e4m3" halves the KV cache of 16K-token rollouts
     enable_memory_saver: bool = True  # needed by /release_memory_occupation
+    # colocated with the trainer: release the servers' GPU memory (weights, KV cache, CUDA graphs) after
+    # each rollout, for the training phases; the weight push and the next generate take it back
+    release_during_training: bool = True
     extra_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     base_port: int = 30000
@@ -155,6 +164,9 @@ class SGLangServerError(RuntimeError):
 class _ServerDown(RuntimeError):
     """A server did not answer: timeout, refused/reset connection, HTTP 5xx. Caught and recovered from
     inside the engine; a RuntimeError (naming the URL) where it does surface."""
+
+
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES (0.5.x)
 
 
 def sync_device(cfg: SGLangConfig) -> str:
@@ -235,6 +247,7 @@ class _Server:
     weights_stale: bool = False  # needs the last weights again before serving
     last_error: str = ""
     epoch: int = 0  # +1 each time it is marked failed: a late answer to an older request changes nothing
+    released: set[str] = field(default_factory=set)  # memory tags it has released (SGLang tracks the same)
 
     def fail(self, epoch: int, error: str) -> None:
         """Mark it failed, unless it was already marked so since the request of ``epoch`` was sent."""
@@ -306,6 +319,7 @@ class SGLangRolloutEngine:
         self._aborting = threading.Event()
         self._finished: dict[int, list[Sample]] = {}
         self._engine = None  # in-process sglang.Engine
+        self._engine_memory = _Server(url="engine")  # its released memory tags
         self._disk_root: Path | None = None
         self._last_disk_dir: Path | None = None
         self._disk_version = 0
@@ -509,6 +523,7 @@ class SGLangRolloutEngine:
         if self._closed:
             raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
         prompts = check_generate_args("SGLangRolloutEngine", prompt_ids, n)
+        self.resume_memory()  # whatever was released for training
         sp = self._sampling_dict(n, sampling)
         self._aborting.clear()
         t0 = time.perf_counter()
@@ -650,7 +665,7 @@ class SGLangRolloutEngine:
                     s.restarts += 1
                     self._launch(s, k)
                     self._wait_healthy(s, proc=s.proc)
-                    s.weights_stale = True
+                    s.weights_stale, s.released = True, set()  # a new process holds all its memory
                 else:
                     try:
                         _http(
@@ -664,7 +679,7 @@ class SGLangRolloutEngine:
                         log.warning("SGLang server %s is down (%s)", s.url, s.last_error)
                         continue
                     s.healthy = True
-                    s.weights_stale = True  # it may have been restarted by someone else
+                    s.weights_stale, s.released = True, set()  # it may have been restarted by someone else
             if s.weights_stale and resync:
                 self._resync(s)
         if not any(s.healthy for s in self.servers):
@@ -701,6 +716,7 @@ class SGLangRolloutEngine:
         t0 = time.perf_counter()
         if self._engine is None:
             self._recover(resync=False)  # the push below brings a restarted server up to date too
+        self.resume_memory(["weights"])  # the KV cache and CUDA graphs come back after the push
         try:
             self._push(named_tensors, only=None)
         except _ServerDown as e:
@@ -724,6 +740,7 @@ class SGLangRolloutEngine:
                 if s.healthy:
                     s.weights_stale = False
         self._synced = True
+        self.resume_memory()
         self._call("/flush_cache", {})
         self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
         if self.cfg.probe and self.trainer_logprob_fn is not None:
@@ -910,11 +927,35 @@ class SGLangRolloutEngine:
 
     # ------------------------------------------------------------------ memory
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Free weights and KV cache on the GPUs (``tags`` e.g. ["kv_cache"]; None = everything)."""
-        self._call("/release_memory_occupation", {} if tags is None else {"tags": list(tags)})
+        """Free GPU memory of every server (``tags`` of ``MEMORY_TAGS``; None = all of them). Each server's
+        released tags are tracked, as SGLang does: a tag is released once, resumed only if released (SGLang
+        fails the request otherwise), and a restarted server starts with none released."""
+        self._memory("/release_memory_occupation", tags, release=True)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        self._call("/resume_memory_occupation", {} if tags is None else {"tags": list(tags)})
+        """Take back what ``release_memory`` freed (``tags``; None = all). ``generate`` and
+        ``update_weights`` do it themselves where they need it."""
+        self._memory("/resume_memory_occupation", tags, release=False)
+
+    @property
+    def release_during_training(self) -> bool:
+        return self.cfg.release_during_training
+
+    def _memory(self, path: str, tags: Sequence[str] | None, *, release: bool) -> None:
+        want = list(MEMORY_TAGS if tags is None else tags)
+        unknown = [t for t in want if t not in MEMORY_TAGS]
+        if unknown:
+            raise ValueError(f"SGLangRolloutEngine: unknown memory tags {unknown} (known: {list(MEMORY_TAGS)})")
+        holders = [self._engine_memory] if self._engine is not None else [s for s in self.servers if s.healthy]
+        for h in holders:
+            todo = [t for t in want if (t in h.released) != release]
+            if not todo:
+                continue
+            if self._engine is not None:
+                self._engine_call(path, {"tags": todo})
+            else:
+                _http(h.url, path, {"tags": todo}, self.cfg.request_timeout_s)
+            h.released = (h.released | set(todo)) if release else (h.released - set(todo))
 
     # ------------------------------------------------------------------ in-process engine
     def _make_inprocess_engine(self):

@@ -279,6 +279,10 @@ def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
             assert line["rollout/logprob_diff_max"] < 1e-3
             assert math.isfinite(line["actor/loss"])
         assert type(run.rollout).__name__ == "SGLangRolloutEngine"
+        # colocated: released after each step's rollout, taken back by the push (which the fake refuses
+        # into released weights) and by generate; every resume matched a release (SGLang fails others)
+        counts = server.state.counts
+        assert counts["/release_memory_occupation"] == 2 and counts["/resume_memory_occupation"] == 4
     finally:
         server.stop()
 

@@ -265,16 +265,29 @@ def test_probe_catches_a_wrong_weight(fake):
     eng.shutdown()
 
 
-def test_release_resume(fake):
+def test_release_resume_tracks_tags_as_sglang_does(fake):
+    """SGLang fails a resume of a tag that is not released (the fake does too): each tag is released once
+    and resumed only if released; generate and the weight push take back what they need themselves."""
     s = fake()
-    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
+    new = tiny_qwen3(1)
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
     eng.release_memory()
-    assert stats(s.url)["released"]
-    eng.resume_memory()
-    assert not stats(s.url)["released"]
-    eng.release_memory(tags=["kv_cache"])
+    assert stats(s.url)["released"] == ["cuda_graph", "kv_cache", "weights"]
+    eng.release_memory(tags=["kv_cache"])  # already released: no request
     eng.resume_memory(tags=["kv_cache"])
-    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)) == 2
+    eng.resume_memory(tags=["kv_cache"])  # already resident: no request
+    assert stats(s.url)["released"] == ["cuda_graph", "weights"]
+    counts = stats(s.url)["counts"]
+    assert counts["/release_memory_occupation"] == 1 and counts["/resume_memory_occupation"] == 1
+    # the push resumes the weights (the fake refuses a push into released weights), then the rest, then probes
+    eng.update_weights(new.state_dict().items())
+    assert stats(s.url)["released"] == [] and eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    eng.release_memory()
+    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)) == 2  # generate takes its memory back
+    with pytest.raises(ValueError, match="unknown memory tags"):
+        eng.release_memory(tags=["activations"])
+    assert eng.release_during_training and not build_sglang_engine(
+        url_cfg(s.url, release_during_training=False), pad_token_id=PAD).release_during_training
     eng.shutdown()
 
 
@@ -588,7 +601,7 @@ def test_server_distributed_sync(tmp_path):  # pragma: no cover - needs sglang +
 @pytest.mark.gpu
 def test_server_tensor_sync_after_release_and_resume(tmp_path):  # pragma: no cover - needs sglang + CUDA
     """The colocated production path: a launched server, CUDA-IPC tensor sync in buckets, the memory
-    released and resumed around a training phase, then the weights pushed again (the release dropped them)."""
+    released after a rollout and taken back by the weight push and by generate."""
     pytest.importorskip("sglang")
     tiny_qwen3(0).save_pretrained(tmp_path)
     new = tiny_qwen3(1)
@@ -598,10 +611,11 @@ def test_server_tensor_sync_after_release_and_resume(tmp_path):  # pragma: no co
     try:
         eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
         assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 5e-2
+        eng.release_memory()  # as the controller does after each rollout
+        eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())  # weights back, push, the rest
+        assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 5e-2
         eng.release_memory()
-        eng.resume_memory()
-        eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
-        samples = eng.generate(PROMPTS, 2, SAMPLING)
+        samples = eng.generate(PROMPTS, 2, SAMPLING)  # takes its memory back itself
         assert [x.prompt_index for x in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
         assert all(len(x.logprobs) == len(x.response_ids) for x in samples)
     finally:
