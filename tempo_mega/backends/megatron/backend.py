@@ -150,6 +150,9 @@ class MegatronBackend:
                             use_distributed_optimizer=mc.use_distributed_optimizer),
             self.ddp)
         self._sub_optimizers = list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+        # the Adam moments now rather than at the first step: a colocated SGLang engine, launched after the
+        # models are built, sizes its KV cache against the trainer's steady-state memory, not less
+        self._init_optimizer_state()
         self.num_train_steps = 0
         self.num_optimizer_steps = 0
         self._positions: tuple[Tensor, Tensor | None] | None = None  # (stream positions, actor targets)
@@ -494,11 +497,13 @@ class MegatronBackend:
         return lr_override(self.optimizer.param_groups, lr)
 
     def reset_optimizer_state(self) -> None:
-        """Forget the Adam moments (the next step starts them afresh), keep the weights."""
+        """Forget the Adam moments (the next step starts them afresh, from zero moments and step 0, which
+        stay allocated), keep the weights."""
         for opt in self._sub_optimizers:
             inner = getattr(opt, "optimizer", None)
             if inner is not None:
                 inner.state.clear()
+        self._init_optimizer_state()
         self.num_optimizer_steps = 0
 
     def export_weights(self, dtype: torch.dtype | None = None,
