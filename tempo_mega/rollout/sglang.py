@@ -277,7 +277,11 @@ class _Watchdog(threading.Thread):
         self._failures: dict[str, int] = {}
 
     def stop(self) -> None:
+        """Stop, and wait for a check in flight: its request must not overlap a memory release (SGLang
+        releases only when idle)."""
         self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=self.engine.cfg.watchdog_timeout_s)
 
     def run(self) -> None:
         cfg = self.engine.cfg
@@ -954,7 +958,14 @@ class SGLangRolloutEngine:
             if self._engine is not None:
                 self._engine_call(path, {"tags": todo})
             else:
-                _http(h.url, path, {"tags": todo}, self.cfg.request_timeout_s)
+                for attempt in range(3):  # a release needs an idle server: a health check may still finish
+                    try:
+                        _http(h.url, path, {"tags": todo}, self.cfg.request_timeout_s)
+                        break
+                    except (_ServerDown, SGLangServerError) as e:
+                        if attempt == 2:
+                            raise SGLangServerError(f"{h.url}{path} {todo} failed 3 times: {e}") from e
+                        time.sleep(1.0)
             h.released = (h.released | set(todo)) if release else (h.released - set(todo))
 
     # ------------------------------------------------------------------ in-process engine
