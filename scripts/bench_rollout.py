@@ -2,7 +2,9 @@
 
     python scripts/bench_rollout.py --model-path Qwen/Qwen3-0.6B --prompts 32 --n 8 --max-response-tokens 2048
 
-Prints one CSV row per engine: engine, tokens_per_s, response_len_mean, truncation_rate, weight_sync_s.
+Prints one CSV row per engine: engine, tokens_per_s, response_len_mean, truncation_rate, weight_sync_s, and
+for SGLang release_s (memory released as after a colocated rollout) and sync_after_release_s (the push
+that takes it back: weights resumed, pushed, KV cache and CUDA graphs resumed, probe off).
 Needs CUDA and sglang for the SGLang row; without them it says so in one line and exits 0.
 """
 
@@ -55,7 +57,7 @@ def main() -> int:
     )
     weights = lambda: ((n, t.detach()) for n, t in trainer.state_dict().items())  # noqa: E731
 
-    print("engine,tokens_per_s,response_len_mean,truncation_rate,weight_sync_s")
+    print("engine,tokens_per_s,response_len_mean,truncation_rate,weight_sync_s,release_s,sync_after_release_s")
     cfg = SGLangConfig(
         model_path=args.model_path, tp_size=args.tp_size, weight_sync=args.weight_sync, probe=False
     )
@@ -66,11 +68,17 @@ def main() -> int:
         gen = dict(eng.last_metrics)
         eng.update_weights(weights())
         sync_s = eng.last_metrics["timing/weight_sync_s"]
+        # a colocated step: memory released for training, then the push takes it back (weights first)
+        t0 = time.perf_counter()
+        eng.release_memory()
+        release_s = time.perf_counter() - t0
+        eng.update_weights(weights())
+        resync_s = eng.last_metrics["timing/weight_sync_s"]
     finally:
         eng.shutdown()
     print(
         f"sglang,{gen['rollout/tokens_per_s']:.1f},{gen['rollout/response_len_mean']:.1f},"
-        f"{gen['rollout/truncation_rate']:.3f},{sync_s:.3f}"
+        f"{gen['rollout/truncation_rate']:.3f},{sync_s:.3f},{release_s:.3f},{resync_s:.3f}"
     )
 
     if not args.skip_hf:
@@ -85,7 +93,7 @@ def main() -> int:
         torch.cuda.synchronize()
         sync_s = time.perf_counter() - t0
         trunc = sum(s.finish_reason == "length" for s in samples) / len(samples)
-        print(f"hf,{tokens / elapsed:.1f},{tokens / len(samples):.1f},{trunc:.3f},{sync_s:.3f}")
+        print(f"hf,{tokens / elapsed:.1f},{tokens / len(samples):.1f},{trunc:.3f},{sync_s:.3f},,")
     return 0
 
 
