@@ -48,7 +48,7 @@ from tempo_mega.eval.metrics import (
 from tempo_mega.launch.slurm import REQUEUE_EXIT_CODE  # "checkpointed on a preemption signal: requeue me"
 from tempo_mega.models import fresh_qwen3_config, stop_token_ids
 from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
-from tempo_mega.rollout.base import weights_device
+from tempo_mega.rollout.base import RolloutNeedsWeights, weights_device
 from tempo_mega.rollout.hf import HFRolloutEngine
 from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
 from tempo_mega.telemetry.flops import phase_mfu
@@ -184,9 +184,9 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[Tor
 def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOptim], use_kernels: bool = False):
     """backend=megatron: actor and critic as ``MegatronBackend``s, started from the same HF weights the
     torch backend would use (``source``: a checkpoint dir, whose tensors each rank reads on demand for its
-    own stage, or a fresh Qwen3 config, built from trainer.seed). torch.distributed and megatron's parallel state come up through the backend's own
-    ``init_parallel`` where they are not up yet (world size from the torchrun environment, else 1;
-    gloo on CPU, nccl on CUDA)."""
+    own stage, or a fresh Qwen3 config, built from trainer.seed). torch.distributed and megatron's
+    parallel state come up through the backend's own ``init_parallel`` where they are not up yet (world
+    size from the torchrun environment, else 1; gloo on CPU, nccl on CUDA)."""
     import torch.distributed as dist
 
     from tempo_mega.backends.megatron.backend import MegatronBackend
@@ -379,8 +379,6 @@ class RankZeroRollout:
         it cannot re-sync alone: ``RolloutNeedsWeights``), every rank takes part in exporting them again,
         rank 0 pushes them to what was restarted, and the whole call is generated again (at most
         ``max_resyncs`` times)."""
-        from tempo_mega.rollout.base import RolloutNeedsWeights
-
         def attempt():
             try:
                 return "samples", self.engine.generate(prompt_ids, n, sampling)
