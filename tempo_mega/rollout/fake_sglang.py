@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES (0.5.x)
+from tempo_mega.rollout.sglang import MEMORY_TAGS  # SGLang's GPU_MEMORY_ALL_TYPES (0.5.x)
 
 __all__ = ["FakeSGLangServer", "FakeTensorSerializer", "install_fake_serializer", "main", "uninstall_fake_serializer"]
 
