@@ -57,6 +57,7 @@ from torch import Tensor
 from tempo_mega.backends.base import LossFn, lr_override, optimizer_passes, weight_units
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, layer_offset, mcore_to_hf_tensors
+from tempo_mega.backends.megatron.dist_ckpt import save_sharded
 from tempo_mega.backends.megatron.model import build_model_chunks, init_parallel
 from tempo_mega.backends.megatron.packing import PackedMicro, pack_micro_batch, stream_length
 from tempo_mega.backends.torch import OptimConfig
@@ -640,14 +641,15 @@ class MegatronBackend:
 
     def save(self, directory: str | Path) -> None:
         """A megatron dist-checkpoint (weights and optimizer state, loadable at any TP/PP layout) plus
-        ``backend_state.json``. A collective: every rank calls it with the same directory."""
+        ``backend_state.json``. A collective: every rank calls it with the same directory. A write that
+        fails on any rank raises ``DistCheckpointWriteError`` naming the directory on every rank."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         sd: dict[str, Any] = {"model": self._model_sharded_state_dict()}
         if self.num_optimizer_steps:
             sd["optimizer"] = self.optimizer.sharded_state_dict(sd["model"], metadata=self._optim_ckpt_metadata())
-        dist_checkpointing.save(sd, str(d))
+        save_sharded(sd, d)  # a failed write raises on every rank (dist_ckpt.py), never waits forever
         if dist.get_rank() == 0:
             state = {"role": self.role, "num_train_steps": self.num_train_steps,
                      "num_optimizer_steps": self.num_optimizer_steps,

@@ -1,0 +1,97 @@
+"""A megatron dist-checkpoint save that fails is an error naming the directory, within seconds, and the
+checkpoint saved before it still loads. megatron-core's own writer waits for its workers on a queue's
+``join()``: a worker that died (0.16 forks them and they die without psutil; a killed worker) kept that
+wait, and the run, going forever."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/megatron_cpu_support.py
+
+from megatron_cpu_support import one_process_world  # noqa: E402
+
+
+def _tiny_actor():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tempo_mega.backends.megatron import MegatronConfig
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+
+    cfg = Qwen3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      vocab_size=64, intermediate_size=48, max_position_embeddings=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(cfg)
+    return MegatronBackend("actor", cfg, MegatronConfig(params_dtype="float32"), hf_state_dict=hf.state_dict())
+
+
+def _weights(backend) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in backend.export_weights()}
+
+
+class _WorkerDied(BaseException):
+    """What a worker that is killed looks like to its writer: it ends without a result and without
+    marking its task done (megatron's worker catches Exception only)."""
+
+
+@pytest.mark.parametrize("fault", ["write_fails", "worker_dies"])
+def test_failed_save_raises_naming_the_dir_and_the_previous_checkpoint_loads(tmp_path, monkeypatch, fault):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from tempo_mega.backends.megatron.dist_ckpt import DistCheckpointWriteError
+
+    with one_process_world(monkeypatch):
+        actor = _tiny_actor()
+        good = tmp_path / "good"
+        actor.save(good)
+        saved = _weights(actor)
+
+        real_write_item = filesystem_async._write_item
+        calls = []
+
+        @functools.wraps(real_write_item)  # megatron reads its signature (serialization_format)
+        def failing_write_item(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 1:  # the first item is written: the failure comes mid-file
+                if fault == "write_fails":
+                    raise OSError(28, "No space left on device")
+                raise _WorkerDied("killed")
+            return real_write_item(*args, **kwargs)
+
+        monkeypatch.setattr(filesystem_async, "_write_item", failing_write_item)
+        bad = tmp_path / "bad"
+        start = time.monotonic()
+        with pytest.raises(DistCheckpointWriteError) as err:
+            actor.save(bad)
+        assert time.monotonic() - start < 60
+        assert str(bad) in str(err.value)
+        assert len(calls) > 1  # the writer did fail mid-save, not before it
+        assert not (bad / "backend_state.json").exists()  # not marked as the backend's checkpoint
+        monkeypatch.setattr(filesystem_async, "_write_item", real_write_item)
+
+        with torch.no_grad():  # move the weights, so that loading has something to restore
+            for c in actor.chunks:
+                for p in c.parameters():
+                    p.add_(1.0)
+        assert any(not torch.equal(t, saved[n]) for n, t in _weights(actor).items())
+        actor.load(good)
+        for name, t in _weights(actor).items():
+            assert torch.equal(t, saved[name]), name
+
+
+def test_save_without_psutil_is_an_error_before_any_write(tmp_path, monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    with one_process_world(monkeypatch):
+        actor = _tiny_actor()
+        monkeypatch.setattr(filesystem_async, "HAVE_PSUTIL", False)
+        with pytest.raises(ImportError, match="psutil") as err:
+            actor.save(tmp_path / "ckpt")
+        assert str(tmp_path / "ckpt") in str(err.value)
