@@ -127,6 +127,9 @@ class TrainerConfig:
     warm_start_steps: int = 0
     warm_start_lr: float = 3e-3
     warm_start_batch_size: int = 32
+    # After SIGTERM / SIGUSR1 the run finishes its step, checkpoints and exits; if that takes longer than
+    # this (a hung collective or write), or a second signal comes, it exits at once (code 128 + signal)
+    preempt_grace_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0")
     _check(t.eval_num_samples >= 1, "trainer.eval_num_samples", "must be >= 1")
     _check(t.warm_start_steps >= 0, "trainer.warm_start_steps", "must be >= 0")
+    _check(t.preempt_grace_s > 0, "trainer.preempt_grace_s", f"must be > 0 seconds, got {t.preempt_grace_s}")
     from tempo_mega.telemetry.flops import PEAK_FLOPS
 
     _check(t.gpu_peak in PEAK_FLOPS, "trainer.gpu_peak", f"unknown peak {t.gpu_peak!r} ({' | '.join(PEAK_FLOPS)})")
