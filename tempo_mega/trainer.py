@@ -149,7 +149,9 @@ def kernels_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     on = device.type == "cuda" and triton_available() if choice == "auto" else choice == "true"
     if on:
         impl = "Triton" if device.type == "cuda" and triton_available() else "chunked torch (no Triton on this device)"
-        log.warning("kernels: fused log-prob and value head on, %s implementation", impl)
+        # backend=megatron keeps its vocab-parallel log-probs; the value head and the losses are the kernels'
+        log.warning("kernels: fused value head and packed GSPO / value losses on (and the fused log-prob on "
+                    "backend=torch), %s implementation", impl)
     else:
         log.info("kernels: off (kernels.enable=%s, device %s): plain torch heads and losses", choice, device.type)
     return on
@@ -224,8 +226,10 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
     except ValueError as e:
         raise ValueError(f"config key 'megatron': {e}") from None
     # no trainer.layout here: MegatronBackend packs every micro-batch (padded and packed give the same numbers)
+    # use_kernels on both roles: the controller routes the GSPO and value losses through the packed kernels
+    # by it (the actor's log-probs stay megatron's vocab-parallel ones, which no kernel here replaces)
     actor = MegatronBackend("actor", hf_config, mc, optim["actor"], hf_state_dict=actor_sd,
-                            temperature=cfg.rollout.temperature, seed=seed)
+                            temperature=cfg.rollout.temperature, seed=seed, use_kernels=use_kernels)
     critic = MegatronBackend("critic", hf_config, mc, optim["critic"], hf_state_dict=critic_sd,
                              seed=seed, use_kernels=use_kernels)
     log.info("backend=megatron: TP %d, PP %d (virtual %s), DP %d, params %s, distributed optimizer %s",

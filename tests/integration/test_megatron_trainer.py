@@ -363,3 +363,52 @@ def test_warm_start_restores_lr_and_forgets_moments(tmp_path, backend, monkeypat
         for name, t in actor_trunk.items():
             assert torch.equal(critic[name], t), name
         run.rollout.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["torch", "megatron"])
+def test_kernels_enable_routes_both_backends_losses_through_the_packed_kernels(tmp_path, backend, monkeypatch):
+    """kernels.enable=true: the GSPO and value losses run as tempo_mega.kernels' packed gspo_loss /
+    seq_clipped_value_loss (their torch paths on CPU) and the critic's head asks fused_value_head for
+    its kernel ("auto"), on either backend, with the losses of kernels.enable=false, where none of the
+    loss kernels runs and the head asks for the torch reference. Recorded at the kernels' dispatch."""
+    import tempo_mega.kernels.seq_losses as seq_losses
+    import tempo_mega.kernels.value_head as value_head
+
+    calls: list[tuple[str, str, str]] = []  # (kernel, impl asked for, impl that ran)
+
+    def recording(module):
+        real = module.resolve_impl
+
+        def resolve_impl(impl, *tensors, name="kernel"):
+            ran = real(impl, *tensors, name=name)
+            calls.append((name, impl, ran))
+            return ran
+
+        monkeypatch.setattr(module, "resolve_impl", resolve_impl)
+
+    recording(seq_losses)
+    recording(value_head)
+    ctx = one_process_world(monkeypatch) if backend == "megatron" else contextlib.nullcontext()
+    runs = {}
+    with ctx:
+        for enable in ("false", "true"):
+            calls.clear()
+            out = tmp_path / enable
+            run_training(load_config(["experiment=debug_cpu", f"backend={backend}", f"kernels.enable={enable}",
+                                      "trainer.total_steps=1", f"trainer.output_dir={out}"]))
+            runs[enable] = (lines(out)[0], set(calls))
+            if backend == "megatron":  # the next run brings the process group up again
+                import torch.distributed as dist
+                from megatron.core import parallel_state
+
+                parallel_state.destroy_model_parallel()
+                dist.destroy_process_group()
+    (plain, plain_calls), (fused, fused_calls) = runs["false"], runs["true"]
+    assert {("gspo_loss", "auto", "torch"), ("seq_clipped_value_loss", "auto", "torch")} <= fused_calls
+    assert not {c for c in plain_calls if c[0] in ("gspo_loss", "seq_clipped_value_loss")}
+    if backend == "megatron":  # the torch backend's plain critic does not call fused_value_head at all
+        assert ("fused_value_head", "torch", "torch") in plain_calls
+    assert ("fused_value_head", "auto", "torch") in fused_calls
+    assert ("fused_value_head", "auto", "torch") not in plain_calls
+    for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm"):
+        assert fused[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key

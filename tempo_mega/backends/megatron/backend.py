@@ -94,8 +94,10 @@ class MegatronBackend:
     """Train backend for one role (satisfies ``TrainBackend``). ``hf_config``: a Qwen3 dense config;
     ``hf_state_dict``: HF-named weights to start from (``Qwen3ForCausalLM`` names for the actor, plus
     ``value_head.*`` for the critic; without them the critic's head is freshly initialized), or None
-    for megatron's random init. ``use_kernels``: the critic's final norm + value head through the
-    Triton ``fused_value_head`` (the trainer's ``kernels.enable``); its torch reference otherwise."""
+    for megatron's random init. ``use_kernels`` (the trainer's ``kernels.enable``, on both roles): the
+    critic's final norm + value head through the Triton ``fused_value_head`` (its torch reference
+    otherwise), and, read by the controller, the losses through the packed ``gspo_loss`` /
+    ``seq_clipped_value_loss`` kernels, as on the torch backend."""
 
     def __init__(self, role: str, hf_config: Any, megatron_config: MegatronConfig | None = None,
                  optim: OptimConfig | None = None, *, hf_state_dict: Mapping[str, Tensor] | None = None,
