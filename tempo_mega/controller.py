@@ -1,4 +1,4 @@
-"""The EM loop of TEMPO, one step at a time (TEMPO_SPEC.md, "The step, exactly").
+"""The EM loop of TEMPO, one step at a time (the math: docs/algorithm.md).
 
     rollout a mixed labeled/unlabeled batch -> verify labeled rows -> filter groups (refill)
     -> old log-probs and values (weights before the step) -> rewards -> advantages

@@ -70,7 +70,7 @@ def em_token_advantages(
     is_labeled: Tensor,
     eps: float = 1e-8,
 ) -> tuple[Tensor, Tensor]:
-    """TEMPO's token-level advantages (TEMPO_SPEC.md, step 5).
+    """TEMPO's token-level advantages (docs/algorithm.md, "Advantages").
 
     Args:
         values: [B, L] critic values; column t is V read before response token t.

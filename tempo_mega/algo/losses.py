@@ -58,14 +58,15 @@ def critic_loss(
     response_mask: Tensor,
     clip_range_value: float = 0.1,
 ) -> tuple[Tensor, dict[str, float]]:
-    """TEMPO's E-step value loss with a *sequence-level* value clip (TEMPO_SPEC.md, step 6).
+    """TEMPO's E-step value loss with a *sequence-level* value clip (docs/algorithm.md, "E-step").
 
     delta_b = mean_t V_new - mean_t V_old over row b's valid tokens;
     V_clip = V_new + (clamp(delta_b, -c, c) - delta_b);
     token loss = max((V_new - R)^2, (V_clip - R)^2);
     loss = 0.5 * mean over rows (with valid tokens) of the row's token mean.
 
-    The caller masks unlabeled rows out of ``response_mask``.
+    Every row given counts: the caller selects the rows to fit (the controller passes only the labeled
+    rows, ``batch.select(batch.is_labeled)``, except in the pseudo-reward modes TTRL / EMPO).
     """
     values, old_values, returns = (_masked(t, response_mask) for t in (values, old_values, returns))
     delta = row_means(values, response_mask) - row_means(old_values, response_mask)
@@ -97,7 +98,7 @@ def gspo_policy_loss(
     clip_low: float = 3e-4,
     clip_high: float = 5e-4,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GSPO with token-level advantages, as in TEMPO's released code (TEMPO_SPEC.md, step 7).
+    """GSPO with token-level advantages, as in TEMPO's released code (docs/algorithm.md, "M-step").
 
     s_b = mean_t(logp - old_logp) over valid tokens;
     lr_{b,t} = sg(s_b) + logp_{b,t} - sg(logp_{b,t}), clamped at most 10; ratio = exp(lr)

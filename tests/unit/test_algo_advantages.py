@@ -30,7 +30,7 @@ def random_case(b=5, length=7, seed=0, dtype=torch.float64, labeled=None, empty_
 
 
 def reference_em_token(values, scores, mask, is_labeled, eps=1e-8):
-    """Per-row loop in python floats, straight from TEMPO_SPEC.md step 5."""
+    """Per-row loop in python floats, straight from docs/algorithm.md, "Advantages"."""
     b, length = values.shape
     raws, where = [], []
     returns = [[0.0] * length for _ in range(b)]

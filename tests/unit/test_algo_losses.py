@@ -22,7 +22,7 @@ def make_case(b=6, length=8, seed=0, dtype=torch.float64, spread=1e-3, empty_row
 
 # ----------------------------------------------------------------------------- GSPO
 def reference_gspo(logp, old, adv, mask, cl, ch):
-    """Value and analytic gradient per element, straight from TEMPO_SPEC.md step 7."""
+    """Value and analytic gradient per element, straight from docs/algorithm.md, "M-step"."""
     b, length = logp.shape
     rows = [i for i in range(b) if mask[i].sum() > 0]
     loss = 0.0
@@ -121,7 +121,7 @@ def test_gspo_low_precision(dtype):
 
 # ----------------------------------------------------------------------------- critic
 def reference_critic(values, old, returns, mask, c):
-    """Per-row loop with its own autograd graph, from TEMPO_SPEC.md step 6."""
+    """Per-row loop with its own autograd graph, from docs/algorithm.md, "E-step"."""
     total, rows = 0.0, 0
     for i in range(values.shape[0]):
         n = int(mask[i].sum())
