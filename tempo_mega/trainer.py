@@ -679,19 +679,22 @@ class PreemptionWatch:
     the loop finishes the step, checkpoints and exits with REQUEUE_EXIT_CODE.
 
     That wait is bounded: a second SIGTERM / SIGUSR1 / SIGINT, or ``grace_s`` (trainer.preempt_grace_s)
-    after the first, ends the process at once with exit code 128 + the signal's number and a message
-    naming the last complete checkpoint under ``checkpoints``: a step or a save that never ends (a hung
-    collective, a stuck write) cannot keep a run from stopping. A checkpoint is published only once
-    complete (checkpoint.atomic_checkpoint), so ending mid-save leaves the previous one intact; the
-    partial directory is cleaned up by the next resume.
+    after the first signal, ends the process at once with exit code 128 + the signal's number and a
+    message naming the last complete checkpoint under ``checkpoints``: a step or a save that never ends
+    (a hung collective, a stuck write) cannot keep a run from stopping. A checkpoint is published only
+    once complete (checkpoint.atomic_checkpoint), so ending mid-save leaves the previous one intact; the
+    partial directory is cleaned up by the next resume. A first SIGINT keeps Python's KeyboardInterrupt
+    (and starts the grace period).
 
-    The escalation runs in a watcher thread woken through ``signal.set_wakeup_fd``, which the
+    The signals are counted by a watcher thread woken through ``signal.set_wakeup_fd``, which the
     interpreter writes to the moment a signal arrives, whatever the main thread is blocked in (Python's
-    own handlers wait for the main thread to run bytecode again). The handler counts the signals too,
-    for when another library replaces the wakeup fd."""
+    handlers wait for the main thread to run bytecode again, which a hung collective never does)."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
     ESCALATE = ("SIGTERM", "SIGUSR1", "SIGINT")  # a second one of these ends the process
+    # one request often arrives twice: SLURM signals every process of the step and the batch script's trap
+    # forwards the same signal through srun and torchrun; signals this soon after the first are that one
+    REPEAT_WINDOW_S = 2.0
     EXIT_HANDLERS_TIMEOUT_S = 10.0  # atexit handlers (stopping launched servers) get this long, then we exit
 
     def __init__(self, grace_s: float | None = None, checkpoints: Path | None = None):
@@ -704,9 +707,7 @@ class PreemptionWatch:
         self._socks: tuple[Any, Any] | None = None
         self._first_at: float | None = None  # when the watcher saw the first signal (monotonic)
         self._first_signal = 0
-        self._exiting = False
         self._stopped = False
-        self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> PreemptionWatch:
@@ -727,25 +728,24 @@ class PreemptionWatch:
         self._watcher.start()
         return self
 
-    def _escalates(self, signum: int) -> bool:
+    def _handle(self, signum, frame) -> None:
         import signal
 
-        return signum in {getattr(signal, n) for n in self.ESCALATE if hasattr(signal, n)}
-
-    def _handle(self, signum, frame) -> None:
         if self.signal is None:
             log.warning("received signal %d: checkpointing after the current step, then exiting for requeue "
                         "(a second signal%s ends the run at once)", signum,
                         f", or {self.grace_s:g} s without finishing," if self.grace_s else "")
             self.signal = signum
-        elif self._escalates(signum):
-            self._force_exit(signum, "a second signal")
+            if signal.SIGINT not in self._previous:  # from now on SIGINT is the watcher's, not a KeyboardInterrupt
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: None)
 
     def _watch(self, reader) -> None:
         """Watcher thread: reads the signal numbers the interpreter writes to the wakeup fd."""
         import select
+        import signal
         import time
 
+        escalate = {getattr(signal, n) for n in self.ESCALATE if hasattr(signal, n)}
         while not self._stopped:
             timeout = None
             if self._first_at is not None and self.grace_s is not None:
@@ -755,8 +755,8 @@ class PreemptionWatch:
             except (OSError, ValueError):  # closed at exit
                 return
             if not ready:  # the grace period ran out
-                self._force_exit(self._first_signal, f"no checkpoint and exit within trainer.preempt_grace_s="
-                                                      f"{self.grace_s:g} s of the first signal")
+                self._force_exit(self._first_signal, f"trainer.preempt_grace_s={self.grace_s:g} s passed since "
+                                                      f"signal {self._first_signal} without a checkpoint and exit")
                 return
             try:
                 data = reader.recv(64)
@@ -764,13 +764,14 @@ class PreemptionWatch:
                 return
             if not data or self._stopped:
                 return
+            now = time.monotonic()
             for signum in data:
-                if not self._escalates(signum):
+                if signum not in escalate:
                     continue
                 if self._first_at is None:
-                    self._first_at, self._first_signal = time.monotonic(), signum
-                else:
-                    self._force_exit(signum, "a second signal")
+                    self._first_at, self._first_signal = now, signum
+                elif now - self._first_at >= self.REPEAT_WINDOW_S:
+                    self._force_exit(signum, f"a second signal ({signum}, after {self._first_signal})")
                     return
 
     def _force_exit(self, signum: int, why: str) -> None:
@@ -778,10 +779,6 @@ class PreemptionWatch:
         import os
         import sys
 
-        with self._lock:  # the watcher thread and the handler (main thread) may both get here
-            if self._exiting:
-                return
-            self._exiting = True
         code = 128 + int(signum)
         last = None
         if self.checkpoints is not None:
@@ -789,8 +786,8 @@ class PreemptionWatch:
                 last = latest_checkpoint(self.checkpoints)
         where = f"the last complete checkpoint is {last}" if last is not None else \
             f"no complete checkpoint under {self.checkpoints}" if self.checkpoints is not None else "no checkpoint dir"
-        message = (f"tempo-mega: ending the run now after {why} (signal {signum}), without finishing the step in "
-                   f"flight: {where}; exit code {code}")
+        message = (f"tempo-mega: ending the run now: {why}; the step in flight is lost, {where}; "
+                   f"exit code {code}")
         log.error(message)
         with contextlib.suppress(Exception):
             print(message, file=sys.stderr, flush=True)
