@@ -508,4 +508,14 @@ def load_config(overrides: list[str] | None = None, config_name: str = "train") 
             raw = compose(config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
         raise ValueError(f"config: {str(e).splitlines()[0]} (overrides: {' '.join(overrides or [])})") from None
-    return from_dict(OmegaConf.to_container(raw, resolve=True), explicit=explicit)
+    try:
+        plain = OmegaConf.to_container(raw, resolve=True)
+    except OmegaConfBaseException as e:  # e.g. ${model.path} in rollout/sglang.yaml with model.path unset
+        import re
+
+        missing = re.search(r"Missing mandatory value: ([\w.]+)", str(e))
+        if missing:
+            key = missing.group(1)
+            raise ValueError(f"config key '{key}': missing mandatory value (set {key}=...)") from None
+        raise ValueError(f"config key '{getattr(e, 'full_key', '')}': {str(e).splitlines()[0]}") from None
+    return from_dict(plain, explicit=explicit)
