@@ -2,9 +2,22 @@
 
 Layout under a root directory::
 
-    root/step_00000100/COMPLETE      {"step": 100, "time": ...}: written last, so its presence means
-    root/step_00000100/...           every other file of the checkpoint is on disk
+    root/step_00000100/COMPLETE      {"step": 100, "time": ..., "files": {relpath: {"bytes", "sha256"}}}:
+                                     written last, so its presence means every other file is on disk
+    root/step_00000100/...           the checkpoint (any files: the backends', megatron's dist-checkpoint)
     root/.tmp-step_00000200-<pid>/   a checkpoint being written (or left by a crash): never read
+    root/corrupt-step_00000300-<t>/  a checkpoint that failed verification, kept for inspection, never read
+
+Checksums: the marker lists the size and SHA-256 of every file in the checkpoint (a generic walk, so
+megatron's dist-checkpoint shards are covered as well as the torch backend's files), and
+``verify_checkpoint`` re-reads them before a resume, so a truncated or corrupted file is found by name
+instead of as a traceback from safetensors or torch.load. SHA-256 because it is the fastest of
+hashlib's digests on CPUs with SHA extensions (about 1.5 GB/s per core measured on this project's CI
+machine, blake2b 0.56 GB/s); files are hashed on up to ``HASH_THREADS`` threads (hashlib releases the
+GIL), so a checkpoint costs one extra read of its bytes at save and at resume: seconds for the CPU
+runs, a few minutes for a multi-hundred-GB Qwen3-32B checkpoint with its optimizer state, where shared
+storage bandwidth rather than hashing is usually the limit. Sizes are compared before any hashing, so
+a truncated file is reported without reading the rest.
 
 ``atomic_checkpoint`` writes into a hidden temporary directory and renames it into place only after
 its contents and the ``COMPLETE`` marker are fsynced, so a crash at any point leaves either the
@@ -37,6 +50,7 @@ __all__ = [
     "COMPLETE_MARKER",
     "atomic_checkpoint",
     "atomic_write_text",
+    "checksum_manifest",
     "latest_checkpoint",
     "list_checkpoints",
     "load_json",
@@ -45,6 +59,9 @@ __all__ = [
     "rng_state",
     "save_json",
     "set_rng_state",
+    "has_checkpoint",
+    "quarantine_checkpoint",
+    "verify_checkpoint",
 ]
 
 COMPLETE_MARKER = "COMPLETE"
@@ -159,9 +176,86 @@ def atomic_checkpoint(root: str | Path, step: int) -> Iterator[Path]:
         raise
 
 
+HASH_THREADS = 8
+_HASH_CHUNK = 8 << 20
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_files(directory: Path) -> list[str]:
+    """Every regular file under ``directory`` but the marker, as sorted POSIX relative paths."""
+    found = []
+    for dirpath, _, filenames in os.walk(directory):
+        for filename in filenames:
+            path = Path(dirpath) / filename
+            rel = path.relative_to(directory).as_posix()
+            if rel != COMPLETE_MARKER and not path.is_symlink():
+                found.append(rel)
+    return sorted(found)
+
+
+def _hash_all(directory: Path, rels: list[str]) -> dict[str, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(rels), os.cpu_count() or 1))) as pool:
+        return dict(zip(rels, pool.map(lambda rel: _sha256(directory / rel), rels)))
+
+
+def checksum_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes": size, "sha256": hex}} for every file under ``directory`` but the marker."""
+    directory = Path(directory)
+    rels = _checkpoint_files(directory)
+    digests = _hash_all(directory, rels)
+    return {rel: {"bytes": (directory / rel).stat().st_size, "sha256": digests[rel]} for rel in rels}
+
+
+def verify_checkpoint(directory: str | Path) -> str | None:
+    """None when every file the ``COMPLETE`` marker lists is there with its size and checksum; otherwise
+    what is wrong, naming the file (the first found). A marker without a file list (a checkpoint written
+    before checksums existed) verifies; files not in the list (added later by hand) are ignored."""
+    directory = Path(directory)
+    try:
+        marker = load_json(directory / COMPLETE_MARKER)
+    except (OSError, ValueError) as e:
+        return f"{directory / COMPLETE_MARKER}: unreadable marker ({e})"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not files:
+        return None
+    for rel, want in sorted(files.items()):  # sizes first: a truncated file costs no hashing
+        path = directory / rel
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path}: {size} bytes, {want['bytes']} when written (truncated or overwritten)"
+    digests = _hash_all(directory, sorted(files))
+    for rel, got in digests.items():
+        if got != files[rel]["sha256"]:
+            return f"{directory / rel}: checksum mismatch (sha256 {got[:12]}..., {files[rel]['sha256'][:12]}... when written)"
+    return None
+
+
+def quarantine_checkpoint(path: str | Path) -> Path:
+    """Move a checkpoint that failed verification to ``corrupt-<name>-<time>`` beside it: never read or
+    pruned again (not a ``step_*`` name), kept for inspection. Returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"corrupt-{path.name}-{int(time.time())}")
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    return target
+
+
 def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
     _fsync_tree(tmp)
-    save_json(tmp / COMPLETE_MARKER, {"step": step, "time": time.time()})
+    save_json(tmp / COMPLETE_MARKER, {"step": step, "time": time.time(), "files": checksum_manifest(tmp)})
     if final.exists():
         # POSIX rename cannot replace a non-empty directory: move the old one aside. A crash
         # between the two renames leaves no step_{step} at all; recover_interrupted publishes the
@@ -235,6 +329,17 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
         if match and entry.is_dir() and (entry / COMPLETE_MARKER).is_file():
             found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def has_checkpoint(root: str | Path) -> bool:
+    """Whether ``root`` holds a complete checkpoint, counting one that ``recover_interrupted`` would
+    publish (a complete ``.tmp-*`` / ``.old-*`` left by a crash). Reads only."""
+    root = Path(root)
+    if list_checkpoints(root):
+        return True
+    return root.is_dir() and any(
+        e.is_dir() and (m := _LEFTOVER.match(e.name)) and m[1] in ("tmp", "old") and (e / COMPLETE_MARKER).is_file()
+        for e in root.iterdir())
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -17,12 +17,74 @@ import logging
 import os
 import sys
 
+# optional extras (pyproject.toml) by the module that needs them
+EXTRAS = {"wandb": "wandb", "sglang": "sglang", "megatron": "megatron", "transformer_engine": "te",
+          "triton": "triton", "pynvml": "nvml", "pyarrow": "data", "datasets": "data", "matplotlib": "plot"}
+
+
+def _train_help() -> str:
+    from tempo_mega.config import GROUPS, group_options
+
+    width = max(len(g) for g in GROUPS) + 2
+    groups = "\n".join(f"  {g + '=':<{width}}{' | '.join(group_options(g))}" for g in GROUPS if g != "experiment")
+    return f"""usage: tempo-mega train [GROUP=CHOICE ...] [KEY=VALUE ...]
+
+Hydra overrides of configs/train.yaml, checked against the dataclasses in tempo_mega/config.py before
+anything is built (an unknown key or an impossible value stops the run naming the key).
+
+presets (experiment=NAME):
+  {' | '.join(group_options('experiment'))}
+config groups:
+{groups}
+keys: model.*, algo.* (algo.actor.*, algo.critic.*), rollout.* (rollout.sglang.*), data.*, trainer.*,
+  kernels.enable, profile.*, precision.*, backend=torch|megatron, megatron.*
+run folder: trainer.output_dir=DIR; trainer.resume=auto (default: continue from its last checkpoint,
+  else start fresh) | true (continue; an error if there is nothing to continue) | false (a new run; an
+  error if DIR holds one); trainer.overwrite=true removes the run in DIR first
+
+examples:
+  tempo-mega train experiment=debug_cpu trainer.output_dir=runs/dbg
+  tempo-mega train experiment=debug_cpu algo=ttrl trainer.output_dir=runs/ttrl
+  tempo-mega train experiment=qwen3_8b_tempo model.path=/ckpt/actor model.critic_path=/ckpt/critic
+"""
+
+
+def _missing_extra(module: str, what: str) -> ValueError:
+    return ValueError(f"{what} needs the optional package {module!r}: pip install 'tempo-mega[{EXTRAS[module]}]'")
+
+
+def _preflight(cfg) -> None:
+    """What the run needs from this machine, checked before anything is built: one line each, naming the
+    extra to install, instead of a traceback from deep inside the build."""
+    import importlib.util
+
+    import torch
+
+    if "wandb" in cfg.trainer.loggers and importlib.util.find_spec("wandb") is None:
+        raise _missing_extra("wandb", "trainer.loggers=[...,wandb]")
+    sg = cfg.rollout.sglang
+    launches = sg.get("mode") == "engine" or (not sg.get("urls") and sg.get("launch_module") == "sglang.launch_server")
+    if cfg.rollout.engine == "sglang" and launches and importlib.util.find_spec("sglang") is None:
+        raise _missing_extra("sglang", "rollout.engine=sglang (launching the servers here)")
+    if cfg.backend == "megatron":
+        if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+            raise _missing_extra("megatron", "backend=megatron")
+        if not torch.cuda.is_available():
+            # megatron-core calls CUDA directly (current_device, CUDA RNG, device="cuda"); the CPU tests
+            # redirect those in a test-only shim (tests/megatron_cpu_support.py), which the product never does
+            raise ValueError("config key 'backend': backend=megatron needs a CUDA GPU, and this machine has "
+                             "none; use backend=torch here (the same losses and checkpoints, one process)")
+
 
 def _train(overrides: list[str]) -> int:
     from tempo_mega.config import load_config
     from tempo_mega.trainer import Preempted, run_training
 
+    if any(o in ("-h", "--help") for o in overrides):  # before Hydra, which would parse them as overrides
+        print(_train_help())
+        return 0
     cfg = load_config(overrides)
+    _preflight(cfg)
     try:
         run = run_training(cfg)
     except Preempted as p:
@@ -119,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         return _selfcheck()
     except (ValueError, FileNotFoundError) as e:  # user mistakes: one clear line, no traceback
         print(f"tempo-mega {command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional extra that is not installed: one line naming it
+        top = (getattr(e, "name", None) or "").split(".")[0]
+        if top in EXTRAS:
+            print(f"tempo-mega {command}: error: {_missing_extra(top, 'this command')}", file=sys.stderr)
+        elif "tempo-mega[" in str(e):
+            print(f"tempo-mega {command}: error: {e}", file=sys.stderr)
+        else:
+            raise
         return 2
 
 

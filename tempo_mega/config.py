@@ -8,6 +8,7 @@ type is rejected with the key's full name, and ``validate`` rejects impossible v
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +110,12 @@ class TrainerConfig:
     total_steps: int = 10
     seed: int = 0
     output_dir: str = "runs/default"
-    resume: bool = False
+    # What to do with a run already in output_dir (its checkpoints/, metrics.jsonl, hf/, config.json):
+    # auto = continue from its last complete checkpoint, or start fresh when there is none (what a SLURM
+    # requeue needs); true = continue, an error when there is nothing to continue; false = a fresh run,
+    # an error when the folder holds a run unless overwrite=true, which removes that run first.
+    resume: str = "auto"
+    overwrite: bool = False
     device: str = "auto"  # auto | cpu | cuda
     layout: str = "padded"  # padded | packed
     save_every: int = 1
@@ -172,6 +178,12 @@ class TrainConfig:
 
 
 BACKENDS = ("torch", "megatron")
+RESUME = ("auto", "true", "false")
+# Which prompts each mode trains on; the other count is derived as 0 (see derive_prompt_split). tempo
+# uses both, also with a frozen critic (algo.e_step_every=0): its M-step trains the actor on the labeled
+# rows (verified rewards) as well as the unlabeled ones.
+LABELED_ONLY = ("rlvr", "supervised_continuation")
+UNLABELED_ONLY = ("ttrl", "empo")
 
 
 def megatron_config(cfg: TrainConfig):
@@ -217,9 +229,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(a.unlabeled_prompts_per_step >= 0, "algo.unlabeled_prompts_per_step", "must be >= 0")
     total = a.labeled_prompts_per_step + a.unlabeled_prompts_per_step
     _check(total >= 1, "algo.labeled_prompts_per_step", "labeled + unlabeled prompts per step must be >= 1")
-    if a.mode == "rlvr" or a.mode == "supervised_continuation":
+    if a.mode in LABELED_ONLY:
         _check(a.labeled_prompts_per_step >= 1, "algo.labeled_prompts_per_step", f"mode {a.mode} trains on labeled prompts: must be >= 1")
-        _check(a.unlabeled_prompts_per_step == 0, "algo.unlabeled_prompts_per_step", f"mode {a.mode} uses labeled prompts only: must be 0")
+        _check(a.unlabeled_prompts_per_step == 0, "algo.unlabeled_prompts_per_step",
+               f"{a.unlabeled_prompts_per_step} contradicts algo.mode={a.mode}, which uses labeled prompts only "
+               "(leave algo.unlabeled_prompts_per_step unset: the mode makes it 0)")
+    if a.mode in UNLABELED_ONLY:
+        _check(a.unlabeled_prompts_per_step >= 1, "algo.unlabeled_prompts_per_step", f"mode {a.mode} trains on unlabeled prompts: must be >= 1")
+        _check(a.labeled_prompts_per_step == 0, "algo.labeled_prompts_per_step",
+               f"{a.labeled_prompts_per_step} contradicts algo.mode={a.mode}, which uses unlabeled prompts only "
+               "(leave algo.labeled_prompts_per_step unset: the mode makes it 0)")
     if a.mode == "tempo":
         _check(a.unlabeled_prompts_per_step >= 1, "algo.unlabeled_prompts_per_step", "mode tempo needs unlabeled prompts: must be >= 1")
     _check(a.mini_batch_prompts >= 1, "algo.mini_batch_prompts", f"must be >= 1, got {a.mini_batch_prompts}")
@@ -267,6 +286,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(d.synthetic_num_train >= 1, "data.synthetic_num_train", "must be >= 1")
     _check(d.synthetic_num_test >= 1, "data.synthetic_num_test", "must be >= 1")
     _check(t.total_steps >= 0, "trainer.total_steps", f"must be >= 0, got {t.total_steps}")
+    _check(bool(str(t.output_dir).strip()), "trainer.output_dir",
+           "is empty: name the run's folder, e.g. trainer.output_dir=runs/my_run (an empty one would write "
+           "checkpoints, metrics and exports into the current folder)")
+    _check(t.resume in RESUME, "trainer.resume", f"must be auto, true or false, got {t.resume!r}")
+    _check(not (t.overwrite and t.resume == "true"), "trainer.overwrite",
+           "trainer.overwrite=true removes the run that trainer.resume=true would continue: set one of them")
     _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
     _check(t.layout in ("padded", "packed"), "trainer.layout", f"must be 'padded' or 'packed', got {t.layout!r}")
     _check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
@@ -309,9 +334,65 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def from_dict(raw: dict[str, Any]) -> TrainConfig:
+def derive_prompt_split(plain: dict[str, Any], explicit: set[str]) -> None:
+    """The mode owns the prompt count it does not use: rlvr and supervised_continuation train on labeled
+    prompts only, so ``algo.unlabeled_prompts_per_step`` becomes 0; ttrl and empo on unlabeled ones only,
+    so ``algo.labeled_prompts_per_step`` becomes 0. This wins over a preset's counts (``experiment=debug_cpu
+    algo=rlvr`` needs no hand-written zero); a count in ``explicit`` (the user's own keys) is kept, so a
+    contradicting non-zero value reaches ``validate``, whose error names both keys. Edits ``plain``."""
+    algo = plain.get("algo")
+    if not isinstance(algo, dict):
+        return
+    mode = algo.get("mode", AlgoConfig.mode)
+    unused = ("unlabeled_prompts_per_step" if mode in LABELED_ONLY
+              else "labeled_prompts_per_step" if mode in UNLABELED_ONLY else None)
+    if unused is not None and f"algo.{unused}" not in explicit:
+        algo[unused] = 0
+
+
+def known_keys() -> list[str]:
+    """Every settable dotted key (the dataclasses', plus rollout.sglang.* and megatron.*), for suggestions."""
+    from tempo_mega.backends.megatron.config import MegatronConfig
+    from tempo_mega.rollout.sglang import SGLangConfig
+
+    def walk(node: Any, prefix: str) -> Iterator[str]:
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    keys = list(walk(to_dict(TrainConfig()), ""))
+    keys += [f"rollout.sglang.{f.name}" for f in dataclasses.fields(SGLangConfig)]
+    keys += [f"megatron.{f.name}" for f in dataclasses.fields(MegatronConfig)]
+    return sorted(set(keys))
+
+
+# names users bring from other trainers, and the key that means it here
+_SYNONYMS = {"learning_rate": "lr", "lr_rate": "lr", "max_steps": "total_steps", "num_steps": "total_steps"}
+
+
+def unknown_key_message(key: str) -> str:
+    """``config key 'algo.lerning_rate': no such key; did you mean algo.actor.lr or algo.critic.lr?``:
+    difflib's nearest keys, in the same section first, and keys named for a common synonym."""
+    import difflib
+
+    keys = known_keys()
+    section, leaf = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
+    same = [k for k in keys if k.split(".", 1)[0] == section]
+    near = []
+    for syn in difflib.get_close_matches(leaf, list(_SYNONYMS), n=1, cutoff=0.8):
+        near += [k for k in same if k.rsplit(".", 1)[-1] == _SYNONYMS[syn]]
+    near += difflib.get_close_matches(key, same, n=3, cutoff=0.6) or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    near = list(dict.fromkeys(near))[:3]
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+    return f"config key '{key}': no such key{hint}"
+
+
+def from_dict(raw: dict[str, Any], explicit: set[str] | None = None) -> TrainConfig:
     """Build a TrainConfig from a plain (or OmegaConf) mapping; unknown keys and wrong types raise
-    ValueError naming the key."""
+    ValueError naming the key. ``explicit``: the dotted keys the user set (load_config passes the
+    overrides'); None = every algo key present in ``raw`` (see ``derive_prompt_split``)."""
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -329,6 +410,12 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         for key in ("train_files", "test_files"):
             if isinstance(data.get(key), str):
                 data[key] = [data[key]]
+    trainer = plain.get("trainer")
+    if isinstance(trainer, dict) and isinstance(trainer.get("resume"), bool):  # trainer.resume=true parses as a bool
+        trainer["resume"] = str(trainer["resume"]).lower()
+    if explicit is None:
+        explicit = {f"algo.{k}" for k in plain.get("algo") or {}}
+    derive_prompt_split(plain, explicit)
     raw = plain
     schema = OmegaConf.structured(TrainConfig)
 
@@ -346,12 +433,54 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     except OmegaConfBaseException as e:  # unknown key, wrong type: say which
         key = getattr(e, "full_key", None) or ""
         msg = str(getattr(e, "msg", e)).splitlines()[0]
+        if key and "not in" in msg and key not in known_keys():  # an unknown key: suggest the nearest
+            raise ValueError(unknown_key_message(key)) from None
         raise ValueError(f"config key '{key}': {msg}") from None
     return validate(obj)
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+GROUPS = ("model", "algo", "rollout", "data", "trainer", "experiment")
+
+
+def group_options(group: str) -> list[str]:
+    """The choices of a config group: the names of ``configs/<group>/*.yaml``."""
+    from importlib.resources import files
+
+    folder = files("tempo_mega.configs") / group
+    return sorted(p.name[:-len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_overrides(overrides: list[str]) -> set[str]:
+    """Catch what Hydra would report without naming a way out: an unknown group choice (lists the
+    choices), an unknown key (suggests the nearest). Returns the dotted keys the overrides set."""
+    import difflib
+
+    keys, explicit = None, set()
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        adds = name.startswith("+")
+        key = name.lstrip("+~")
+        if not sep or key.startswith("hydra"):
+            continue
+        if key in GROUPS:
+            options = group_options(key)
+            if value not in options and not (key == "experiment" and value in ("null", "")):
+                near = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
+                hint = f"; did you mean {key}={near[0]}?" if near else ""
+                raise ValueError(f"config group '{key}': no {key}/{value}.yaml; the choices are "
+                                 f"{', '.join(options)}{hint}")
+            continue
+        explicit.add(key)
+        if adds:  # '+key=...' adds a key on purpose; from_dict still rejects it if TrainConfig lacks it
+            continue
+        keys = keys if keys is not None else known_keys()
+        if key not in keys and not any(k.startswith(key + ".") for k in keys):
+            raise ValueError(unknown_key_message(key))
+    return explicit
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> TrainConfig:
@@ -377,9 +506,20 @@ def load_config(overrides: list[str] | None = None, config_name: str = "train") 
     defaults["megatron"] = {f.name: f.default for f in dataclasses.fields(MegatronConfig)}
     defaults["megatron"]["params_dtype"] = None  # null: follow model.dtype
     ConfigStore.instance().store(name="tempo_defaults", node=defaults)
+    explicit = check_overrides(list(overrides or []))
     try:
         with initialize_config_module("tempo_mega.configs", version_base=None):
             raw = compose(config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
         raise ValueError(f"config: {str(e).splitlines()[0]} (overrides: {' '.join(overrides or [])})") from None
-    return from_dict(OmegaConf.to_container(raw, resolve=True))
+    try:
+        plain = OmegaConf.to_container(raw, resolve=True)
+    except OmegaConfBaseException as e:  # e.g. ${model.path} in rollout/sglang.yaml with model.path unset
+        import re
+
+        missing = re.search(r"Missing mandatory value: ([\w.]+)", str(e))
+        if missing:
+            key = missing.group(1)
+            raise ValueError(f"config key '{key}': missing mandatory value (set {key}=...)") from None
+        raise ValueError(f"config key '{getattr(e, 'full_key', '')}': {str(e).splitlines()[0]}") from None
+    return from_dict(plain, explicit=explicit)

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = ["experiment=demo", *overrides]
+    base = ["experiment=demo", "trainer.overwrite=true", *overrides]  # a rerun of the demo starts over
     start = time.time()
 
     def stage_overrides(flag, key):

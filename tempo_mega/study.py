@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = ["experiment=demo", *(TINY if args.tiny else []), *overrides]
+    # every run it starts starts over (a reused Stage 1 is not rerun)
+    base = ["experiment=demo", "trainer.overwrite=true", *(TINY if args.tiny else []), *overrides]
     start = time.time()
 
     stage1 = out / "stage1"

@@ -24,13 +24,16 @@ from tempo_mega.backends.torch import TorchBackend, build_actor, build_critic
 from tempo_mega.batch import RolloutBatch
 from tempo_mega.checkpoint import (
     atomic_checkpoint,
-    latest_checkpoint,
+    has_checkpoint,
+    list_checkpoints,
     load_json,
     prune_checkpoints,
+    quarantine_checkpoint,
     recover_interrupted,
     rng_state,
     save_json,
     set_rng_state,
+    verify_checkpoint,
 )
 from tempo_mega.config import TrainConfig, to_dict
 from tempo_mega.controller import PromptSource, TempoController
@@ -570,17 +573,75 @@ class Run:
     first_line: dict[str, float] | None = None  # metrics that ride on the first step's line
 
 
+# What a run writes into trainer.output_dir: a folder holding any of these holds a run. Other files (the
+# SLURM launcher's tempo.sbatch and logs/, a user's notes) are not the trainer's and are never removed.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "hf", "profile", "wandb")
+
+
+def _launch_rank() -> int:
+    """This process's rank, also before the process group is up (torchrun's RANK)."""
+    import os
+
+    import torch.distributed as dist
+
+    return rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def prepare_output_dir(cfg: TrainConfig) -> None:
+    """Rank 0, before anything is built: check that trainer.resume / trainer.overwrite agree with what
+    trainer.output_dir holds, and remove the old run for trainer.overwrite=true. Raises ValueError naming
+    the folder and the ways out."""
+    import shutil
+
+    t = cfg.trainer
+    out = Path(t.output_dir)
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if t.overwrite:
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if held:
+            print(f"trainer.overwrite=true: removed the earlier run in {out} ({', '.join(held)})")
+        return
+    resumable = has_checkpoint(out / "checkpoints")
+    if t.resume == "true" and not resumable:
+        raise ValueError(f"config key 'trainer.resume': trainer.resume=true, but {out / 'checkpoints'} holds no "
+                         "complete checkpoint to resume from; start a run there with trainer.resume=auto (or false)")
+    if t.resume == "false" and held:
+        raise ValueError(f"config key 'trainer.resume': {out} already holds a run ({', '.join(held)}), and "
+                         f"trainer.resume=false starts a new one: continue it with trainer.resume=true, give the new "
+                         "run its own trainer.output_dir, or replace the old one with trainer.overwrite=true")
+    if t.resume == "auto" and held and not resumable:
+        log.warning("trainer.resume=auto: %s holds no complete checkpoint (%s of an attempt that never "
+                    "checkpointed): starting fresh", out, ", ".join(held))
+
+
 def find_resume_checkpoint(root: Path) -> Path | None:
     """The checkpoint to resume from, the same on every rank: rank 0 first finishes or removes what a
-    crashed save left under ``root`` (``checkpoint.recover_interrupted``), then picks the newest."""
-    ckpt = None
+    crashed save left under ``root`` (``checkpoint.recover_interrupted``), then takes the newest complete
+    checkpoint whose files match the checksums in its marker. One that does not is moved aside
+    (``checkpoint.quarantine_checkpoint``) with a warning naming the bad file, and the one before it is
+    tried; when every one fails, every rank raises ValueError naming the bad file."""
+    ckpt, error = None, None
     if is_rank0():
         for action in recover_interrupted(root):
             log.warning("checkpoint recovery in %s: %s", root, action)
-        ckpt = latest_checkpoint(root)
-        if ckpt is None:
-            log.warning("trainer.resume=true but %s holds no complete checkpoint: starting from step 0", root)
-    return broadcast_object(ckpt)
+        bad = []
+        for _, path in reversed(list_checkpoints(root)):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                ckpt = path
+                break
+            moved = quarantine_checkpoint(path)
+            bad.append(problem)
+            log.warning("checkpoint %s is corrupt: %s; moved to %s, trying the one before", path.name, problem, moved.name)
+        if ckpt is None and bad:
+            error = (f"no usable checkpoint in {root}: {'; '.join(bad)} (moved aside as corrupt-*); start fresh "
+                     "with trainer.overwrite=true or restore the file")
+    ckpt, error = broadcast_object((ckpt, error))
+    if error is not None:
+        raise ValueError(error)
+    return ckpt
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -589,6 +650,8 @@ def setup(cfg: TrainConfig) -> Run:
     hf_logging.disable_progress_bar()
     t = cfg.trainer
     out = Path(t.output_dir)
+    if _launch_rank() == 0:
+        prepare_output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
     device = resolve_device(cfg)
@@ -598,7 +661,8 @@ def setup(cfg: TrainConfig) -> Run:
     actor, critic = build_models(cfg, tokenizer, device)  # starts the process group of a megatron run
     src = pool.source()
     rollout = build_rollout(cfg, actor, src.pad_token_id, device)
-    ckpt = find_resume_checkpoint(out / "checkpoints") if t.resume else None
+    # trainer.resume=false, or overwrite: prepare_output_dir made sure there is nothing to resume
+    ckpt = find_resume_checkpoint(out / "checkpoints") if t.resume != "false" and not t.overwrite else None
     # checkpoints and metric lines count completed steps: step_00000003 holds the weights after 3 steps
     done_steps = int(load_json(ckpt / "state.json")["completed_steps"]) if ckpt is not None else 0
     sinks = []
@@ -620,13 +684,17 @@ def setup(cfg: TrainConfig) -> Run:
     if ckpt is not None:
         actor.load(ckpt / "actor")
         critic.load(ckpt / "critic")
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        # weights_only: a run folder may be shared or downloaded, and a full unpickle can run code. These
+        # files hold tensors, numbers, strings and lists/dicts/tuples only (checkpoint.rng_state).
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         pool.load_state_dict(state["samplers"])
         own_rng = ckpt / f"rng_rank{rank()}.pt"
-        set_rng_state(torch.load(own_rng, weights_only=False) if rank() > 0 and own_rng.is_file() else state["rng"])
+        set_rng_state(torch.load(own_rng, weights_only=True) if rank() > 0 and own_rng.is_file() else state["rng"])
         push_weights(actor, rollout)
         run.start_step = done_steps
-        log.info("resumed from %s after %d steps", ckpt, done_steps)
+        if is_rank0():
+            left = "" if done_steps < t.total_steps else f"; trainer.total_steps={t.total_steps} already reached"
+            print(f"resumed from step {done_steps} ({ckpt}){left}")
     else:
         run.first_line = warm_start(cfg, actor, pool)
         if t.warm_start_steps > 0:  # the critic starts from the warmed-up actor, as Stage 1 prescribes

@@ -20,9 +20,12 @@ Preemption and time limits (the requeue contract):
   both are exported to the ranks): ``sys.exit(request_requeue())`` does both. The marker is what
   reaches the script: torchrun exits 1 whatever its ranks' exit codes were. The script then runs ``scontrol requeue $SLURM_JOB_ID`` (at most
   ``--max-requeues`` times, counted by ``SLURM_RESTART_COUNT``).
-- Every run of the script passes ``trainer.output_dir=<output-dir> trainer.resume=true``, so the
+- Every run of the script passes ``trainer.output_dir=<output-dir> trainer.resume=auto``, so the
   requeued job (same job id, same script, same log file: ``--open-mode=append``) resumes from the
-  latest checkpoint, and a first run with no checkpoint starts from step 0.
+  latest complete checkpoint, and a first run with no checkpoint starts from step 0.
+
+Before it renders, ``main`` composes and validates the run's config as ``tempo-mega train`` would and
+checks that the parallel layout fits the training ranks (``check_run_config``); ``--force`` renders anyway.
 
 85 is free in every layer the exit code crosses: bash uses 126, 127 and 128+N, ``timeout`` 124,
 sysexits 64-78, SLURM's srun 253 (out of memory), torchrun 1.
@@ -152,7 +155,7 @@ class SlurmJob:
                 raise ValueError(f"override {item!r} is not KEY=VALUE")
             if key in _RESERVED_OVERRIDES:
                 raise ValueError(f"override {item!r}: the launcher sets trainer.output_dir=<--output-dir> and "
-                                 "trainer.resume=true on every run, so a requeued job resumes; use --output-dir")
+                                 "trainer.resume=auto on every run, so a requeued job resumes; use --output-dir")
         if self.sglang_placement not in PLACEMENTS:
             raise ValueError(f"--sglang-placement must be one of {PLACEMENTS}, got {self.sglang_placement!r}")
         if self.sglang_placement == "colocated":
@@ -231,7 +234,7 @@ def render_sbatch(job: SlurmJob, command: str | None = None) -> str:
         "# (and SIGTERM) to the training step; torchrun passes it to every rank and gives them",
         "# SHUTDOWN_TIMEOUT_S to checkpoint. A trainer that checkpointed and wants to go on exits",
         f"# {REQUEUE_EXIT_CODE} and writes $TEMPO_REQUEUE_MARKER (torchrun hides the ranks' exit codes); this script",
-        "# then runs `scontrol requeue`, and the requeued job resumes: every run passes trainer.resume=true.",
+        "# then runs `scontrol requeue`, and the requeued job resumes: every run passes trainer.resume=auto.",
         "",
         "set -euo pipefail",
         "",
@@ -268,7 +271,7 @@ def render_sbatch(job: SlurmJob, command: str | None = None) -> str:
         ]
     settings.append("TRAIN_ARGS=(")
     settings += [f"  {_q(o)}" for o in job.overrides]
-    settings += ['  "trainer.output_dir=$OUT"', "  trainer.resume=true", ")", ""]
+    settings += ['  "trainer.output_dir=$OUT"', "  trainer.resume=auto", ")", ""]
 
     if container:
         env = [
@@ -496,8 +499,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra #SBATCH line, e.g. --sbatch-arg=--mem=0 (repeatable)")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the script; write nothing")
     p.add_argument("--submit", action="store_true", help="run sbatch on the written script")
+    p.add_argument("--force", action="store_true",
+                   help="render even when the run's config does not compose or its layout does not fit the nodes")
     p.add_argument("overrides", nargs="*", help="tempo-mega train overrides (Hydra), e.g. experiment=qwen3_8b_tempo")
     return p
+
+
+def check_run_config(job: SlurmJob) -> None:
+    """What ``tempo-mega train`` would check on the cluster, before the job waits in the queue: the
+    overrides compose and validate (the same ``load_config``), and the parallel layout fits the training
+    ranks (``--nodes`` minus the SGLang nodes, times ``--gpus-per-node``). Raises ValueError naming the
+    key or the option."""
+    from tempo_mega.config import load_config, megatron_config
+
+    cfg = load_config([*job.overrides, f"trainer.output_dir={job.output_dir}", "trainer.resume=auto"])
+    world = job.train_nodes * job.gpus_per_node
+    ranks = f"{job.train_nodes} training node(s) x --gpus-per-node {job.gpus_per_node} = {world} ranks"
+    if cfg.backend == "torch" and world > 1:
+        raise ValueError(f"backend=torch trains in one process, but the job starts {ranks}: use backend=megatron "
+                         "(an experiment=qwen3_* preset) or --nodes 1 --gpus-per-node 1")
+    if cfg.backend == "megatron":
+        mc = megatron_config(cfg)
+        try:
+            mc.data_parallel_size(world)
+        except ValueError as e:
+            raise ValueError(f"the layout does not fit: {e}, with {ranks}; give --nodes so that the ranks are a "
+                             f"multiple of {mc.model_parallel_size}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,6 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     shown = [a for a in argv if a not in ("--print", "--submit")]
     try:
+        job.validate()
+        try:
+            check_run_config(job)
+        except ValueError as e:
+            if not args.force:
+                raise ValueError(f"{e} (--force renders the script anyway)") from None
+            print(f"tempo-mega launch slurm: warning: {e}; rendering anyway (--force)", file=sys.stderr)
         text = render_sbatch(job, command="tempo-mega launch slurm " + shlex.join(shown))
     except ValueError as e:
         print(f"tempo-mega launch slurm: error: {e}", file=sys.stderr)

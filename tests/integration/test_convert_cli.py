@@ -60,3 +60,32 @@ def test_bad_inputs_are_rejected_with_a_clear_error(tmp_path, capsys):
     assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "o")]) == 2
     assert "attention_bias" in capsys.readouterr().err
     assert main(["convert", "mcore-to-hf", "--mcore", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_mcore_to_hf_output_loads_with_auto_tokenizer(tmp_path, capsys):
+    """The tokenizer and generation config of the HF source travel through the mcore dir, so the export
+    is a complete HF model folder (it was weights and config.json only)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tempo_mega.data.tokenizer import build_synthetic_tokenizer
+
+    tok = build_synthetic_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    GenerationConfig(max_new_tokens=7, eos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "hf")
+    assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mc")]) == 0
+    assert main(["convert", "mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "back")]) == 0
+    back = AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back("1 + 2 = 3")["input_ids"] == tok("1 + 2 = 3")["input_ids"]
+    assert GenerationConfig.from_pretrained(tmp_path / "back").max_new_tokens == 7
+    # an mcore dir without them (another tool's): --tokenizer names where they are, and it says so otherwise
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "mc" / name).unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["convert", "mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "b2")]) == 0
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["convert", "mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "b3"),
+                 "--tokenizer", str(tmp_path / "hf")]) == 0
+    AutoTokenizer.from_pretrained(tmp_path / "b3")

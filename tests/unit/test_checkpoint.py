@@ -284,3 +284,29 @@ def test_set_rng_state_validates():
         state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
         with pytest.warns(UserWarning, match="CUDA is not available"):
             set_rng_state(state)
+
+
+def test_marker_checksums_find_the_bad_file(tmp_path):
+    from tempo_mega.checkpoint import verify_checkpoint
+
+    ckpt = write_checkpoint(tmp_path, 1)
+    files = json.loads((ckpt / "COMPLETE").read_text())["files"]
+    assert set(files) == {"model.bin", "sub/optim.bin"} and files["model.bin"]["bytes"] == len("weights-1")
+    assert verify_checkpoint(ckpt) is None
+    (ckpt / "sub" / "optim.bin").write_text("optiM")  # same size, other bytes
+    assert "sub/optim.bin: checksum mismatch" in verify_checkpoint(ckpt)
+    (ckpt / "sub" / "optim.bin").write_text("opt")
+    assert "sub/optim.bin: 3 bytes, 5 when written" in verify_checkpoint(ckpt)
+    (ckpt / "model.bin").unlink()
+    assert verify_checkpoint(ckpt).endswith("model.bin: missing")
+    # a checkpoint written before checksums existed still loads
+    (ckpt / "COMPLETE").write_text('{"step": 1, "time": 0.0}')
+    assert verify_checkpoint(ckpt) is None
+
+
+def test_has_checkpoint_counts_what_recovery_would_publish(tmp_path):
+    from tempo_mega.checkpoint import has_checkpoint
+
+    assert not has_checkpoint(tmp_path / "missing") and not has_checkpoint(tmp_path)
+    write_checkpoint(tmp_path, 2).rename(tmp_path / ".tmp-step_00000002-99999")
+    assert has_checkpoint(tmp_path) and latest_checkpoint(tmp_path) is None

@@ -153,3 +153,35 @@ def test_precision_fp8_sets_the_megatron_layers():
                        "precision.fp8_recipe=tensorwise"])
     mc = megatron_config(cfg)
     assert (mc.fp8, mc.fp8_recipe, mc.params_dtype) == ("hybrid", "tensorwise", "bfloat16")
+
+
+@pytest.mark.parametrize("mode, split", [("rlvr", (2, 0)), ("supervised_continuation", (2, 0)), ("ttrl", (0, 2)),
+                                         ("empo", (0, 2)), ("tempo", (2, 2))])
+def test_each_mode_sets_its_prompt_split_over_the_preset(mode, split):
+    for choice in (f"algo={mode}", f"algo.mode={mode}"):
+        a = load_config(["experiment=debug_cpu", choice]).algo
+        assert (a.labeled_prompts_per_step, a.unlabeled_prompts_per_step) == split, choice
+    # the frozen critic keeps the labeled prompts: TEMPO's M-step trains on them too
+    a = load_config(["experiment=debug_cpu", "algo=tempo", "algo.e_step_every=0"]).algo
+    assert (a.labeled_prompts_per_step, a.unlabeled_prompts_per_step) == (2, 2)
+    # an explicit zero agrees with the mode; from_dict derives the same way
+    assert load_config(["algo=rlvr", "algo.unlabeled_prompts_per_step=0"]).algo.unlabeled_prompts_per_step == 0
+    assert from_dict({"algo": {"mode": "ttrl"}}).algo.labeled_prompts_per_step == 0
+
+
+@pytest.mark.parametrize("override, unused", [("algo=rlvr", "algo.unlabeled_prompts_per_step=3"),
+                                              ("algo=ttrl", "algo.labeled_prompts_per_step=1"),
+                                              ("algo.mode=empo", "algo.labeled_prompts_per_step=1")])
+def test_a_count_that_contradicts_the_mode_names_both_keys(override, unused):
+    with pytest.raises(ValueError) as e:
+        load_config(["experiment=debug_cpu", override, unused])
+    assert unused.split("=")[0] in str(e.value) and "algo.mode=" in str(e.value)
+
+
+def test_unknown_keys_and_choices_suggest_what_exists():
+    with pytest.raises(ValueError, match=r"'algo\.lerning_rate': no such key; did you mean algo\.actor\.lr"):
+        load_config(["algo.lerning_rate=1"])
+    with pytest.raises(ValueError, match=r"did you mean trainer\.total_steps or "):
+        load_config(["trainer.totl_steps=1"])
+    with pytest.raises(ValueError, match=r"choices are debug_cpu, demo, .*did you mean experiment=debug_cpu\?"):
+        load_config(["experiment=debug_cpuu"])

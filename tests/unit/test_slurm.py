@@ -4,6 +4,7 @@ on PATH, it launches the trainer with the right arguments, forwards SIGUSR1, req
 trainer asks, and stops the SGLang servers it started."""
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -85,7 +86,7 @@ def test_script_has_the_pieces(name):
     assert "trap 'forward_signal USR1' USR1" in lines and "trap 'forward_signal TERM' TERM" in lines
     assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}" in lines
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
-    assert "  trainer.resume=true" in lines and '  "trainer.output_dir=$OUT"' in lines
+    assert "  trainer.resume=auto" in lines and '  "trainer.output_dir=$OUT"' in lines
     assert ("--container-image" in text) == bool(j.container_image)
     assert ("sglang.launch_server" in text) == (j.sglang_placement == "separate")
 
@@ -116,7 +117,7 @@ def test_the_committed_example_is_current(capsys):
     ({"time_limit": "24h"}, "--time"),
     ({"container_image": "img", "venv": "/v"}, "not both"),
     ({"container_mounts": ("/a:/a",)}, "need --container-image"),
-    ({"overrides": ("trainer.resume=false",)}, "trainer.resume=true"),
+    ({"overrides": ("trainer.resume=false",)}, "trainer.resume=auto"),
     ({"overrides": ("trainer.output_dir=/x",)}, "--output-dir"),
     ({"overrides": ("experiment",)}, "KEY=VALUE"),
     ({"signal_lead_s": 70000}, "65535"),
@@ -143,13 +144,36 @@ def test_main_writes_the_script_and_logs_dir(tmp_path, capsys):
 
 def test_main_rejects_bad_options_with_exit_2(tmp_path, capsys):
     assert main(["--nodes", "2", "--output-dir", str(tmp_path), "trainer.resume=false"]) == 2
-    assert "trainer.resume=true" in capsys.readouterr().err
+    assert "trainer.resume=auto" in capsys.readouterr().err
     assert not (tmp_path / "tempo.sbatch").exists()
+
+
+@pytest.mark.parametrize("nodes, overrides, msg", [
+    ("1", ("experiment=qwen3_8b_tempoo", "model.path=/m"), r"no experiment/qwen3_8b_tempoo\.yaml.*qwen3_8b_tempo"),
+    ("1", (*OVERRIDES, "algo.lerning_rate=1"), r"'algo\.lerning_rate': no such key; did you mean algo\.actor\.lr"),
+    ("1", ("experiment=qwen3_32b_tempo", "model.path=/m"), r"layout does not fit: world size 8 .* multiple of 16"),
+    ("1", ("experiment=qwen3_8b_tempo",), r"model\.path"),
+    ("2", ("experiment=debug_cpu",), r"backend=torch trains in one process"),
+])
+def test_main_validates_the_run_config_before_rendering(tmp_path, capsys, nodes, overrides, msg):
+    """The checks `tempo-mega train` runs, before the job waits in the queue; --force renders anyway."""
+    argv = ["--nodes", nodes, "--output-dir", str(tmp_path / "run"), *overrides]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(msg, err) and "--force" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "tempo.sbatch").exists()
+    assert main([*argv, "--force"]) == 0
+    assert "rendering anyway" in capsys.readouterr().err and (tmp_path / "run" / "tempo.sbatch").is_file()
+
+
+def test_main_renders_a_layout_that_fits(tmp_path):
+    assert main(["--nodes", "2", "--output-dir", str(tmp_path), "--print", "experiment=qwen3_32b_tempo",
+                 "model.path=/m"]) == 0
 
 
 def test_submit_without_sbatch_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert main(["--nodes", "1", "--output-dir", str(tmp_path / "run"), "--submit"]) == 2
+    assert main(["--nodes", "1", "--output-dir", str(tmp_path / "run"), "--submit", *OVERRIDES]) == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
     assert (tmp_path / "run" / "tempo.sbatch").is_file()
 
@@ -161,7 +185,7 @@ def test_submit_runs_sbatch_on_the_written_script(tmp_path, capsys, monkeypatch)
     fake.write_text(f'#!{BASH}\necho "Submitted batch job 42 ($1)"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert main(["--nodes", "1", "--output-dir", str(tmp_path / "run"), "--submit"]) == 0
+    assert main(["--nodes", "1", "--output-dir", str(tmp_path / "run"), "--submit", *OVERRIDES]) == 0
     assert f"Submitted batch job 42 ({tmp_path / 'run' / 'tempo.sbatch'})" in capsys.readouterr().out
 
 
@@ -252,7 +276,7 @@ def test_run_launches_torchrun_with_resume_and_rendezvous(tmp_path):
     assert args[args.index("--rdzv-endpoint") + 1] == "nodeA:11234"  # 10000 + 1234 % 20000
     assert args[args.index("--signals-to-handle") + 1].split(",")[-1] == "SIGUSR1"
     assert args[args.index("-m") + 1:] == ["tempo_mega.cli", "train", *OVERRIDES, "x.note=a b",
-                                           f"trainer.output_dir={out}", "trainer.resume=true"]
+                                           f"trainer.output_dir={out}", "trainer.resume=auto"]
     assert (log / "torchrun.env").read_text().split() == ["0", "nodeA", "11234", "8", "WARN", "1"]
     assert requeues(log) == []
 

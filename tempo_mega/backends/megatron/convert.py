@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -365,6 +366,25 @@ def _read_hf_dir(src: Path, critic: bool) -> Mapping[str, Tensor]:
     return CriticWeights(trunk_weights(src), {f"value_head.{k}": v for k, v in load_file(head).items()})
 
 
+# What makes an HF folder loadable beyond its weights and config.json: the tokenizer (every format
+# transformers writes or reads) and the generation config. Carried hf -> mcore -> hf unchanged.
+HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                 "generation_config.json")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer and generation-config files ``src`` has into ``dst``; returns their names."""
+    import shutil
+
+    copied = []
+    for name in HF_SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``tempo-mega convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M] [--critic]`` and
     ``tempo-mega convert mcore-to-hf --mcore DIR --out DIR``.
@@ -391,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     m2h = sub.add_parser("mcore-to-hf", help="megatron shards -> HF dir")
     m2h.add_argument("--mcore", required=True)
     m2h.add_argument("--out", required=True)
+    m2h.add_argument("--tokenizer", default=None,
+                     help="HF dir to take the tokenizer and generation config from (default: the --mcore dir, "
+                          "where hf-to-mcore put the source's)")
     args = parser.parse_args(argv)
 
     if args.direction == "hf-to-mcore":
@@ -413,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shard = hf_to_mcore_state_dict(hf_sd, hf_config, r, args.tp, pp_rank=p, pp_size=args.pp)
                 save_file({k: v.contiguous() for k, v in shard.items()}, dst / _shard_file(r, p))
         hf_config.save_pretrained(dst)
+        copy_side_files(src, dst)  # so that mcore-to-hf can give them back
         (dst / MCORE_LAYOUT_FILE).write_text(json.dumps({"tp": args.tp, "pp": args.pp, "critic": args.critic}))
         print(f"convert hf-to-mcore: {src} -> {dst} (TP {args.tp}, PP {args.pp}{', critic' if args.critic else ''})")
         return 0
@@ -436,6 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    if k.startswith("value_head.")}, dst / VALUE_HEAD_FILE)
     else:
         save_file({k: v.contiguous() for k, v in hf_sd.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    side = Path(args.tokenizer) if args.tokenizer else src
+    if args.tokenizer and not side.is_dir():
+        raise FileNotFoundError(f"--tokenizer {side}: no such directory")
+    copied = copy_side_files(side, dst)
+    if not any(name.startswith("tokenizer") for name in copied):
+        print(f"convert mcore-to-hf: warning: {side} has no tokenizer files, so {dst} does not load with "
+              "AutoTokenizer; pass --tokenizer HF_DIR", file=sys.stderr)
     print(f"convert mcore-to-hf: {src} -> {dst}")
     return 0
 
