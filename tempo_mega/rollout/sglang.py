@@ -830,6 +830,8 @@ class SGLangRolloutEngine:
         else:
             pending = list(results)
             while pending:
+                if self._closed:  # shut down from another thread (a signal handler): restart nothing
+                    raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
                 self._recover()
                 for i in pending:
                     results[i].attempts += 1
