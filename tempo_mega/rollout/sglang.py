@@ -31,7 +31,11 @@ until ``/health`` answers again; either gets the last weights again (last disk c
 each; then a RuntimeError names the prompts and the last error. Where the engine has neither (tensor or
 distributed sync without ``weights_source``: a multi-rank trainer, whose weight export is a collective),
 ``generate`` raises ``RolloutNeedsWeights`` and the caller streams the weights with ``resync_stale``;
-a server without the current weights is never given a request.
+a server without the current weights is never given a request. When no server is healthy, given ones are
+waited for (``restart_wait_s``). A request SGLang aborted itself (finish_reason abort) is resubmitted after
+a backoff, never returned. A weight-update session is ended on every exit path. Calls given up (a hung
+server) and all calls at ``shutdown`` have their sockets closed, and run on daemon threads, so a failed run
+exits at once. Requests are fitted to the servers' context length, read at start.
 """
 
 from __future__ import annotations
@@ -510,7 +514,10 @@ class SGLangRolloutEngine:
         # the key from the environment (launch slurm exports it for its servers); servers we launch get it,
         # or one made for this process
         key = os.environ.get(cfg.api_key_env) or None
-        if key is None and cfg.mode == "server" and not cfg.urls:
+        # (not with several tokenizer workers: SGLang refuses an API key there)
+        if key is None and cfg.mode == "server" and not cfg.urls and not any(
+            a.startswith("--tokenizer-worker-num") for a in cfg.extra_args
+        ):
             key = secrets.token_urlsafe(32)
         self._transport = _Transport(api_key=key)
         self._http = self._transport.call

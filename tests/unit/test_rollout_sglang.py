@@ -470,17 +470,27 @@ def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp
     eng.shutdown()
 
 
-def test_shutdown_stops_only_our_pids(model_dir, tmp_path):
+def test_shutdown_stops_only_our_pids(model_dir, tmp_path, caplog, monkeypatch):
+    """Also: launched servers want the key made for this process (the fake checks it as SGLang does), the
+    client sends it, the logged command does not show it, and the logs stay in the run's dir."""
+    monkeypatch.delenv("TEMPO_SGLANG_API_KEY", raising=False)
+    caplog.set_level("INFO", logger="tempo_mega.rollout.sglang")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         cfg = launch_cfg(model_dir, tmp_path, free_port(), num_engines=2)
-        eng = build_sglang_engine(cfg, pad_token_id=PAD)
+        eng = build_sglang_engine(cfg, pad_token_id=PAD, log_dir=tmp_path / "run" / "sglang_logs")
         assert len(eng.pids) == 2 and bystander.pid not in eng.pids
         assert len(eng.generate(PROMPTS, 1, SAMPLING)) == len(PROMPTS)
+        key = eng._transport.api_key
+        assert key and "--api-key ***" in caplog.text and key not in caplog.text
+        with pytest.raises(SGLangServerError, match="HTTP 401"):  # without the key: refused
+            _http(eng.servers[0].url, "/flush_cache", {}, 5.0)
         pids_reported = {stats(s.url)["pid"] for s in eng.servers}
         assert pids_reported == set(eng.pids)
         eng.shutdown()
         eng.shutdown()  # idempotent
+        assert sorted(p.name for p in (tmp_path / "run" / "sglang_logs").iterdir()) == ["server0_0.log",
+                                                                                        "server1_0.log"]
         assert all(s.proc.poll() is not None for s in eng.servers)
         assert bystander.poll() is None
         with pytest.raises(RuntimeError, match="shut down"):
