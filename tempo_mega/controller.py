@@ -77,7 +77,8 @@ class BoundLoss:
 
 # per-call counters a rollout engine may report in ``last_metrics`` (requests resubmitted after a server
 # failed, weight re-syncs of restarted servers), summed over a step's generate calls
-_ENGINE_COUNTERS = ("rollout/retried_requests", "rollout/weight_resyncs")
+_ENGINE_COUNTERS = ("rollout/retried_requests", "rollout/weight_resyncs", "rollout/server_aborts",
+                    "rollout/clamped_requests")
 
 
 class TempoController:

@@ -274,12 +274,16 @@ def build_rollout(cfg: TrainConfig, actor: TorchBackend, pad_token_id: int, devi
         sg = SGLangConfig(**cfg.rollout.sglang)
     except TypeError as e:
         raise ValueError(f"config key 'rollout.sglang': {e}") from None
+    # server logs under the run's output dir; the response budget checked against the servers' context
+    where = {"log_dir": Path(cfg.trainer.output_dir) / "sglang_logs",
+             "max_response_tokens": cfg.rollout.max_response_tokens}
     if isinstance(actor, TorchBackend):
         engine = build_sglang_engine(sg, pad_token_id=pad_token_id,
                                      trainer_logprob_fn=lambda ids: probe_logprobs(actor, ids, pad_token_id),
-                                     weights_source=lambda: actor.export_weights(device=sync_device(sg)))
+                                     weights_source=lambda: actor.export_weights(device=sync_device(sg)), **where)
     else:
-        engine = RankZeroSGLang(sg, actor, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype])
+        engine = RankZeroSGLang(sg, actor, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype],
+                                **where)
     push_weights(actor, engine)  # the servers start from the trainer's weights
     return engine
 
@@ -454,13 +458,13 @@ class RankZeroSGLang(RankZeroRollout):
     (``RankZeroRollout.generate``); disk sync re-syncs from its last copy; distributed (NCCL) sync cannot
     take a restarted server back into its weight group, which is an error."""
 
-    def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype):
+    def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype, **engine_kw):
         from tempo_mega.rollout.sglang import build_sglang_engine, sync_device
 
         def build(me: RankZeroRollout):
             source = (lambda: me._cast(actor.export_weights(device=me.weights_device))) if me.world_size == 1 else None
             return build_sglang_engine(cfg, pad_token_id=pad_token_id, weights_source=source,
-                                       trainer_logprob_fn=me._trainer_logprobs if cfg.probe else None)
+                                       trainer_logprob_fn=me._trainer_logprobs if cfg.probe else None, **engine_kw)
 
         super().__init__(build, actor, pad_token_id=pad_token_id, weights_dtype=weights_dtype,
                          probe_ids=list(cfg.probe_ids) if cfg.probe else None, max_resyncs=cfg.max_retries,

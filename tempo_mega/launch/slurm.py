@@ -34,7 +34,8 @@ SGLang placement: ``colocated`` (default) leaves the engines to the trainer, on 
 ``separate`` runs one ``python -m sglang.launch_server`` per node on the last ``--sglang-nodes``
 nodes (TP x DP = GPUs per node), records the pids of their ``srun`` steps, waits for ``/health``,
 passes their URLs to the trainer as ``<--sglang-urls-key>=[http://host:port,...]`` and stops them
-with ``kill <pid>`` when the script exits.
+with ``kill <pid>`` when the script exits. Each server binds its node's cluster address and wants a key made
+for the job (``--api-key``), which the trainer sends from ``$TEMPO_SGLANG_API_KEY``.
 """
 
 from __future__ import annotations
@@ -375,13 +376,19 @@ def render_sbatch(job: SlurmJob, command: str | None = None) -> str:
     if separate:
         servers = [
             "# ---- SGLang servers: one per node on the last SGLANG_NODES nodes (TP x DP = GPUS_PER_NODE) ----",
+            "# a key for this run of the job (SGLang's --api-key): the servers want it on every route but /health,",
+            "# the trainer sends it from TEMPO_SGLANG_API_KEY (srun passes the environment on). Made at run time:",
+            "# never in this script, its log or the trainer's config.json",
+            "TEMPO_SGLANG_API_KEY=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')",
+            "export TEMPO_SGLANG_API_KEY",
             "SGLANG_URLS=()",
             'for host in "${HOSTS[@]:TRAIN_NODES}"; do',
+            "  # bound to the node's cluster address (what $host resolves to: the URL the trainer uses)",
             f'  srun --nodes=1 --ntasks=1 --nodelist="$host"{cargs} \\',
             '    --output="$OUT/logs/sglang-$SLURM_JOB_ID-$host.out" --open-mode=append \\',
             '    python -m sglang.launch_server --model-path "$SGLANG_MODEL" --tp-size "$SGLANG_TP" \\',
-            '    --dp-size "$(( GPUS_PER_NODE / SGLANG_TP ))" --host 0.0.0.0 --port "$SGLANG_PORT" \\',
-            '    ${SGLANG_EXTRA_ARGS[@]+"${SGLANG_EXTRA_ARGS[@]}"} &',
+            '    --dp-size "$(( GPUS_PER_NODE / SGLANG_TP ))" --host "$host" --port "$SGLANG_PORT" \\',
+            '    --api-key "$TEMPO_SGLANG_API_KEY" ${SGLANG_EXTRA_ARGS[@]+"${SGLANG_EXTRA_ARGS[@]}"} &',
             '  SGLANG_PIDS+=("$!")',
             '  SGLANG_URLS+=("http://$host:$SGLANG_PORT")',
             "done",

@@ -14,12 +14,21 @@ Tokens come from a real (tiny) causal LM loaded from ``--model-path`` with trans
 really changes the outputs and the client's probe compares against true trainer log-probs. Sampling is
 deterministic: sample ``j`` of a prompt draws its uniforms from a generator seeded by (prompt ids, j).
 
+What SGLang 0.5.23 enforces, the fake does too: ``/begin_weight_update`` while a session is open and
+``/end_weight_update`` without one are HTTP 400, and so are tensor and distributed updates outside a session;
+a request whose prompt + ``max_new_tokens`` reaches the context length is a 400 (``/server_info`` reports
+``context_length`` when ``--context-length`` was given, else ``max_req_input_len``, as SGLang's does); with
+``--api-key`` every route but ``/health*`` (and the fake's own ``/fake/*``) wants ``Authorization: Bearer``.
+
 Fault knobs (command line, or ``POST /fake/config`` in process): ``slow_s`` (sleep per generate request,
 so requests overlap), ``crash_after_requests`` (the process exits hard when generate request N+1 arrives;
 with ``crash_once_file`` only the first process to get there crashes, so a restarted server behaves),
 ``hang`` (generate requests block, and ``/health`` answers 503 while one is blocked, as SGLang's
-does when its scheduler makes no progress). ``GET /fake/stats`` reports request counts and the most generate
-requests seen in flight at once.
+does when its scheduler makes no progress), ``abort_requests`` (the next N generate requests are answered
+HTTP 200 with ``finish_reason`` abort, as SGLang answers a request it aborts itself), ``fail_updates``
+(the next N tensor/distributed updates answer ``success: false``, HTTP 400). ``FakeSGLangServer.restart``
+takes an in-process server down and brings a fresh one (the weights it started with) up on the same port.
+``GET /fake/stats`` reports request counts and the most generate requests seen in flight at once.
 
     python -m tempo_mega.rollout.fake_sglang --model-path DIR --host 127.0.0.1 --port 30000
 """
@@ -52,6 +61,10 @@ class _FakeState:
         crash_once_file: str | None = None,
         hang: bool = False,
         in_process: bool = True,
+        abort_requests: int = 0,
+        fail_updates: int = 0,
+        context_length: int | None = None,
+        api_key: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -65,6 +78,12 @@ class _FakeState:
         self.crash_once_file = crash_once_file
         self.hang = hang
         self.in_process = in_process
+        self.abort_requests = abort_requests
+        self.fail_updates = fail_updates
+        self.api_key = api_key
+        self.context_length_arg = context_length  # --context-length; /server_info reports it as given
+        self.context_len = context_length or int(self.model.config.max_position_embeddings)
+        self.session_open = False  # a /begin_weight_update not yet ended
         self.unhang = threading.Event()
         self.abort_event = threading.Event()
         self.released: set[str] = set()  # memory tags released, as SGLang's scheduler tracks them
@@ -250,6 +269,12 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body() if method == "POST" else {}
         with st.stats_lock:
             st.counts[path] = st.counts.get(path, 0) + 1
+        # SGLang's add_api_key_middleware: /health* and /metrics are open, the rest wants the key
+        open_route = path.startswith(("/health", "/metrics", "/fake/"))
+        if st.api_key and not open_route and self.headers.get("Authorization") != f"Bearer {st.api_key}":
+            with st.stats_lock:
+                st.counts["unauthorized"] = st.counts.get("unauthorized", 0) + 1
+            return self._send(401, {"error": "Unauthorized"})
         try:
             if path in ("/health", "/health_generate"):
                 # SGLang answers 503 when its scheduler has produced nothing for 20 s (HEALTH_CHECK_TIMEOUT)
@@ -265,6 +290,12 @@ class _Handler(BaseHTTPRequestHandler):
                         "weight_version": st.weight_version,
                     },
                 )
+            elif path in ("/server_info", "/get_server_info"):
+                # SGLang: server_args (context_length as given, else null) + the scheduler's limits
+                max_req_len = st.context_len - 1
+                self._send(200, {"model_path": st.model_path, "context_length": st.context_length_arg,
+                                 "max_total_num_tokens": 1 << 20, "max_req_input_len": max_req_len - 5,
+                                 "version": "0.5.23 (fake)"})
             elif path == "/generate":
                 self._generate(body)
             elif path == "/flush_cache":
@@ -289,14 +320,32 @@ class _Handler(BaseHTTPRequestHandler):
                         "num_paused_requests": 0,
                     },
                 )
-            elif path == "/update_weights_from_tensor":
+            elif path in ("/update_weights_from_tensor", "/update_weights_from_distributed"):
+                if not st.session_open:  # 0.5.23: tensor and distributed updates only inside a session
+                    return self._send(400, {"success": False, "message": "no weight-update session is open "
+                                            "(call /begin_weight_update first)"})
+                if st.fail_updates > 0:
+                    st.fail_updates -= 1
+                    return self._send(400, {"success": False, "message": "Failed to update weights (fake fault)"})
+                if path == "/update_weights_from_distributed":  # the tensors come over NCCL: none here
+                    return self._send(200, {"success": True, "message": "Succeeded to update model weights."})
                 # one payload per TP rank of the server, all the same bucket: load the first
                 blobs = body.get("serialized_named_tensors")
                 if not blobs:
                     return self._error("serialized_named_tensors is required")
                 st.load_tensors(list(FakeTensorSerializer.deserialize(blobs[0])))
                 self._send(200, {"success": True, "message": "Succeeded to update model weights."})
-            elif path in ("/begin_weight_update", "/end_weight_update"):
+            elif path == "/init_weights_update_group":
+                self._send(200, {"success": True, "message": "Succeeded to initialize custom process group."})
+            elif path == "/begin_weight_update":
+                if st.session_open:
+                    return self._send(400, {"success": False, "message": "a weight-update session is already open"})
+                st.session_open = True
+                self._send(200, {"success": True, "message": ""})
+            elif path == "/end_weight_update":
+                if not st.session_open:
+                    return self._send(400, {"success": False, "message": "no weight-update session is open"})
+                st.session_open = False
                 self._send(200, {"success": True, "message": ""})
             elif path == "/release_memory_occupation":
                 st.released |= set(body.get("tags") or MEMORY_TAGS)
@@ -321,11 +370,12 @@ class _Handler(BaseHTTPRequestHandler):
                             "max_in_flight": st.max_in_flight,
                             "counts": dict(st.counts),
                             "released": sorted(st.released),
+                            "session_open": st.session_open,
                             "pid": os.getpid(),
                         },
                     )
             elif path == "/fake/config":
-                for key in ("slow_s", "crash_after_requests", "hang"):
+                for key in ("slow_s", "crash_after_requests", "hang", "abort_requests", "fail_updates"):
                     if key in body:
                         setattr(st, key, body[key])
                 if not st.hang:
@@ -372,13 +422,27 @@ class _Handler(BaseHTTPRequestHandler):
             rl = body.get("return_logprob") or False
             lsl = body.get("logprob_start_len")
             lsl = -1 if lsl is None else lsl
-            outs = []
             for i, p in enumerate(batch):
                 if not p or min(p) < 0 or max(p) >= st.vocab_size:
                     return self._error(f"input_ids of prompt {i} empty or outside the vocabulary")
+                total = len(p) + int(sps[i].get("max_new_tokens", 128))
+                if total >= st.context_len:  # SGLang's tokenizer manager refuses these
+                    return self._error(f"Requested token count exceeds the model's maximum context length of "
+                                       f"{st.context_len} tokens. You requested a total of {total} tokens")
+            with st.stats_lock:
+                abort = st.abort_requests > 0
+                st.abort_requests -= int(abort)
+            outs = []
+            for i, p in enumerate(batch):
                 sp = sps[i]
+                if abort:  # SGLang cut it short itself: a truncated answer, HTTP 200
+                    sp = {**sp, "max_new_tokens": 1}
                 for j in range(int(sp.get("n", 1))):
-                    outs.append(st.generate_one(p, sp, j, rl, lsl))
+                    out = st.generate_one(p, sp, j, rl, lsl)
+                    if abort:
+                        out["meta_info"]["finish_reason"] = {"type": "abort", "message": "Abort before prefill "
+                                                             "(fake: generation paused)", "status_code": 200}
+                    outs.append(out)
             single = not (ids and isinstance(ids[0], list))
             self._send(200, outs[0] if single and len(outs) == 1 else outs)
         finally:
@@ -400,6 +464,7 @@ class FakeSGLangServer:
 
     def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int = 0, **knobs) -> None:
         self.state = _FakeState(model_path, in_process=True, **knobs)
+        self._model_path = model_path  # what a restart loads (a disk update repoints state.model_path)
         self._httpd = _FakeHTTPServer((host, port), self.state)
         self._thread: threading.Thread | None = None
 
@@ -420,6 +485,23 @@ class FakeSGLangServer:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
 
+    def restart(self, down_s: float, **knobs) -> threading.Thread:
+        """Go away now (every connection refused), and after ``down_s`` come back on the same port as a new
+        server: the weights it started with, no session, nothing released (as a restarted SGLang). Runs in
+        the background; returns the thread that brings it back."""
+        host, port = self._httpd.server_address[:2]
+        self.stop()
+
+        def back() -> None:
+            time.sleep(down_s)
+            self.state = _FakeState(self._model_path, in_process=True, **knobs)
+            self._httpd = _FakeHTTPServer((host, port), self.state)
+            self.start()
+
+        th = threading.Thread(target=back, daemon=True)
+        th.start()
+        return th
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="fake SGLang server (tests only)")
@@ -430,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--crash-after-requests", type=int, default=None)
     p.add_argument("--crash-once-file", default=None)
     p.add_argument("--hang", action="store_true")
+    p.add_argument("--abort-requests", type=int, default=0)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--api-key", default=None)
     args, _unknown = p.parse_known_args(argv)  # SGLang's own flags (--tp-size, ...) are accepted and ignored
     torch.set_num_threads(1)
     state = _FakeState(
@@ -439,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
         crash_once_file=args.crash_once_file,
         hang=args.hang,
         in_process=False,
+        abort_requests=args.abort_requests,
+        context_length=args.context_length,
+        api_key=args.api_key,
     )
     httpd = _FakeHTTPServer((args.host, args.port), state)
     httpd.serve_forever()

@@ -31,26 +31,36 @@ until ``/health`` answers again; either gets the last weights again (last disk c
 each; then a RuntimeError names the prompts and the last error. Where the engine has neither (tensor or
 distributed sync without ``weights_source``: a multi-rank trainer, whose weight export is a collective),
 ``generate`` raises ``RolloutNeedsWeights`` and the caller streams the weights with ``resync_stale``;
-a server without the current weights is never given a request.
+a server without the current weights is never given a request. When no server is healthy, given ones are
+waited for (``restart_wait_s``). A request SGLang aborted itself (finish_reason abort) is resubmitted after
+a backoff, never returned. A weight-update session is ended on every exit path. Calls given up (a hung
+server) and all calls at ``shutdown`` have their sockets closed, and run on daemon threads, so a failed run
+exits at once. Requests are fitted to the servers' context length, read at start.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import http.client
+import importlib.util
 import json
 import logging
 import math
+import os
+import queue
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
@@ -68,6 +78,7 @@ __all__ = [
     "bucket_named_tensors",
     "MEMORY_TAGS",
     "logprob_mismatch",
+    "redact_command",
     "sync_device",
 ]
 
@@ -113,6 +124,16 @@ class SGLangConfig:
     watchdog_interval_s: float = 30.0
     watchdog_timeout_s: float = 60.0
     watchdog_failures: int = 2
+    # a request SGLang aborted itself (HTTP 200, finish_reason abort: paused by another client, shutting
+    # down, out of memory) is resubmitted after retry_backoff_s x 2^k (k: rounds with aborts so far), within
+    # max_retries; it is never returned as a sample
+    retry_backoff_s: float = 1.0
+    # servers given by URL: one that goes away (node preempted, OOM restart) is waited for this long when
+    # no other server is healthy, then re-synced and given its prompts again
+    restart_wait_s: float = 300.0
+    # the environment variable holding the servers' API key (SGLang's --api-key), sent as
+    # "Authorization: Bearer <key>"; the key itself is never a config value (config.json, logs)
+    api_key_env: str = "TEMPO_SGLANG_API_KEY"
     # weights
     weight_sync: str = "tensor"  # "tensor" | "distributed" | "disk"
     bucket_bytes: int = 512 * 2**20
@@ -148,6 +169,9 @@ class SGLangConfig:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.max_retries < 0:
             raise bad("max_retries", f"must be >= 0, got {self.max_retries}")
+        for key in ("retry_backoff_s", "restart_wait_s"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("request_timeout_s", "health_timeout_s", "probe_tolerance", "watchdog_timeout_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, f"must be > 0, got {getattr(self, key)}")
@@ -164,6 +188,11 @@ class SGLangServerError(RuntimeError):
 class _ServerDown(RuntimeError):
     """A server did not answer: timeout, refused/reset connection, HTTP 5xx. Caught and recovered from
     inside the engine; a RuntimeError (naming the URL) where it does surface."""
+
+
+class _ServerAbort(RuntimeError):
+    """A server answered a request with finish_reason abort that this engine did not ask for. The server is
+    not at fault (it stays in use); the prompt is resubmitted after a backoff."""
 
 
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES (0.5.x)
@@ -205,27 +234,112 @@ def bucket_named_tensors(
 # ---------------------------------------------------------------------------------------------- HTTP
 
 
+class _Transport:
+    """JSON over HTTP to SGLang servers, with the job's API key (``Authorization: Bearer``, as SGLang's
+    ``--api-key`` middleware wants) and a record of the connections in flight. ``close(url)`` shuts their
+    sockets: a thread blocked reading a hung server's answer fails at once instead of living until
+    ``request_timeout_s`` (an hour) and holding the process, and its SLURM allocation, after the run failed."""
+
+    def __init__(self, api_key: str | None = None) -> None:
+        self.api_key = api_key
+        self._lock = threading.Lock()
+        self._open: dict[int, tuple[str, http.client.HTTPConnection]] = {}
+
+    def call(self, url: str, path: str, body: dict | None, timeout_s: float, method: str = "POST"):
+        """One JSON request. Returns the parsed JSON body (or the text if not JSON). Raises ``_ServerDown``
+        for timeouts, connection errors and 5xx, ``SGLangServerError`` for other HTTP errors."""
+        parts = urllib.parse.urlsplit(url)
+        conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(parts.hostname or "", parts.port, timeout=timeout_s)
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        key = id(conn)
+        with self._lock:
+            self._open[key] = (url, conn)
+        try:
+            conn.request(method, parts.path.rstrip("/") + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            status, raw = resp.status, resp.read()
+        except (TimeoutError, ConnectionError, HTTPException, OSError) as e:
+            raise _ServerDown(f"{url}{path}: {type(e).__name__}: {e}") from e
+        finally:
+            with self._lock:
+                self._open.pop(key, None)
+            conn.close()
+        if status >= 500:
+            raise _ServerDown(f"{url}{path}: HTTP {status}: {raw.decode(errors='replace')[:2000]}")
+        if status == 401:
+            raise SGLangServerError(
+                f"{url}{path}: HTTP 401: the server wants an API key (SGLang's --api-key); this client "
+                + ("sent one that it refused" if self.api_key else "has none: set it in the environment variable "
+                   "that rollout.sglang.api_key_env names")
+            )
+        if status >= 400:
+            raise SGLangServerError(f"{url}{path}: HTTP {status}: {raw.decode(errors='replace')[:2000]}")
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return raw.decode(errors="replace")
+
+    def close(self, url: str | None = None) -> int:
+        """Shut the sockets of the calls in flight to ``url`` (None: to every server); returns how many.
+        Only ``shutdown(2)`` here: the thread that owns a connection closes it as its call fails."""
+        with self._lock:
+            conns = [c for u, c in self._open.values() if url is None or u == url]
+        for conn in conns:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed
+        return len(conns)
+
+
 def _http(url: str, path: str, body: dict | None, timeout_s: float, method: str = "POST"):
-    """One JSON request. Returns the parsed JSON body (or the text if not JSON). Raises ``_ServerDown``
-    for timeouts, connection errors and 5xx, ``SGLangServerError`` for other HTTP errors."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")[:2000]
-        if e.code >= 500:
-            raise _ServerDown(f"{url}{path}: HTTP {e.code}: {text}") from e
-        raise SGLangServerError(f"{url}{path}: HTTP {e.code}: {text}") from e
-    except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, OSError) as e:
-        raise _ServerDown(f"{url}{path}: {type(e).__name__}: {e}") from e
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return raw.decode(errors="replace")
+    """One JSON request without an API key (tests, tools); the engine sends its own through ``_Transport``."""
+    return _Transport().call(url, path, body, timeout_s, method=method)
+
+
+class _DaemonPool:
+    """A fixed pool of daemon worker threads. ``concurrent.futures`` joins its workers when the interpreter
+    exits, before atexit handlers run, so one worker blocked on a hung server kept the process alive after the
+    run had failed; daemon workers are not waited for (and ``_Transport.close`` ends their calls anyway)."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = workers
+        for k in range(workers):
+            threading.Thread(target=self._work, name=f"{name}-{k}", daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 (handed to the waiting caller, as concurrent.futures does)
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started; the workers end after their current call."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(self._workers):
+            self._queue.put(None)
 
 
 def _check_success(resp, what: str) -> None:
@@ -234,6 +348,59 @@ def _check_success(resp, what: str) -> None:
         raise SGLangServerError(f"{what} failed: {resp.get('message')}")
     if isinstance(resp, (list, tuple)) and resp and resp[0] is False:
         raise SGLangServerError(f"{what} failed: {resp[1:]}")
+
+
+_SECRET_FLAG_WORDS = ("key", "token", "secret", "password")
+
+
+def redact_command(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` with the values of secret flags (``--api-key``, ``--hf-token``, ...: any flag naming a key,
+    token, secret or password, as ``--flag VALUE`` or ``--flag=VALUE``) replaced by ``***``, for logs."""
+    out: list[str] = []
+    hide_next = False
+    for arg in cmd:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        flag, eq, _value = arg.partition("=")
+        secret = flag.startswith("--") and any(w in flag.lower() for w in _SECRET_FLAG_WORDS)
+        if secret and eq:
+            out.append(f"{flag}=***")
+        else:
+            out.append(arg)
+            hide_next = secret
+    return out
+
+
+def _log_tail(path: Path | None, lines: int = 30) -> str:
+    """The last ``lines`` lines of a server log and its path, for the error of a failed launch."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError as e:
+        return f"; log {path} unreadable: {e}"
+    text = "\n".join("    " + line for line in tail) or "    (empty)"
+    hint = ""
+    if any("No module named 'sglang'" in line or "No module named sglang" in line for line in tail):
+        hint = "\n  sglang is not installed for this Python: pip install -e '.[sglang]'"
+    return f"; the last lines of its log {path}:\n{text}{hint}"
+
+
+def _context_tokens(info) -> int | None:
+    """Most prompt + response tokens per request from a /server_info answer: context_length - 1 (SGLang
+    refuses prompt + max_new_tokens >= context_length) where reported, else max_req_input_len."""
+    if not isinstance(info, dict):
+        return None
+    ctx = info.get("context_length")
+    if isinstance(ctx, int) and ctx > 1:
+        return ctx - 1
+    limit = info.get("max_req_input_len")
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 @dataclass
@@ -248,6 +415,8 @@ class _Server:
     last_error: str = ""
     epoch: int = 0  # +1 each time it is marked failed: a late answer to an older request changes nothing
     released: set[str] = field(default_factory=set)  # memory tags it has released (SGLang tracks the same)
+    session_open: bool = False  # a /begin_weight_update of ours that no /end_weight_update has closed
+    log_path: Path | None = None  # where a launched server writes its output
 
     def fail(self, epoch: int, error: str) -> None:
         """Mark it failed, unless it was already marked so since the request of ``epoch`` was sent."""
@@ -291,7 +460,7 @@ class _Watchdog(threading.Thread):
                     continue
                 epoch = s.epoch
                 try:
-                    _http(s.url, "/health_generate", None, cfg.watchdog_timeout_s, method="GET")
+                    self.engine._http(s.url, "/health_generate", None, cfg.watchdog_timeout_s, method="GET")
                     self._failures[s.url] = 0
                 except (_ServerDown, SGLangServerError) as e:
                     k = self._failures[s.url] = self._failures.get(s.url, 0) + 1
@@ -311,6 +480,8 @@ class SGLangRolloutEngine:
         trainer_logprob_fn: Callable[[list[int]], Sequence[float] | Tensor] | None = None,
         weights_source: Callable[[], Iterable[tuple[str, Tensor]]] | None = None,
         start: bool = True,
+        log_dir: str | Path | None = None,
+        max_response_tokens: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.pad_token_id = pad_token_id
@@ -333,10 +504,30 @@ class SGLangRolloutEngine:
         self._begin_end_supported: dict[str, bool] = {}
         self._warned_seed = False
         self._closed = False
-        self._log_dir = Path(tempfile.mkdtemp(prefix="tempo_sglang_logs_"))
+        self._stop_event = threading.Event()  # set by shutdown: ends backoff and restart waits
+        # launched servers' logs: under the run's output dir where given, else a temp dir made at the first
+        # launch and removed at shutdown (the error of a failed launch carries the log's last lines)
+        self._log_dir_given = Path(log_dir) if log_dir is not None else None
+        self._log_dir: Path | None = None
+        self.max_response_tokens = max_response_tokens
+        self.context_tokens: int | None = None  # most prompt + response tokens a request may have (all servers)
+        # the key from the environment (launch slurm exports it for its servers); servers we launch get it,
+        # or one made for this process
+        key = os.environ.get(cfg.api_key_env) or None
+        # (not with several tokenizer workers: SGLang refuses an API key there)
+        if key is None and cfg.mode == "server" and not cfg.urls and not any(
+            a.startswith("--tokenizer-worker-num") for a in cfg.extra_args
+        ):
+            key = secrets.token_urlsafe(32)
+        self._transport = _Transport(api_key=key)
+        self._http = self._transport.call
         atexit.register(self.shutdown)
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.shutdown()  # stop what did start, remove temp dirs: nothing outlives a failed start
+                raise
 
     @property
     def weights_device(self) -> str:
@@ -347,19 +538,31 @@ class SGLangRolloutEngine:
         cfg = self.cfg
         if cfg.mode == "engine":
             self._engine = self._make_inprocess_engine()
-            return
-        if cfg.urls:
+        elif cfg.urls:
             self.servers = [_Server(url=u.rstrip("/")) for u in cfg.urls]
             for s in self.servers:
                 self._wait_healthy(s, proc=None)
-            return
-        for k in range(cfg.num_engines):
-            port = cfg.base_port + k
-            s = _Server(url=f"http://{cfg.host}:{port}", port=port)
-            self.servers.append(s)
-            self._launch(s, k)
-        for s in self.servers:
-            self._wait_healthy(s, proc=s.proc)
+        else:
+            self._check_launch_module()
+            for k in range(cfg.num_engines):
+                port = cfg.base_port + k
+                s = _Server(url=f"http://{cfg.host}:{port}", port=port)
+                self.servers.append(s)
+                self._launch(s, k)
+            for s in self.servers:
+                self._wait_healthy(s, proc=s.proc)
+        self._read_context_length()
+
+    def _check_launch_module(self) -> None:
+        """The servers run ``python -m launch_module`` with this interpreter: without it installed, say so in
+        one line rather than after a launch whose cause is only in its log."""
+        top = self.cfg.launch_module.split(".")[0]
+        if importlib.util.find_spec(top) is None:
+            hint = " (pip install -e '.[sglang]')" if top == "sglang" else ""
+            raise RuntimeError(
+                f"rollout.sglang.launch_module={self.cfg.launch_module!r}: {top} is not installed for "
+                f"{sys.executable}{hint}; or give running servers with rollout.sglang.urls"
+            )
 
     def _launch_command(self, port: int, engine_index: int, model_path: str) -> list[str]:
         cfg = self.cfg
@@ -378,16 +581,28 @@ class SGLangRolloutEngine:
             cmd += ["--kv-cache-dtype", cfg.kv_cache_dtype]
         if cfg.enable_memory_saver:
             cmd += ["--enable-memory-saver"]
+        if self._transport.api_key and not any(a.split("=")[0] == "--api-key" for a in cfg.extra_args):
+            cmd += ["--api-key", self._transport.api_key]
         return cmd + list(cfg.extra_args)
+
+    def _ensure_log_dir(self) -> Path:
+        if self._log_dir is None:
+            if self._log_dir_given is not None:
+                self._log_dir_given.mkdir(parents=True, exist_ok=True)
+                self._log_dir = self._log_dir_given
+            else:
+                self._log_dir = Path(tempfile.mkdtemp(prefix="tempo_sglang_logs_"))
+        return self._log_dir
 
     def _launch(self, s: _Server, engine_index: int) -> None:
         assert s.port is not None and self.cfg.model_path is not None
         cmd = self._launch_command(s.port, engine_index, self.cfg.model_path)
-        logf = open(self._log_dir / f"server{engine_index}_{s.restarts}.log", "wb")  # noqa: SIM115 (lives with the process)
-        s.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        logf.close()
+        s.log_path = self._ensure_log_dir() / f"server{engine_index}_{s.restarts}.log"
+        with open(s.log_path, "wb") as logf:  # the child keeps its own descriptor
+            s.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.pids.append(s.proc.pid)
-        log.info("launched SGLang server pid %d on %s: %s", s.proc.pid, s.url, " ".join(cmd))
+        log.info("launched SGLang server pid %d on %s (log %s): %s", s.proc.pid, s.url, s.log_path,
+                 " ".join(redact_command(cmd)))
 
     def _wait_healthy(self, s: _Server, proc: subprocess.Popen | None) -> None:
         deadline = time.monotonic() + self.cfg.health_timeout_s
@@ -395,11 +610,11 @@ class SGLangRolloutEngine:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(
-                    f"SGLang server {s.url} (pid {proc.pid}) exited with code {proc.returncode} while starting; "
-                    f"log: {self._log_dir}"
+                    f"SGLang server {s.url} (pid {proc.pid}) exited with code {proc.returncode} while starting"
+                    + _log_tail(s.log_path)
                 )
             try:
-                _http(s.url, "/health", None, timeout_s=min(5.0, self.cfg.health_timeout_s), method="GET")
+                self._http(s.url, "/health", None, timeout_s=min(5.0, self.cfg.health_timeout_s), method="GET")
                 s.healthy = True
                 return
             except (_ServerDown, SGLangServerError) as e:
@@ -407,8 +622,46 @@ class SGLangRolloutEngine:
             time.sleep(0.2)
         raise RuntimeError(
             f"SGLang server {s.url} not healthy after rollout.sglang.health_timeout_s="
-            f"{self.cfg.health_timeout_s}: {last}"
+            f"{self.cfg.health_timeout_s}: {last}" + (_log_tail(s.log_path) if s.log_path else "")
         )
+
+    def _read_context_length(self) -> None:
+        """The most prompt + response tokens a request may have, over all servers: SGLang 0.5.x refuses a
+        request whose prompt + max_new_tokens reaches the model's context length (``context_length`` of
+        /server_info when the server was given --context-length; else its ``max_req_input_len``, the
+        scheduler's input limit, below the context and the KV pool). None where a server reports neither."""
+        limits: list[int] = []
+        for s in self.servers if self._engine is None else [None]:
+            info = None
+            if s is None:
+                get = getattr(self._engine, "get_server_info", None)
+                info = get() if get is not None else None
+            else:
+                for path in ("/server_info", "/get_server_info"):  # 0.5.23; the deprecated route of older ones
+                    try:
+                        info = self._http(s.url, path, None, min(30.0, self.cfg.request_timeout_s), method="GET")
+                        break
+                    except SGLangServerError as e:
+                        if "HTTP 404" not in str(e):
+                            raise
+            limit = _context_tokens(info)
+            where = "the engine" if s is None else s.url
+            if limit is None:
+                log.warning("%s reports no context length: requests are not checked against it", where)
+                continue
+            limits.append(limit)
+        self.context_tokens = min(limits) if limits else None
+        if self.context_tokens is not None and self.max_response_tokens is not None:
+            self._check_response_budget(self.max_response_tokens)
+
+    def _check_response_budget(self, max_response_tokens: int) -> None:
+        assert self.context_tokens is not None
+        if max_response_tokens + 1 > self.context_tokens:  # a prompt has at least one token
+            raise ValueError(
+                f"rollout.max_response_tokens={max_response_tokens} does not fit the SGLang servers' context: "
+                f"a request may hold at most {self.context_tokens} tokens (prompt + response), so no prompt fits; "
+                f"lower rollout.max_response_tokens below {self.context_tokens} or serve a longer --context-length"
+            )
 
     def _stop_proc(self, proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         if proc.poll() is None:
@@ -420,10 +673,13 @@ class SGLangRolloutEngine:
                 proc.wait(timeout=grace_s)
 
     def shutdown(self) -> None:
-        """Stop what we started (only those pids), forget given URLs. Idempotent."""
+        """Stop what we started (only those pids), forget given URLs, end the HTTP calls still in flight
+        (their threads then end, so the process can exit), remove temp dirs. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._stop_event.set()
+        self._transport.close()
         for s in self.servers:
             if s.proc is not None:
                 self._stop_proc(s.proc)
@@ -435,6 +691,8 @@ class SGLangRolloutEngine:
             self._group = None
         if self._disk_root is not None and self.cfg.disk_dir is None:
             shutil.rmtree(self._disk_root, ignore_errors=True)
+        if self._log_dir is not None and self._log_dir_given is None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
         atexit.unregister(self.shutdown)
 
     # ------------------------------------------------------------------ routing and transport
@@ -452,7 +710,7 @@ class SGLangRolloutEngine:
         if self._engine is not None:
             return [self._engine_call(path, body)]
         return [
-            _http(s.url, path, body, timeout_s or self.cfg.request_timeout_s)
+            self._http(s.url, path, body, timeout_s or self.cfg.request_timeout_s)
             for s in self.servers
             if s.healthy
         ]
@@ -509,7 +767,7 @@ class SGLangRolloutEngine:
         body = {"input_ids": prompt, "sampling_params": sp, "return_logprob": True, "logprob_start_len": -1}
         epoch = s.epoch
         try:
-            resp = _http(s.url, "/generate", body, self.cfg.request_timeout_s)
+            resp = self._http(s.url, "/generate", body, self.cfg.request_timeout_s)
         except _ServerDown as e:
             s.fail(epoch, str(e))
             raise
@@ -519,7 +777,40 @@ class SGLangRolloutEngine:
         outs = resp if isinstance(resp, list) else [resp]
         if len(outs) != n:
             raise SGLangServerError(f"{s.url}/generate returned {len(outs)} outputs for n={n}")
+        if not self._aborting.is_set():  # an abort we did not ask for: truncated samples, never trained on
+            for o in outs:
+                fr = o.get("meta_info", {}).get("finish_reason") if isinstance(o, dict) else None
+                if isinstance(fr, dict) and fr.get("type") == "abort":
+                    raise _ServerAbort(f"{s.url}/generate: the server aborted the request itself "
+                                       f"(finish_reason abort: {fr.get('message', '')!s:.300})")
         return [self._parse_output(o, i) for o in outs]
+
+    def _fit_to_context(self, prompts: list[list[int]], sp: dict) -> tuple[list[dict], int]:
+        """Per prompt sampling params whose max_new_tokens fits the servers' context (prompt + response);
+        returns them and how many were clamped. A prompt that leaves no room at all is an error."""
+        limit = self.context_tokens
+        if limit is None:
+            return [sp] * len(prompts), 0
+        self._check_response_budget(sp["max_new_tokens"])
+        out: list[dict] = []
+        clamped = 0
+        for i, p in enumerate(prompts):
+            room = limit - len(p)
+            if room < 1:
+                raise ValueError(
+                    f"SGLangRolloutEngine.generate: prompt {i} has {len(p)} tokens, and the SGLang servers take at "
+                    f"most {limit} tokens per request (prompt + response): lower data.max_prompt_tokens"
+                )
+            if room < sp["max_new_tokens"]:
+                out.append({**sp, "max_new_tokens": room})
+                clamped += 1
+            else:
+                out.append(sp)
+        if clamped:
+            log.info("SGLang: %d of %d prompts are too long for max_new_tokens=%d within the servers' %d tokens: "
+                     "their responses are cut to fit (rollout/clamped_requests)", clamped, len(prompts),
+                     sp["max_new_tokens"], limit)
+        return out, clamped
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
         """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i. After
@@ -527,35 +818,50 @@ class SGLangRolloutEngine:
         if self._closed:
             raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
         prompts = check_generate_args("SGLangRolloutEngine", prompt_ids, n)
+        sps, clamped = self._fit_to_context(prompts, self._sampling_dict(n, sampling))
         self.resume_memory()  # whatever was released for training
-        sp = self._sampling_dict(n, sampling)
         self._aborting.clear()
         t0 = time.perf_counter()
         results = {i: _PromptResult() for i in range(len(prompts))}
         self._finished = {}
         retries = 0
+        server_aborts = 0
+        abort_rounds = 0
         if self._engine is not None:
-            outs = self._engine.generate(
-                input_ids=prompts, sampling_params=sp, return_logprob=True, logprob_start_len=-1
+            outs = self._engine.generate(  # one dict per prompt only where one was clamped
+                input_ids=prompts, sampling_params=sps if clamped else sps[0], return_logprob=True,
+                logprob_start_len=-1,
             )
             for k, o in enumerate(outs):
                 results[k // n].samples.append(self._parse_output(o, k // n))
         else:
             pending = list(results)
             while pending:
+                if self._closed:  # shut down from another thread (a signal handler): restart nothing
+                    raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
                 self._recover()
                 for i in pending:
                     results[i].attempts += 1
-                failed = self._run_round(prompts, pending, sp, n, results)
+                failed, aborted = self._run_round(prompts, pending, sps, n, results)
                 if not failed or self._aborting.is_set():
                     break
                 retries += len(failed)
+                server_aborts += len(aborted)
                 over = [i for i in failed if results[i].attempts > self.cfg.max_retries]
                 if over:
+                    what = ("SGLang aborted them itself each time (finish_reason abort, not asked for by this engine)"
+                            if all(i in aborted for i in over) else "last error")
                     raise RuntimeError(
                         f"SGLangRolloutEngine.generate: prompts {over} failed {self.cfg.max_retries + 1} times "
-                        f"(rollout.sglang.max_retries={self.cfg.max_retries}); last error: {results[over[0]].last_error}"
+                        f"(rollout.sglang.max_retries={self.cfg.max_retries}); {what}: {results[over[0]].last_error}"
                     )
+                if aborted:  # the server shed load or is pausing: give it time before the next round
+                    abort_rounds += 1
+                    delay = self.cfg.retry_backoff_s * 2 ** (abort_rounds - 1)
+                    log.warning("SGLang aborted %d request(s) itself (%s); resubmitting in %.1f s", len(aborted),
+                                results[aborted[0]].last_error, delay)
+                    if self._stop_event.wait(delay):
+                        raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
                 pending = failed
         samples = [s for i in range(len(prompts)) for s in results[i].samples]
         if self._aborting.is_set():  # keep the prompts whose n samples all finished
@@ -571,18 +877,24 @@ class SGLangRolloutEngine:
                 f"SGLangRolloutEngine.generate: {len(samples)} samples for {len(prompts)} x {n}"
             )
         self._metrics(samples, time.perf_counter() - t0, retries)
+        self.last_metrics["rollout/server_aborts"] = float(server_aborts)
+        self.last_metrics["rollout/clamped_requests"] = float(clamped)
         return samples
 
-    def _run_round(self, prompts, pending: list[int], sp: dict, n: int, results) -> list[int]:
+    def _run_round(self, prompts, pending: list[int], sps: list[dict], n: int, results) -> tuple[list[int], list[int]]:
+        """One request per pending prompt; returns the prompts that failed and, of those, the ones the server
+        aborted itself."""
         failed: list[int] = []
+        aborted: list[int] = []
         workers = min(len(pending), self.cfg.max_concurrent_requests)
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-gen")
+        pool = _DaemonPool(workers, "sglang-gen")
         watchdog = _Watchdog(self) if self.cfg.watchdog_interval_s > 0 else None
+        futures: dict = {}
         try:
             # all servers picked before any request starts, in prompt order (least outstanding, ties to
             # the first): the assignment does not depend on thread timing
             picks = [(i, self._pick()) for i in pending]
-            futures = {pool.submit(self._generate_prompt, s, i, prompts[i], sp, n): (i, s) for i, s in picks}
+            futures = {pool.submit(self._generate_prompt, s, i, prompts[i], sps[i], n): (i, s) for i, s in picks}
             if watchdog is not None:
                 watchdog.start()
             waiting = set(futures)
@@ -595,16 +907,18 @@ class SGLangRolloutEngine:
                         if all(x.finish_reason != "abort" for x in results[i].samples):
                             with self._lock:
                                 self._finished[i] = results[i].samples
-                    except _ServerDown as e:
+                    except (_ServerDown, _ServerAbort) as e:
                         results[i].samples = []  # a resubmission replaces, never adds
                         results[i].last_error = str(e)
                         failed.append(i)
+                        if isinstance(e, _ServerAbort):
+                            aborted.append(i)
                     except SGLangServerError as e:
                         if not self._aborting.is_set():
                             raise
                         results[i].last_error = str(e)
                 # requests to a server the watchdog found hung are given up (resubmitted elsewhere or after
-                # its restart); their threads end when the restart closes the connection or they time out
+                # its restart); their connections are closed below, so their threads end now
                 for fut in [f for f in waiting if not futures[f][1].healthy]:
                     i, s = futures[fut]
                     waiting.discard(fut)
@@ -613,8 +927,12 @@ class SGLangRolloutEngine:
         finally:
             if watchdog is not None:
                 watchdog.stop()
-            pool.shutdown(wait=False, cancel_futures=True)
-        return failed
+            pool.shutdown()
+            # whatever is still in flight was given up (a hung server, or an error above): end those calls,
+            # or their threads wait for an answer for up to request_timeout_s
+            for url in {s.url for fut, (_, s) in futures.items() if not fut.done()}:
+                self._transport.close(url)
+        return failed, aborted
 
     def _metrics(self, samples: list[Sample], elapsed_s: float, retries: int) -> None:
         lens = [len(s.response_ids) for s in samples]
@@ -649,52 +967,79 @@ class SGLangRolloutEngine:
         for s in self.servers:
             if s.healthy:
                 try:
-                    _http(s.url, "/abort_request", {"rid": "", "abort_all": True}, timeout_s=30.0)
+                    self._http(s.url, "/abort_request", {"rid": "", "abort_all": True}, timeout_s=30.0)
                 except _ServerDown as e:
                     s.fail(s.epoch, str(e))
         return self.abort_snapshot()
 
     # ------------------------------------------------------------------ faults
     def _recover(self, resync: bool = True) -> None:
-        """Bring failed servers back (restart ours, re-check given URLs), re-sync their weights (unless
-        ``resync`` is False: a push to every server follows)."""
+        """Bring failed servers back (restart ours, re-check given URLs; when none is healthy, wait up to
+        ``restart_wait_s`` for a given one to return), re-sync their weights (unless ``resync`` is False: a
+        push to every server follows)."""
         for k, s in enumerate(self.servers):
-            if s.healthy and not s.weights_stale:
+            if s.healthy:
                 continue
-            if not s.healthy:
-                if s.launched:
-                    log.warning("SGLang server %s failed (%s); restarting", s.url, s.last_error)
-                    if s.proc is not None:
-                        self._stop_proc(s.proc, grace_s=5.0)
-                    s.restarts += 1
-                    self._launch(s, k)
-                    self._wait_healthy(s, proc=s.proc)
-                    s.weights_stale, s.released = True, set()  # a new process holds all its memory
-                else:
-                    try:
-                        _http(
-                            s.url,
-                            "/health",
-                            None,
-                            timeout_s=min(5.0, self.cfg.request_timeout_s),
-                            method="GET",
-                        )
-                    except (_ServerDown, SGLangServerError):
-                        log.warning("SGLang server %s is down (%s)", s.url, s.last_error)
-                        continue
-                    s.healthy = True
-                    s.weights_stale, s.released = True, set()  # it may have been restarted by someone else
-            if s.weights_stale and resync:
-                self._resync(s)
+            if s.launched:
+                log.warning("SGLang server %s failed (%s); restarting", s.url, s.last_error)
+                if s.proc is not None:
+                    self._stop_proc(s.proc, grace_s=5.0)
+                s.restarts += 1
+                self._launch(s, k)
+                self._wait_healthy(s, proc=s.proc)
+                self._came_back(s)
+            elif self._answers_health(s):
+                self._came_back(s)
+            else:
+                log.warning("SGLang server %s is down (%s)", s.url, s.last_error)
         if not any(s.healthy for s in self.servers):
+            self._wait_for_given_servers()
+        if resync:
+            for s in self.servers:
+                if s.healthy and s.weights_stale:
+                    self._resync(s)
+
+    def _answers_health(self, s: _Server) -> bool:
+        try:
+            self._http(s.url, "/health", None, timeout_s=min(5.0, self.cfg.request_timeout_s), method="GET")
+            return True
+        except (_ServerDown, SGLangServerError):
+            return False
+
+    @staticmethod
+    def _came_back(s: _Server) -> None:
+        # a new process (ours, or one someone else restarted) holds the weights it started with, all its
+        # memory, and no weight-update session
+        s.healthy, s.weights_stale, s.released, s.session_open = True, True, set(), False
+
+    def _wait_for_given_servers(self) -> None:
+        """No server is healthy: the given ones (URL mode) may be restarting (a preempted node, an OOM
+        restart); wait up to ``restart_wait_s`` for one to answer /health, then raise naming them."""
+        given = [s for s in self.servers if not s.launched and not s.healthy]
+        wait_s = self.cfg.restart_wait_s
+        if given and wait_s > 0:
+            log.warning("no SGLang server is healthy; waiting up to %.0f s (rollout.sglang.restart_wait_s) for "
+                        "%s to come back", wait_s, ", ".join(s.url for s in given))
+            deadline = time.monotonic() + wait_s
+            while not self._stop_event.is_set():
+                back = [s for s in given if self._answers_health(s)]
+                for s in back:
+                    log.warning("SGLang server %s is back; re-syncing its weights", s.url)
+                    self._came_back(s)
+                if back or time.monotonic() >= deadline:
+                    break
+                self._stop_event.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        if not any(s.healthy for s in self.servers):
+            waited = f"; waited rollout.sglang.restart_wait_s={wait_s} s for one to come back" if given else ""
             raise RuntimeError(
                 "SGLangRolloutEngine: no SGLang server is healthy: "
                 + "; ".join(f"{s.url}: {s.last_error}" for s in self.servers)
+                + waited
             )
 
     def _resync(self, s: _Server) -> None:
         if self._last_disk_dir is not None:
-            resp = _http(
+            resp = self._http(
                 s.url,
                 "/update_weights_from_disk",
                 {"model_path": str(self._last_disk_dir)},
@@ -711,7 +1056,7 @@ class SGLangRolloutEngine:
                 f"{self.cfg.weight_sync!r} keeps no copy: stream them with resync_stale() (or pass "
                 "weights_source= to build_sglang_engine)"
             )
-        _http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
+        self._http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
         s.weights_stale = False
 
     # ------------------------------------------------------------------ weights
@@ -739,6 +1084,17 @@ class SGLangRolloutEngine:
                 return
             log.warning("SGLang server failed during the weight push (%s); recovering", e)
             self._recover()
+        except SGLangServerError as e:
+            # refused (success false, HTTP 4xx) part way: a server may hold some of the new tensors. The
+            # session is closed (_update_session), so the next push can begin one; until then no server is
+            # given a request (a restored copy or RolloutNeedsWeights first, as after a restart)
+            for s in self.servers:
+                s.weights_stale = True
+            self._synced = True
+            raise SGLangServerError(
+                f"SGLangRolloutEngine.update_weights: {e}; the weight-update session was closed and every server "
+                "waits for the weights again (the next update_weights or resync_stale pushes them)"
+            ) from e
         else:
             for s in self.servers:
                 if s.healthy:
@@ -760,7 +1116,7 @@ class SGLangRolloutEngine:
         t0 = time.perf_counter()
         self._push(named_tensors, only=stale)
         for s in stale:
-            _http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
+            self._http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
             s.weights_stale = False
         self.last_metrics["timing/weight_resync_s"] = time.perf_counter() - t0
         return [s.url for s in stale]
@@ -771,50 +1127,106 @@ class SGLangRolloutEngine:
             path = self._save_disk(named_tensors)
             self._post_each(only, "/update_weights_from_disk", {"model_path": str(path)})
         elif mode == "tensor":
-            self._session(only, "/begin_weight_update")
-            for bucket in bucket_named_tensors(named_tensors, self.cfg.bucket_bytes):
-                if self._engine is not None:
-                    self._engine_call(
-                        "/update_weights_from_tensor", {"named_tensors": bucket, "flush_cache": False}
-                    )
-                    continue
-                from sglang.srt.utils import MultiprocessingSerializer  # CUDA IPC handles: same node only
+            with self._update_session(only):
+                for bucket in bucket_named_tensors(named_tensors, self.cfg.bucket_bytes):
+                    if self._engine is not None:
+                        self._engine_call(
+                            "/update_weights_from_tensor", {"named_tensors": bucket, "flush_cache": False}
+                        )
+                        continue
+                    from sglang.srt.utils import MultiprocessingSerializer  # CUDA IPC handles: same node only
 
-                blob = MultiprocessingSerializer.serialize(bucket, output_str=True)
-                body = {"serialized_named_tensors": [blob] * self.cfg.tp_size, "flush_cache": False}
-                self._post_each(only, "/update_weights_from_tensor", body)
-            self._session(only, "/end_weight_update")
+                    blob = MultiprocessingSerializer.serialize(bucket, output_str=True)
+                    body = {"serialized_named_tensors": [blob] * self.cfg.tp_size, "flush_cache": False}
+                    self._post_each(only, "/update_weights_from_tensor", body)
         else:
             self._push_distributed(named_tensors, only)
+
+    def _targets(self, only: list[_Server] | None) -> list[_Server]:
+        return only if only is not None else [x for x in self.servers if x.healthy]
 
     def _post_each(self, only: list[_Server] | None, path: str, body: dict) -> None:
         if self._engine is not None:
             self._engine_call(path, body)
             return
-        for s in only if only is not None else [x for x in self.servers if x.healthy]:
+        for s in self._targets(only):
             try:
-                resp = _http(s.url, path, body, self.cfg.request_timeout_s)
+                resp = self._http(s.url, path, body, self.cfg.request_timeout_s)
             except _ServerDown as e:
                 s.fail(s.epoch, str(e))
                 raise
             _check_success(resp, f"{s.url}{path}")
 
-    def _session(self, only: list[_Server] | None, path: str) -> None:
-        """/begin_weight_update and /end_weight_update (SGLang >= 0.5.23); a 404 means an older server."""
+    @contextlib.contextmanager
+    def _update_session(self, only: list[_Server] | None) -> Iterator[None]:
+        """``/begin_weight_update`` ... ``/end_weight_update`` (SGLang >= 0.5.23; a 404 means an older server)
+        around a tensor or distributed push, closed on every exit: SGLang refuses a second begin while a
+        session is open, so one failed push left open would fail every later one. A session of ours whose
+        end did not get through (a dropped connection) is ended first."""
         if self._engine is not None:
-            self._engine_call(path, {})
-            return
-        for s in only if only is not None else [x for x in self.servers if x.healthy]:
-            if self._begin_end_supported.get(s.url) is False:
-                continue
+            self._engine_call("/begin_weight_update", {})
             try:
-                _check_success(_http(s.url, path, {}, self.cfg.request_timeout_s), f"{s.url}{path}")
-                self._begin_end_supported[s.url] = True
-            except SGLangServerError as e:
-                if "HTTP 404" not in str(e):
-                    raise
-                log.info("%s has no %s (SGLang < 0.5.23): updating without the session", s.url, path)
-                self._begin_end_supported[s.url] = False
+                yield
+            except BaseException:
+                try:
+                    self._engine_call("/end_weight_update", {})
+                except Exception as e:  # noqa: BLE001 (the push's own error is the one to raise)
+                    log.warning("SGLang engine: /end_weight_update after a failed push failed too: %s", e)
+                raise
+            self._engine_call("/end_weight_update", {})
+            return
+        targets = [s for s in self._targets(only) if self._begin_end_supported.get(s.url) is not False]
+        for s in targets:
+            if s.session_open:
+                self._end_session(s, missing_ok=True)
+        opened: list[_Server] = []
+        try:
+            for s in targets:
+                if self._begin_session(s):
+                    opened.append(s)
+            yield
+        except BaseException:
+            for s in opened:
+                try:
+                    self._end_session(s)
+                except (_ServerDown, SGLangServerError) as e:  # the push's own error is the one to raise
+                    log.warning("%s/end_weight_update after a failed push failed too (ended before the next "
+                                "push): %s", s.url, e)
+            raise
+        for s in opened:
+            self._end_session(s)
+
+    def _begin_session(self, s: _Server) -> bool:
+        """Open a session on ``s``; False where the server has no sessions (SGLang < 0.5.23)."""
+        try:
+            _check_success(self._http(s.url, "/begin_weight_update", {}, self.cfg.request_timeout_s),
+                           f"{s.url}/begin_weight_update")
+        except _ServerDown as e:
+            s.fail(s.epoch, str(e))
+            raise
+        except SGLangServerError as e:
+            if "HTTP 404" not in str(e):
+                raise
+            log.info("%s has no /begin_weight_update (SGLang < 0.5.23): updating without the session", s.url)
+            self._begin_end_supported[s.url] = False
+            return False
+        self._begin_end_supported[s.url] = True
+        s.session_open = True
+        return True
+
+    def _end_session(self, s: _Server, missing_ok: bool = False) -> None:
+        """Close our session on ``s``. ``missing_ok``: a refusal means it has none open (it ended it, or it
+        is a new process), which is what was wanted."""
+        try:
+            _check_success(self._http(s.url, "/end_weight_update", {}, self.cfg.request_timeout_s),
+                           f"{s.url}/end_weight_update")
+        except _ServerDown as e:
+            s.fail(s.epoch, str(e))
+            raise
+        except SGLangServerError:
+            if not missing_ok:
+                raise
+        s.session_open = False
 
     def _save_disk(self, named_tensors: Iterable[tuple[str, Tensor]]) -> Path:
         """Write an HF safetensors dir (shards of ~bucket_bytes + index); keep only the newest one."""
@@ -870,7 +1282,7 @@ class SGLangRolloutEngine:
                 futs = (
                     [
                         pool.submit(
-                            _http, s.url, "/init_weights_update_group", body_for(k), cfg.request_timeout_s
+                            self._http, s.url, "/init_weights_update_group", body_for(k), cfg.request_timeout_s
                         )
                         for k, s in enumerate(self.servers)
                     ]
@@ -881,21 +1293,26 @@ class SGLangRolloutEngine:
                 for f in futs:
                     _check_success(f.result(), "init_weights_update_group")
             self._group_ready = True
-        self._session(only, "/begin_weight_update")
-        for bucket in bucket_named_tensors(named_tensors, cfg.bucket_bytes):
-            body = {
-                "names": [n for n, _ in bucket],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket],
-                "group_name": "tempo_weight_update",
-                "flush_cache": False,
-            }
-            with ThreadPoolExecutor(max_workers=len(self.servers) + 1) as pool:
-                fut = pool.submit(self._post_each, only, "/update_weights_from_distributed", body)
-                for _, t in bucket:
-                    torch.distributed.broadcast(t.detach().cuda().contiguous(), src=0, group=self._group)
-                fut.result()
-        self._session(only, "/end_weight_update")
+        with self._update_session(only):
+            for bucket in bucket_named_tensors(named_tensors, cfg.bucket_bytes):
+                body = {
+                    "names": [n for n, _ in bucket],
+                    "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket],
+                    "group_name": "tempo_weight_update",
+                    "flush_cache": False,
+                }
+                with ThreadPoolExecutor(max_workers=len(self.servers) + 1) as pool:
+                    fut = pool.submit(self._post_each, only, "/update_weights_from_distributed", body)
+                    try:
+                        self._broadcast_bucket(bucket)
+                    finally:
+                        fut.result()  # a refused update is the error to raise
+
+    def _broadcast_bucket(self, bucket: list[tuple[str, Tensor]]) -> None:
+        """The bucket's tensors, one NCCL broadcast each from this process (rank 0 of the weight group)."""
+        for _, t in bucket:
+            torch.distributed.broadcast(t.detach().cuda().contiguous(), src=0, group=self._group)
 
     def probe(self) -> float:
         """Engine vs trainer log-probs of ``cfg.probe_ids`` on every server; raises RuntimeError past
@@ -960,7 +1377,7 @@ class SGLangRolloutEngine:
             else:
                 for attempt in range(3):  # a release needs an idle server: a health check may still finish
                     try:
-                        _http(h.url, path, {"tags": todo}, self.cfg.request_timeout_s)
+                        self._http(h.url, path, {"tags": todo}, self.cfg.request_timeout_s)
                         break
                     except (_ServerDown, SGLangServerError) as e:
                         if attempt == 2:
@@ -1014,11 +1431,16 @@ def build_sglang_engine(
     pad_token_id: int,
     trainer_logprob_fn: Callable[[list[int]], Sequence[float] | Tensor] | None = None,
     weights_source: Callable[[], Iterable[tuple[str, Tensor]]] | None = None,
+    log_dir: str | Path | None = None,
+    max_response_tokens: int | None = None,
 ) -> SGLangRolloutEngine:
     """Launch or connect, wait until healthy. ``trainer_logprob_fn(ids) -> [len(ids)-1]`` log-probs of
     ``ids[1:]`` under the trainer's current weights (temperature 1) enables the post-sync probe;
     ``weights_source()`` re-streams the current weights when a restarted server needs them and the sync
-    mode keeps no disk copy."""
+    mode keeps no disk copy. ``log_dir``: where launched servers write their logs (the run's output dir;
+    None: a temp dir removed at shutdown). ``max_response_tokens`` (rollout.max_response_tokens) is checked
+    against the servers' context length at once."""
     return SGLangRolloutEngine(
-        cfg, pad_token_id=pad_token_id, trainer_logprob_fn=trainer_logprob_fn, weights_source=weights_source
+        cfg, pad_token_id=pad_token_id, trainer_logprob_fn=trainer_logprob_fn, weights_source=weights_source,
+        log_dir=log_dir, max_response_tokens=max_response_tokens,
     )

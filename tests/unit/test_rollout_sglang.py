@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -24,10 +26,12 @@ from tempo_mega.rollout.fake_sglang import (
 from tempo_mega.rollout.sglang import (
     SGLangConfig,
     SGLangRolloutEngine,
+    SGLangServerError,
     _http,
     bucket_named_tensors,
     build_sglang_engine,
     logprob_mismatch,
+    redact_command,
 )
 
 VOCAB = 64
@@ -91,6 +95,7 @@ def url_cfg(*urls: str, **kw) -> SGLangConfig:
     kw.setdefault("request_timeout_s", 20.0)
     kw.setdefault("health_timeout_s", 10.0)
     kw.setdefault("weight_sync", "disk")
+    kw.setdefault("restart_wait_s", 1.0)  # a server that goes away is waited for briefly (default: minutes)
     return SGLangConfig(urls=tuple(urls), **kw)
 
 
@@ -127,11 +132,17 @@ def test_launch_command_carries_the_settings():
         chunked_prefill_size=8192,
         disable_cuda_graph=True,
         kv_cache_dtype="fp8_e4m3",
-        extra_args=("--context-length", "20480"),
+        extra_args=("--context-length", "20480", "--hf-token=hf_secret"),
     )
     eng = SGLangRolloutEngine(cfg, pad_token_id=PAD, start=False)
     cmd = eng._launch_command(30001, 1, "/m")
     eng.shutdown()
+    # a key made for this process goes to the servers we launch, and never into the logged command
+    key = cmd[cmd.index("--api-key") + 1]
+    assert len(key) >= 32 and key == eng._transport.api_key
+    shown = " ".join(redact_command(cmd))
+    assert key not in shown and "hf_secret" not in shown
+    assert "--api-key ***" in shown and "--hf-token=***" in shown and "--context-length 20480" in shown
     joined = " ".join(cmd)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     for piece in (
@@ -367,7 +378,7 @@ def launch_cfg(model_dir, tmp_path, port: int, extra=(), **kw) -> SGLangConfig:
         num_engines=kw.pop("num_engines", 1),
         extra_args=tuple(extra),
         request_timeout_s=20.0,
-        health_timeout_s=30.0,
+        health_timeout_s=120.0,  # a fake's start (torch + transformers imports) takes ~25 s on a loaded 2-core box
         weight_sync="disk",
         disk_dir=str(tmp_path / "weights"),
         **kw,
@@ -459,17 +470,27 @@ def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp
     eng.shutdown()
 
 
-def test_shutdown_stops_only_our_pids(model_dir, tmp_path):
+def test_shutdown_stops_only_our_pids(model_dir, tmp_path, caplog, monkeypatch):
+    """Also: launched servers want the key made for this process (the fake checks it as SGLang does), the
+    client sends it, the logged command does not show it, and the logs stay in the run's dir."""
+    monkeypatch.delenv("TEMPO_SGLANG_API_KEY", raising=False)
+    caplog.set_level("INFO", logger="tempo_mega.rollout.sglang")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         cfg = launch_cfg(model_dir, tmp_path, free_port(), num_engines=2)
-        eng = build_sglang_engine(cfg, pad_token_id=PAD)
+        eng = build_sglang_engine(cfg, pad_token_id=PAD, log_dir=tmp_path / "run" / "sglang_logs")
         assert len(eng.pids) == 2 and bystander.pid not in eng.pids
         assert len(eng.generate(PROMPTS, 1, SAMPLING)) == len(PROMPTS)
+        key = eng._transport.api_key
+        assert key and "--api-key ***" in caplog.text and key not in caplog.text
+        with pytest.raises(SGLangServerError, match="HTTP 401"):  # without the key: refused
+            _http(eng.servers[0].url, "/flush_cache", {}, 5.0)
         pids_reported = {stats(s.url)["pid"] for s in eng.servers}
         assert pids_reported == set(eng.pids)
         eng.shutdown()
         eng.shutdown()  # idempotent
+        assert sorted(p.name for p in (tmp_path / "run" / "sglang_logs").iterdir()) == ["server0_0.log",
+                                                                                        "server1_0.log"]
         assert all(s.proc.poll() is not None for s in eng.servers)
         assert bystander.poll() is None
         with pytest.raises(RuntimeError, match="shut down"):
@@ -479,15 +500,218 @@ def test_shutdown_stops_only_our_pids(model_dir, tmp_path):
         bystander.wait(timeout=10)
 
 
-def test_launch_failure_is_reported(tmp_path):
+def test_launch_failure_is_reported_with_its_log_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    """A server that dies while starting: the error carries the last lines of its log and the log's path.
+    Without a run dir the engine's logs (and disk copies) live in temp dirs that shutdown removes; a failed
+    start shuts down too. Checked in a temp root of this test's own (other suites share /tmp)."""
+    tmp_root = tmp_path / "tmp"
+    tmp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
     cfg = SGLangConfig(
         model_path=str(tmp_path / "missing"),
         launch_module="tempo_mega.rollout.fake_sglang",
         base_port=free_port(),
-        health_timeout_s=30.0,
+        health_timeout_s=120.0,
     )
-    with pytest.raises(RuntimeError, match="exited with code"):
+    with pytest.raises(RuntimeError, match=r"exited with code \d+ while starting; the last lines of its log "
+                                           r"\S+server0_0\.log:\n(.|\n)*missing") as err:
         build_sglang_engine(cfg, pad_token_id=PAD)
+    assert "Traceback" in str(err.value)
+    assert list(tmp_root.iterdir()) == [], "a failed start left its temp dirs"
+
+
+def test_sglang_not_installed_is_one_line():
+    assert importlib.util.find_spec("sglang") is None  # the CPU environment (docs/CPU_TESTING.md)
+    cfg = SGLangConfig(model_path="/m", base_port=free_port())
+    with pytest.raises(RuntimeError) as err:
+        build_sglang_engine(cfg, pad_token_id=PAD)
+    msg = str(err.value)
+    assert "\n" not in msg and "sglang is not installed" in msg and "pip install -e '.[sglang]'" in msg
+
+
+def test_engine_leaves_no_temp_dir(fake, tmp_path, monkeypatch):
+    tmp_root = tmp_path / "tmp"
+    tmp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
+    s = fake()
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)  # URL mode: no log dir is made at all
+    assert list(tmp_root.iterdir()) == []
+    eng.update_weights(tiny_qwen3(1).state_dict().items())  # disk sync: a temp copy of the weights
+    assert [p.name[:21] for p in tmp_root.iterdir()] == ["tempo_sglang_weights_"]
+    eng.shutdown()
+    assert list(tmp_root.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ faults seen on SGLang 0.5.23
+
+
+def test_failed_tensor_update_closes_the_session_and_the_next_push_succeeds(fake, tensor_sync):
+    """SGLang 0.5.23 refuses a begin while a session is open (the fake does too): a push that fails inside its
+    session must still end it, or every later push fails; a session whose end was lost is ended first."""
+    server = fake(fail_updates=1)
+    new = tiny_qwen3(1)
+    eng = build_sglang_engine(url_cfg(server.url, weight_sync="tensor", bucket_bytes=4096), pad_token_id=PAD,
+                              trainer_logprob_fn=trainer_logprob_fn(new))
+    with pytest.raises(SGLangServerError, match=r"fake fault.*session was closed"):
+        eng.update_weights(new.state_dict().items())
+    assert not stats(server.url)["session_open"] and not eng.servers[0].session_open
+    assert eng.servers[0].weights_stale  # part of a push landed: no request before the weights are whole again
+    eng.update_weights(new.state_dict().items())  # the next step's push
+    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    # an end that never reached the server (a dropped connection): the next push ends that session first
+    assert _http(server.url, "/begin_weight_update", {}, 5.0)["success"]
+    eng.servers[0].session_open = True
+    eng.update_weights(new.state_dict().items())
+    counts = stats(server.url)["counts"]
+    assert counts["/begin_weight_update"] == 4 and counts["/end_weight_update"] == 4
+    assert not stats(server.url)["session_open"]
+    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)) == 2
+    eng.shutdown()
+
+
+def test_failed_distributed_update_closes_the_session_and_the_next_push_succeeds(fake, monkeypatch):
+    """The NCCL side needs GPUs: the group and the broadcast are stood in for; the HTTP side (group init,
+    session, one update per bucket) runs against the fake, which refuses updates outside a session."""
+    import tempo_mega.rollout.sglang as sglang_mod
+
+    monkeypatch.setattr(sglang_mod, "_init_weight_group", lambda *a: None)
+    broadcast: list[str] = []
+    monkeypatch.setattr(SGLangRolloutEngine, "_broadcast_bucket",
+                        lambda self, bucket: broadcast.extend(n for n, _ in bucket))
+    server = fake(fail_updates=1)
+    eng = build_sglang_engine(url_cfg(server.url, weight_sync="distributed", bucket_bytes=4096, probe=False),
+                              pad_token_id=PAD)
+    weights = tiny_qwen3(1).state_dict()
+    with pytest.raises(SGLangServerError, match=r"fake fault.*session was closed"):
+        eng.update_weights(weights.items())
+    assert not stats(server.url)["session_open"]
+    broadcast.clear()
+    eng.update_weights(weights.items())
+    assert broadcast == list(weights)  # every tensor went out, inside the session
+    counts = stats(server.url)["counts"]
+    assert counts["/init_weights_update_group"] == 1
+    assert counts["/begin_weight_update"] == counts["/end_weight_update"] == 2
+    eng.shutdown()
+
+
+def test_server_aborts_are_retried_and_never_returned(fake):
+    """SGLang answers a request it aborted itself with HTTP 200 and finish_reason abort: those truncated
+    samples are resubmitted (with a backoff), never returned; an abort that persists fails the call."""
+    ref = build_sglang_engine(url_cfg(fake().url), pad_token_id=PAD).generate(PROMPTS, 2, SAMPLING)
+    s = fake(abort_requests=2)
+    eng = build_sglang_engine(url_cfg(s.url, retry_backoff_s=0.05), pad_token_id=PAD)
+    out = eng.generate(PROMPTS, 2, SAMPLING)
+    assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in ref]
+    assert all(x.finish_reason != "abort" for x in out)
+    assert eng.last_metrics["rollout/server_aborts"] == 2
+    assert eng.servers[0].healthy  # an abort is no fault of the server
+    _http(s.url, "/fake/config", {"abort_requests": 10**6}, 5.0)
+    with pytest.raises(RuntimeError, match=r"failed 3 times \(rollout.sglang.max_retries=2\); SGLang aborted them "
+                                           r"itself each time.*finish_reason abort"):
+        eng.generate(PROMPTS[:1], 2, SAMPLING)
+    eng.shutdown()
+
+
+def test_context_length_is_read_checked_and_long_prompts_clamped(fake):
+    s = fake(context_length=16)  # SGLang refuses prompt + max_new_tokens >= 16 (the fake too)
+    with pytest.raises(ValueError, match=r"rollout.max_response_tokens=20 does not fit.*at most 15 tokens"):
+        build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, max_response_tokens=20)
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, max_response_tokens=10)
+    assert eng.context_tokens == 15
+    long_prompt = [5, 17, 9, 3, 44, 61, 12, 8, 20]  # 9 tokens: room for 6 of the 10
+    sampling = SamplingParams(max_response_tokens=10)
+    out = eng.generate([PROMPTS[0], long_prompt], 2, sampling)
+    assert eng.last_metrics["rollout/clamped_requests"] == 1
+    assert all(len(x.response_ids) == 6 for x in out if x.prompt_index == 1)
+    assert all(len(x.response_ids) == 10 for x in out if x.prompt_index == 0)
+    # the clamped request is what a request for 6 tokens gives
+    six = eng.generate([long_prompt], 2, SamplingParams(max_response_tokens=6))
+    assert [x.response_ids for x in out if x.prompt_index == 1] == [x.response_ids for x in six]
+    with pytest.raises(ValueError, match=r"prompt 0 has 15 tokens.*data.max_prompt_tokens"):
+        eng.generate([[1] * 15], 1, sampling)
+    with pytest.raises(ValueError, match="rollout.max_response_tokens=15"):
+        eng.generate(PROMPTS, 1, SamplingParams(max_response_tokens=15))
+    eng.shutdown()
+    # without --context-length, SGLang reports the scheduler's max_req_input_len (the fake: 128 - 6)
+    eng = build_sglang_engine(url_cfg(fake().url), pad_token_id=PAD)
+    assert eng.context_tokens == 122
+    eng.shutdown()
+
+
+def test_url_server_that_restarts_is_waited_for_and_resynced(fake):
+    new = tiny_qwen3(1)
+    ref = build_sglang_engine(url_cfg(fake().url), pad_token_id=PAD)
+    ref.update_weights(new.state_dict().items())
+    expected = ref.generate(PROMPTS, 2, SAMPLING)
+    s = fake()
+    eng = build_sglang_engine(url_cfg(s.url, restart_wait_s=60.0), pad_token_id=PAD,
+                              trainer_logprob_fn=trainer_logprob_fn(new))
+    eng.update_weights(new.state_dict().items())
+    back = s.restart(down_s=1.5)  # a preempted node, an OOM restart: refused, then a fresh server
+    out = eng.generate(PROMPTS, 2, SAMPLING)
+    back.join(timeout=30)
+    # the new process started from the original weights; it was given the last ones before any prompt
+    assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in expected]
+    assert stats(s.url)["counts"]["/update_weights_from_disk"] == 1
+    assert eng.probe() < 1e-4
+    s.stop()  # and one that never comes back: a named error after restart_wait_s
+    eng2 = dataclasses.replace(eng.cfg, restart_wait_s=1.0)
+    eng.cfg = eng2
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"no SGLang server is healthy.*waited rollout.sglang.restart_wait_s=1.0"):
+        eng.generate(PROMPTS, 2, SAMPLING)
+    assert time.monotonic() - t0 < 10.0
+    eng.shutdown()
+
+
+HUNG_CHILD = """
+import sys, time
+from tempo_mega.rollout.base import SamplingParams
+from tempo_mega.rollout.sglang import SGLangConfig, build_sglang_engine
+cfg = SGLangConfig(urls=(sys.argv[1],), weight_sync="disk", request_timeout_s=3600.0, watchdog_interval_s=0.2,
+                   watchdog_timeout_s=2.0, watchdog_failures=2, restart_wait_s=0.5)
+eng = build_sglang_engine(cfg, pad_token_id=0)
+try:
+    eng.generate([[5, 17, 9], [3, 44]], 2, SamplingParams(max_response_tokens=4))
+except RuntimeError as e:
+    print("ERROR", repr(str(e)[:200]), flush=True)
+    raise  # as a trainer would: no shutdown() called by hand
+"""
+
+
+def test_hung_server_does_not_keep_the_process_alive(fake):
+    """A request to a hung server may wait up to request_timeout_s (an hour); once the watchdog has failed the
+    run, the process must exit at once, not when that request ends (the fake answers after 60 s)."""
+    s = fake(hang=True)
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_CHILD, s.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # until the error is printed
+            lines.append(line)
+            if line.startswith("ERROR"):
+                break
+        t_error = time.monotonic()
+        assert lines and lines[-1].startswith("ERROR") and "no SGLang server is healthy" in lines[-1], lines
+        proc.wait(timeout=20)
+        assert time.monotonic() - t_error < 20 and proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_api_key_is_sent_from_the_environment(fake, monkeypatch):
+    s = fake(api_key="job-key-123")
+    monkeypatch.delenv("TEMPO_SGLANG_API_KEY", raising=False)
+    with pytest.raises(SGLangServerError, match=r"HTTP 401.*rollout.sglang.api_key_env"):
+        build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
+    monkeypatch.setenv("TEMPO_SGLANG_API_KEY", "job-key-123")
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
+    assert len(eng.generate(PROMPTS[:2], 2, SAMPLING)) == 4
+    assert stats(s.url)["counts"]["unauthorized"] == 1  # the first engine's, none since
+    assert "job-key-123" not in repr(eng.cfg)  # never a config value (config.json)
+    eng.shutdown()
 
 
 def test_abort_returns_what_finished(fake):

@@ -328,7 +328,8 @@ def test_separate_placement_starts_servers_passes_urls_and_stops_them(tmp_path):
     out = tmp_path / "out"
     j = job(nodes=3, output_dir=str(out), sglang_placement="separate", sglang_nodes=2, sglang_tp=4,
             container_image="/shared/containers/tempo.sqsh")
-    res, log = run_script(tmp_path, j, PREEMPTIBLE, "nodeA,nodeB,nodeC", send=signal.SIGUSR1)
+    trainer = 'echo "$TEMPO_SGLANG_API_KEY" > "$FAKE_LOG/trainer.key"\n' + PREEMPTIBLE
+    res, log = run_script(tmp_path, j, trainer, "nodeA,nodeB,nodeC", send=signal.SIGUSR1)
     assert requeues(log) == ["requeue 1234"], res.stdout
     args = (log / "torchrun.args").read_text().splitlines()
     assert args[:2] == ["--nnodes", "1"]
@@ -342,6 +343,13 @@ def test_separate_placement_starts_servers_passes_urls_and_stops_them(tmp_path):
     server_args = [p.read_text().splitlines() for p in log.glob("srun-*.args")]
     server_args = [a for a in server_args if "sglang.launch_server" in a]
     assert len(server_args) == 2
+    # bound to its node's address (not 0.0.0.0), with the job's key, which the trainer gets from the
+    # environment and which neither the script nor its output shows
+    key = (log / "trainer.key").read_text().strip()
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert sorted(a[a.index("--host") + 1] for a in server_args) == ["nodeB", "nodeC"]
+    assert all(a[a.index("--api-key") + 1] == key for a in server_args)
+    assert key not in res.stdout and key not in render_sbatch(j) and "0.0.0.0" not in render_sbatch(j)
     for a in server_args:
         assert a[a.index("--tp-size") + 1] == "4" and a[a.index("--dp-size") + 1] == "2"
         assert a[a.index("--model-path") + 1] == "/shared/models/actor"
