@@ -10,6 +10,7 @@ from tempo_mega.algo.advantages import (
     em_token_advantages,
     gae_advantages,
     masked_mean,
+    masked_var,
     masked_whiten,
 )
 
@@ -220,3 +221,41 @@ def test_gae_with_gamma_lam_one_is_reward_minus_value():
     _, ret = gae_advantages(rewards, values, mask)
     for i in range(3):
         assert torch.allclose(ret[i, : lengths[i]], scores[i].expand(int(lengths[i])))
+
+
+# ----------------------------------------------------------------------------- boundaries and defaults
+def test_masked_var_two_valid_tokens_and_fewer():
+    """Exactly two valid tokens: the unbiased variance (a - b)^2 / 2 ('n > 1' -> 'n > 2' gives 0);
+    one or none: 0, not NaN."""
+    x = torch.tensor([[3.0, float("nan"), 1.0]], dtype=torch.float64)
+    assert float(masked_var(x, torch.tensor([[1, 0, 1]]))) == 2.0
+    assert float(masked_var(x, torch.tensor([[1, 0, 0]]))) == 0.0
+    assert float(masked_var(x, torch.tensor([[0, 0, 0]]))) == 0.0
+
+
+def test_masked_var_biased_branch():
+    """unbiased=False divides by n (torch.var(correction=0)); nothing in production calls it yet, so
+    this is its only check."""
+    values, _, mask, _ = random_case(b=4, length=6, seed=21)
+    valid = values[mask.bool()]
+    assert float(masked_var(values, mask, unbiased=False)) == pytest.approx(float(valid.var(correction=0)), abs=1e-12)
+    assert float(masked_var(values, mask, unbiased=False)) < float(masked_var(values, mask))
+    one = torch.tensor([[1, 0, 0, 0, 0, 0]] + [[0] * 6] * 3)
+    assert float(masked_var(values, one, unbiased=False)) == 0.0
+    assert float(masked_var(values, torch.zeros_like(mask), unbiased=False)) == 0.0
+
+
+def test_masked_whiten_default_eps_is_used():
+    """x = +-a with unbiased variance 2a^2 = 1e-8, the default eps: (x - 0) / sqrt(1e-8 + 1e-8) = +-0.5
+    (without eps +-0.71, with 1e-7 +-0.21). A constant input (variance 0) gives 0, not 0 / 0."""
+    a = math.sqrt(0.5e-8)
+    x = torch.tensor([[a, -a, 7.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(masked_whiten(x, mask), torch.tensor([[0.5, -0.5, 0.0]], dtype=torch.float64),
+                               atol=1e-9, rtol=0)
+    flat = masked_whiten(torch.full((2, 3), 0.25, dtype=torch.float64), torch.ones(2, 3))
+    assert torch.equal(flat, torch.zeros(2, 3, dtype=torch.float64))
+    # GAE whitens with this default too: equal rewards and values of one row give all-zero advantages
+    adv, _ = gae_advantages(torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64),
+                            torch.ones(1, 3))
+    assert torch.equal(adv, torch.zeros(1, 3, dtype=torch.float64))

@@ -48,3 +48,23 @@ def test_interleaved_groups_and_errors():
         filter_groups(scores, gids, torch.tensor([True, True, False, True]))
     with pytest.raises(ValueError, match=r"\[N\]"):
         filter_groups(scores, gids[:3], torch.tensor([True] * 4))
+
+
+def test_target_zero_keeps_nothing_and_needs_nothing():
+    """target_num_groups=0 is a target (not 'no target'): every informative group is surplus."""
+    s, g, lab = groups([(True, [1, -1]), (False, [0.3, 0.3]), (True, [1, 1])])
+    r = filter_groups(s, g, lab, target_num_groups=0)
+    assert not r.keep.any()
+    assert (r.kept_groups, r.surplus_groups, r.dropped_groups, r.groups_needed) == (0, 2, 1, 0)
+    with pytest.raises(ValueError, match="target_num_groups"):
+        filter_groups(s, g, lab, target_num_groups=-1)
+
+
+def test_singleton_groups():
+    """One sample per prompt: a labeled singleton has no spread (dropped), an unlabeled one is kept."""
+    s, g, lab = groups([(True, [1]), (False, [0.4]), (True, [-1]), (False, [0.0])])
+    r = filter_groups(s, g, lab)
+    assert r.keep.tolist() == [False, True, False, True]
+    assert (r.kept_groups, r.kept_unlabeled_groups, r.dropped_groups) == (2, 2, 2)
+    r = filter_groups(s, g, lab, target_num_groups=1)
+    assert r.keep.tolist() == [False, True, False, False] and r.surplus_groups == 1

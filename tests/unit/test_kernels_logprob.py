@@ -313,3 +313,33 @@ def test_real_shape_gpu(impl):
     assert_close(ent, r_ent, 2e-3 / 20, 0, "entropy")
     assert_close(gh, r_gh, 2**-6, 2**-7, "grad hidden")
     assert_close(gw, r_gw, 2**-6, 2**-7, "grad weight")
+
+
+class _FirstSlab(Exception):
+    """Raised in place of the first logits GEMM: the chunk loop's choices are visible, no slab is made."""
+
+
+def test_real_chunking_at_qwen_vocab(monkeypatch):
+    """The real _chunk_rows (no small_chunks fixture) at Qwen's V = 151936 and the real budget, where the
+    budget binds: an int (range() takes no float), the most rows whose fp32 [rows, V] slab fits
+    CHUNK_BUDGET_BYTES, and computed from V, not H, in forward and backward."""
+    n, h, v = 16384, 2, 151936
+    rows = lp_mod._chunk_rows(n, v)
+    assert type(rows) is int
+    assert rows * 4 * v <= lp_mod.CHUNK_BUDGET_BYTES < (rows + 1) * 4 * v
+    assert rows < n  # the budget binds here, unlike at test shapes
+    seen = []
+
+    def first_slab(self, hidden_chunk):
+        seen.append(tuple(hidden_chunk.shape))
+        raise _FirstSlab
+
+    monkeypatch.setattr(lp_mod._Gemms, "logits", first_slab)
+    hidden, weight = torch.zeros(n, h), torch.zeros(v, h)
+    targets = torch.zeros(n, dtype=torch.long)
+    with pytest.raises(_FirstSlab):
+        fused_linear_logprob(hidden, weight, targets, impl="torch")
+    with pytest.raises(_FirstSlab):
+        lp_mod._chunked_backward(hidden, weight, targets, torch.zeros(n), None, torch.ones(n), None, 1.0,
+                                 need_hidden=True, need_weight=True, triton_dlogits=False)
+    assert seen == [(rows, h), (rows, h)]

@@ -314,6 +314,23 @@ def test_dispatch_and_validation():
             gspo_loss(x, x, x, cu_of([2, 2]), impl="triton")
 
 
+def test_which_path_ran(monkeypatch):
+    """impl="torch" runs the packed torch reference, impl="triton" the kernel, "auto" the reference on
+    CPU tensors and the kernel on CUDA ones: a record of the calls (the results agree)."""
+    import tempo_mega.kernels.seq_losses as sl_mod
+
+    called = []
+    for name in ("gspo_loss_reference", "seq_clipped_value_loss_reference"):
+        real = getattr(sl_mod, name)
+        monkeypatch.setattr(sl_mod, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k))
+    cu = cu_of([2, 3])
+    x = torch.randn(5, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    for fn, name in ((gspo_loss, "gspo_loss_reference"), (seq_clipped_value_loss, "seq_clipped_value_loss_reference")):
+        for impl, runs_reference in (("torch", True), ("triton", False), ("auto", DEVICE == "cpu")):
+            called.clear()
+            fn(x, x, x, cu, impl=impl)
+            assert called == ([name] if runs_reference else []), (name, impl)
+
 # ----------------------------------------------------------------------------- real shapes (GPU)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,6 +11,7 @@ Tolerances (kernel vs the float64 reference evaluated on the kernel's own, alrea
 The output is fp32 for 16-bit inputs and computed from exactly upcast inputs, so it gets fp32 tolerances.
 """
 
+import math
 import os
 
 import torch
@@ -215,6 +216,42 @@ def test_dispatch():
     with pytest.raises(ValueError, match="one element"):
         fused_value_head(args[0], args[1], args[2], torch.zeros(2))
 
+
+def test_which_path_ran(monkeypatch):
+    """impl="torch" runs value_head_reference, impl="triton" the kernel, "auto" the reference on CPU
+    tensors and the kernel on CUDA ones. The results agree, so only a record of the calls tells
+    (as test_kernels_logprob's test_auto_is_torch_on_cpu does)."""
+    import tempo_mega.kernels.value_head as vh_mod
+
+    called = []
+    real = vh_mod.value_head_reference
+    monkeypatch.setattr(vh_mod, "value_head_reference", lambda *a, **k: called.append(1) or real(*a, **k))
+    args = [t.detach() for t in make_inputs(4, 16, torch.float32, seed=11)]
+    fused_value_head(*args, impl="torch")
+    assert called == [1]
+    fused_value_head(*args, impl="triton")
+    assert called == [1]
+    fused_value_head(*args, impl="auto")
+    assert called == ([1, 1] if DEVICE == "cpu" else [1])
+
+
+def test_reference_with_leading_dims():
+    """value_head_reference on [2, 3, H] hidden: every reduction is over the last dim (a 2-D test cannot
+    tell dim 1 from dim -1), against the formula per row in python floats."""
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(2, 3, 5, generator=g, dtype=torch.float64) * 2
+    norm_w = 1 + 0.3 * torch.randn(5, generator=g, dtype=torch.float64)
+    head_w = torch.randn(1, 5, generator=g, dtype=torch.float64)  # nn.Linear(H, 1).weight's shape
+    out = value_head_reference(hidden, norm_w, head_w, torch.tensor([0.25], dtype=torch.float64), eps=1e-6)
+    assert out.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            x = hidden[i, j].tolist()
+            rstd = 1 / math.sqrt(sum(v * v for v in x) / 5 + 1e-6)
+            expected = sum(v * rstd * w * u for v, w, u in zip(x, norm_w.tolist(), head_w[0].tolist())) + 0.25
+            assert float(out[i, j]) == pytest.approx(expected, rel=1e-12)
+    via_public = fused_value_head(hidden, norm_w, head_w, 0.25, impl="torch")
+    assert torch.equal(via_public, out)
 
 # ----------------------------------------------------------------------------- real shapes (GPU)
 @pytest.mark.gpu

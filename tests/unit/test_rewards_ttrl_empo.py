@@ -151,3 +151,23 @@ def test_rewards_from_worker_threads_match_main_thread():
     (rewards, metrics), _ = got[1]
     assert rewards == [-1.0, -1.0, 1.0, 1.0, 1.0]
     assert metrics["majority_answer"] == "2.5"
+
+
+def test_cluster_answers_compares_at_most_n_times_k(monkeypatch):
+    """Each new answer is compared with the representatives in order until one matches, and an answer
+    already seen (once normalized) is not compared again: here 7 answers in 3 clusters cost exactly
+    these 7 comparisons (the documented bound is n * k = 21)."""
+    import tempo_mega.rewards.clusters as clusters_mod
+
+    calls = []
+
+    def same_letter(answer, representative):  # a counting equivalence: same first letter
+        calls.append((answer, representative))
+        return answer[0] == representative[0]
+
+    monkeypatch.setattr(clusters_mod, "is_equivalent", same_letter)
+    answers = ["a1", "a2", "b1", None, "a3", "b2", "c1", "a1"]
+    assert cluster_answers(answers) == [0, 0, 1, -1, 0, 1, 2, 0]
+    assert calls == [("a2", "a1"), ("b1", "a1"), ("a3", "a1"), ("b2", "a1"), ("b2", "b1"),
+                     ("c1", "a1"), ("c1", "b1")]
+    assert len(calls) <= len(answers) * 3
