@@ -25,6 +25,7 @@ from tempo_mega.batch import RolloutBatch
 from tempo_mega.checkpoint import (
     atomic_checkpoint,
     has_checkpoint,
+    latest_checkpoint,
     list_checkpoints,
     load_json,
     prune_checkpoints,
