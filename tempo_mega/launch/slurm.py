@@ -332,7 +332,7 @@ def render_sbatch(job: SlurmJob, command: str | None = None) -> str:
     if separate:
         signals.append("SGLANG_PIDS=()")
     signals += [
-        "# shellcheck disable=SC2317  # reached through the traps",
+        "# shellcheck disable=SC2317,SC2329  # reached through the traps",
         "forward_signal() {",
         "  CAUGHT_SIGNAL=$1",
         '  echo "[tempo] $(date -Is) caught SIG$1; forwarding it to the training step (pid ${TRAIN_PID:-not started})"',
@@ -340,7 +340,7 @@ def render_sbatch(job: SlurmJob, command: str | None = None) -> str:
         "}",
         "trap 'forward_signal USR1' USR1",
         "trap 'forward_signal TERM' TERM",
-        "# shellcheck disable=SC2317  # reached through the EXIT trap",
+        "# shellcheck disable=SC2317,SC2329  # reached through the EXIT trap",
         "cleanup() {",
         "  local pid",
     ]
