@@ -107,31 +107,32 @@ def test_ppo_clip_ratio_c_bound_is_exactly_one():
 
 
 # ----------------------------------------------------------------------------- PPO metrics
-# ratios and advantages per row; row 2 is empty (garbage in its padding), row 3 has one token
-PPO_RATIOS = [[1.5, 1.1], [0.5, 4.0, 0.9], [], [0.5]]
-PPO_ADV = [[1.0, 1.0], [-1.0, -2.0, -1.0], [], [1.0]]
+# ratios and advantages per row; row 2 is empty (garbage in its padding), rows 3 and 4 have one token
+# (4 rows with tokens, 3 columns: a count over the wrong dim shows); 0 < A < 1 in rows 3 and 4
+PPO_RATIOS = [[1.5, 1.1], [0.5, 4.0, 0.9], [], [0.5], [1.0]]
+PPO_ADV = [[1.0, 1.0], [-1.0, -2.0, -1.0], [], [0.5], [0.5]]
 
 
 def test_ppo_metrics_hand_computed():
     """Per token (clip 0.2, dual clip 3): (0,0) r 1.5 A+ clipped high, loss -1.2; (0,1) in range, -1.1;
     (1,0) r 0.5 A- clipped low, 0.8; (1,1) r 4 A=-2: unclipped 8 > clipped 2.4, dual-clipped to 6;
-    (1,2) in range (clipped == unclipped: not counted), 0.9; (3,0) r 0.5 A+: unclipped -0.5 wins.
-    Kills: clip_frac '>' -> '>=' (the in-range ties), '&' -> '|' in the sign splits and dual clip,
-    approx_kl's sign, the empty-row and one-token-row masks."""
+    (1,2) in range (clipped == unclipped: not counted), 0.9; (3,0) r 0.5 A=0.5: unclipped -0.25 wins;
+    (4,0) r 1, -0.5. Kills: clip_frac '>' -> '>=' (the in-range ties), '&' -> '|' in the sign splits
+    and dual clip, 'A < 0' -> 'A < 1' in the dual clip, approx_kl's sign, the row masks."""
     logp, mask = padded([[math.log(r) for r in row] for row in PPO_RATIOS], 3, fill=float("-inf"))
     adv, _ = padded(PPO_ADV, 3)
     loss, m = ppo_policy_loss(logp, torch.zeros_like(logp), adv, mask)
     ratios = [r for row in PPO_RATIOS for r in row]
-    assert float(loss) == pytest.approx((-1.2 - 1.1 + 0.8 + 6.0 + 0.9 - 0.5) / 6, abs=1e-12)
-    assert m["clip_frac"] == pytest.approx(2 / 6)
-    assert m["clip_frac_low"] == pytest.approx(1 / 6)
-    assert m["clip_frac_high"] == pytest.approx(1 / 6)
-    assert m["dual_clip_frac"] == pytest.approx(1 / 6)
-    assert m["approx_kl"] == pytest.approx(-sum(math.log(r) for r in ratios) / 6, abs=1e-12)
+    assert float(loss) == pytest.approx((-1.2 - 1.1 + 0.8 + 6.0 + 0.9 - 0.25 - 0.5) / 7, abs=1e-12)
+    assert m["clip_frac"] == pytest.approx(2 / 7)
+    assert m["clip_frac_low"] == pytest.approx(1 / 7)
+    assert m["clip_frac_high"] == pytest.approx(1 / 7)
+    assert m["dual_clip_frac"] == pytest.approx(1 / 7)
+    assert m["approx_kl"] == pytest.approx(-sum(math.log(r) for r in ratios) / 7, abs=1e-12)
     assert m["approx_kl"] < 0  # the log ratios sum to +0.39 here: the sign is visible
-    assert m["ratio_mean"] == pytest.approx(sum(ratios) / 6, abs=1e-12)
-    assert m["advantages_mean"] == pytest.approx(-1 / 6, abs=1e-12)
-    assert m["num_rows"] == 3.0
+    assert m["ratio_mean"] == pytest.approx(sum(ratios) / 7, abs=1e-12)
+    assert m["advantages_mean"] == pytest.approx(-1 / 7, abs=1e-12)
+    assert m["num_rows"] == 4.0
 
 
 def test_ppo_dual_clip_frac_excludes_the_tie():
