@@ -247,7 +247,12 @@ def quarantine_checkpoint(path: str | Path) -> Path:
     """Move a checkpoint that failed verification to ``corrupt-<name>-<time>`` beside it: never read or
     pruned again (not a ``step_*`` name), kept for inspection. Returns the new path."""
     path = Path(path)
-    target = path.with_name(f"corrupt-{path.name}-{int(time.time())}")
+    stamp = int(time.time())
+    target = path.with_name(f"corrupt-{path.name}-{stamp}")
+    n = 1
+    while target.exists():  # the same step quarantined twice within a second: never rename onto it
+        target = path.with_name(f"corrupt-{path.name}-{stamp}-{n}")
+        n += 1
     os.rename(path, target)
     _fsync_dir(path.parent)
     return target
