@@ -98,6 +98,9 @@ class DataConfig:
     synthetic_num_test: int = 64
     synthetic_seed: int = 1234
     synthetic_difficulty: str = "easy"  # small | easy | medium | hard (operand ranges, see data/synthetic.py)
+    # arith (one mix for both splits, data/synthetic.py) | shift (labeled and unlabeled splits from
+    # different mixes, a precedence trap; data/synthetic_shift.py; synthetic_difficulty does not apply)
+    synthetic_task: str = "arith"
     max_prompt_tokens: int = 2048
 
     @property
@@ -279,7 +282,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     for key, name in (("data.field_map", d.field_map), ("data.test_field_map", d.test_field_map)):
         _check(name is None or name in FIELD_MAPS, key, f"unknown field map {name!r} ({' | '.join(FIELD_MAPS)})")
-    from tempo_mega.data.synthetic import DIFFICULTIES
+    from tempo_mega.data.synthetic import DIFFICULTIES, TASKS
+
+    _check(d.synthetic_task in TASKS, "data.synthetic_task", f"must be one of {list(TASKS)}, got {d.synthetic_task!r}")
 
     _check(d.synthetic_difficulty in DIFFICULTIES, "data.synthetic_difficulty",
            f"must be one of {sorted(DIFFICULTIES)}, got {d.synthetic_difficulty!r}")

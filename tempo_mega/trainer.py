@@ -40,6 +40,7 @@ from tempo_mega.config import TrainConfig, to_dict
 from tempo_mega.controller import PromptSource, TempoController
 from tempo_mega.data import FIELD_MAPS, FieldMap, PromptRecord, PromptSampler, format_prompt, load_prompts
 from tempo_mega.data.synthetic import make_synthetic_task, solution_text
+from tempo_mega.data.synthetic_shift import make_shift_task
 from tempo_mega.data.tokenizer import build_synthetic_tokenizer
 from tempo_mega.distributed import any_rank, barrier, broadcast_object, is_rank0, rank
 from tempo_mega.eval.metrics import (
@@ -79,6 +80,8 @@ def load_tokenizer(cfg: TrainConfig):
 def load_records(cfg: TrainConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """(labeled train records, unlabeled test records with hidden answers)."""
     d = cfg.data
+    if not d.uses_files and d.synthetic_task == "shift":
+        return make_shift_task(d.synthetic_num_train, d.synthetic_num_test, seed=d.synthetic_seed)
     if not d.uses_files:
         return make_synthetic_task(d.synthetic_num_train, d.synthetic_num_test, seed=d.synthetic_seed,
                                    difficulty=d.synthetic_difficulty)
@@ -495,8 +498,15 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[
                          "which only the synthetic task has (data.source=synthetic)")
     tok, src = pool.tokenizer, pool.source()
     eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-    sampler = PromptSampler(pool.train, seed=t.seed + 7)
+    # only problems with a worked solution (the shift task's prec problems are mostly answer-only)
+    sampler = PromptSampler([r for r in pool.train if r.meta.get("has_solution", True)], seed=t.seed + 7)
     nll = []
+    # its own bar: a warm start of minutes is not an RL step, and without one the run looked stuck
+    bar = None
+    if "progress" in t.loggers and is_rank0():
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.warm_start_steps, desc="warm start", mininterval=1.0, dynamic_ncols=True)
     with actor.lr_override(t.warm_start_lr):
         for i in range(t.warm_start_steps):
             recs = sampler.next_batch(t.warm_start_batch_size)
@@ -505,8 +515,13 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[
             batch = RolloutBatch.from_samples(prompts, responses, is_labeled=[True] * len(recs),
                                               group_ids=list(range(len(recs))), pad_token_id=src.pad_token_id)
             nll.append(actor.train_step(batch, _token_nll)["actor/nll"])
+            if bar is not None:
+                bar.set_postfix_str(f"nll={nll[-1]:.4g}", refresh=False)
+                bar.update(1)
             if i % 50 == 0 or i == t.warm_start_steps - 1:
                 log.info("warm start %d/%d: nll %.4f", i + 1, t.warm_start_steps, nll[-1])
+    if bar is not None:
+        bar.close()
     actor.reset_optimizer_state()
     return {"warmup/nll_first": nll[0], "warmup/nll_last": nll[-1], "warmup/steps": float(len(nll))}
 
@@ -520,8 +535,16 @@ def trap_metrics(records: list[PromptRecord], answers: list[list[str | None]], c
     if not rows:
         return {}
     hits = [a == records[i].meta["trap_answer"] for i in rows for a in answers[i]]
+
+    def majority(xs: list[str | None]) -> str | None:  # most common given answer; ties -> first seen
+        given = [x for x in xs if x is not None]
+        return max(given, key=given.count) if given else None
+
+    # the share of trap prompts whose majority answer (what TTRL rewards) IS the trap answer
+    locked = [majority(answers[i]) == records[i].meta["trap_answer"] for i in rows]
     return {"eval/trap_family_avg@k": float(correct[rows].float().mean()),
-            "eval/trap_answer_frac": sum(hits) / len(hits)}
+            "eval/trap_answer_frac": sum(hits) / len(hits),
+            "eval/trap_majority_frac": sum(locked) / len(locked)}
 
 
 def evaluate(ctrl: TempoController, pool: PromptPool, cfg: TrainConfig, seed: int) -> dict[str, float]:
@@ -676,7 +699,7 @@ def setup(cfg: TrainConfig) -> Run:
     if "jsonl" in t.loggers:
         sinks.append(JsonlSink(out / "metrics.jsonl", truncate_after_step=done_steps))
     if "progress" in t.loggers:
-        sinks.append(ProgressSink(t.total_steps, initial_step=done_steps))
+        sinks.append(ProgressSink(t.total_steps, initial_step=done_steps, desc=f"{out.name} step"))
     if "wandb" in t.loggers:
         # a resumed run continues the wandb run of its checkpoint rather than starting a new one
         wandb_id = load_json(ckpt / "state.json").get("wandb_run_id") if ckpt is not None else None
@@ -971,6 +994,9 @@ def run_training(cfg: TrainConfig) -> Run:
         # "before" numbers ride on the first step's line, so every line of metrics.jsonl is a step
         initial.update({k.replace("eval/", "eval_initial/", 1): v
                         for k, v in evaluate(run.ctrl, run.pool, cfg, eval_seed).items()})
+    for sink in getattr(run.sink, "sinks", []):  # the step bar's clock starts with the first step
+        if isinstance(sink, ProgressSink):
+            sink.restart_clock()
     gpu = NvmlSampler().start()  # says once and logs nothing where there is no GPU
     with PreemptionWatch(t.preempt_grace_s, run.out / "checkpoints") as watch, gpu:
         for step in range(run.start_step, t.total_steps):

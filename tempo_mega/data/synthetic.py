@@ -40,6 +40,7 @@ from tempo_mega.data.datasets import PromptRecord, write_jsonl
 __all__ = [
     "DIFFICULTIES",
     "FAMILIES",
+    "TASKS",
     "TRAP_FAMILIES",
     "make_synthetic_task",
     "solution_text",
@@ -51,6 +52,9 @@ FAMILIES = ("add", "add_carry", "sub", "sub_borrow", "mul")
 TRAP_FAMILIES = ("add_carry", "sub_borrow")
 DIFFICULTIES: dict[str, tuple[int, int]] = {"small": (1, 40), "easy": (1, 99), "medium": (10, 99), "hard": (10, 999)}
 _OPS = {"add": "+", "add_carry": "+", "sub": "-", "sub_borrow": "-", "mul": "*"}
+# data.synthetic_task: "arith" (this module: both splits from one mix) | "shift" (synthetic_shift.py:
+# labeled and unlabeled splits from different mixes, with a precedence trap)
+TASKS = ("arith", "shift")
 _MAX_TRIES = 20_000  # consecutive rejected draws before a family counts as exhausted
 
 
@@ -191,6 +195,10 @@ def solution_text(record: PromptRecord) -> str:
     """A short reference solution for a synthetic record, for a supervised warm start:
     ``"47 + 38 = 85. \\boxed{85}"``."""
     meta = record.meta
+    if meta.get("task") == "shift":
+        from tempo_mega.data.synthetic_shift import shift_solution_text
+
+        return shift_solution_text(record)
     if not {"op", "operands"} <= set(meta):
         raise ValueError(
             f"solution_text: {record.source} is not a synthetic record (no 'op'/'operands' in meta)"

@@ -165,6 +165,10 @@ class ProgressSink:
     """A tqdm bar on stderr: the step, and the values of ``keys`` present in each step's metrics.
 
     Keys are shown by their last component (``actor/loss`` -> ``loss``) unless two would collide.
+    The bar appears, and its clock starts, at ``restart_clock()`` or the first ``log``, not at
+    construction: work done before the first step (a warm start with its own bar, the initial
+    evaluation) is not a step, and counted in the rate it made the first ETA read hours
+    (``1/40 [02:21<1:31:57]``).
     """
 
     def __init__(
@@ -175,21 +179,30 @@ class ProgressSink:
         mininterval: float = 1.0,
         disable: bool = False,
         file: IO[str] | None = None,
+        desc: str = "step",
     ):
-        from tqdm import tqdm
-
         self.keys = tuple(keys)
         short = [key.rsplit("/", 1)[-1] for key in self.keys]
         self._labels = {key: (name if short.count(name) == 1 else key) for key, name in zip(self.keys, short)}
-        self.bar = tqdm(
-            total=total_steps,
-            initial=initial_step,
-            desc="step",
-            file=file if file is not None else sys.stderr,
-            mininterval=mininterval,
-            disable=disable,
-            dynamic_ncols=True,
-        )
+        self._bar_kwargs = dict(total=total_steps, initial=initial_step, desc=desc,
+                                file=file if file is not None else sys.stderr, mininterval=mininterval,
+                                disable=disable, dynamic_ncols=True)
+        self._bar = None
+
+    @property
+    def bar(self):
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(**self._bar_kwargs)
+        return self._bar
+
+    def restart_clock(self) -> None:
+        """Start the bar (elapsed time and rate) from now."""
+        if self._bar is None:
+            self.bar  # noqa: B018 - creating it starts its clock
+        else:
+            self._bar.unpause()
 
     def _postfix(self, metrics: Mapping[str, MetricValue]) -> str:
         parts = []
@@ -209,7 +222,8 @@ class ProgressSink:
             self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 class MultiSink:

@@ -300,3 +300,18 @@ def test_phase_timer_skips_nvtx_on_cpu(monkeypatch):
     with timer.phase("rollout"):
         pass
     assert "timing/rollout_s" in timer.metrics()
+
+
+def test_progress_sink_clock_starts_at_the_first_step(monkeypatch):
+    """Time spent before the first step (warm start, initial evaluation) must not enter the rate: the
+    demo's bar read ``1/40 [02:21<1:31:57]`` because the warm start counted as step 1's duration."""
+    import time as _time
+
+    out = io.StringIO()
+    sink = ProgressSink(40, mininterval=0.0, file=out)
+    assert out.getvalue() == ""  # nothing shown, no clock running, until the loop starts
+    _time.sleep(0.3)  # stands for the warm start
+    sink.restart_clock()
+    sink.log({"actor/loss": 1.0}, step=1)
+    assert sink.bar.format_dict["elapsed"] < 0.25
+    sink.close()
