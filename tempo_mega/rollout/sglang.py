@@ -518,7 +518,7 @@ class SGLangRolloutEngine:
         if key is None and cfg.mode == "server" and not cfg.urls and not any(
             a.startswith("--tokenizer-worker-num") for a in cfg.extra_args
         ):
-            key = secrets.token_urlsafe(32)
+            key = secrets.token_hex(32)  # hex: never starts with '-', which argparse would read as a flag
         self._transport = _Transport(api_key=key)
         self._http = self._transport.call
         atexit.register(self.shutdown)
@@ -582,7 +582,7 @@ class SGLangRolloutEngine:
         if cfg.enable_memory_saver:
             cmd += ["--enable-memory-saver"]
         if self._transport.api_key and not any(a.split("=")[0] == "--api-key" for a in cfg.extra_args):
-            cmd += ["--api-key", self._transport.api_key]
+            cmd.append(f"--api-key={self._transport.api_key}")  # '=' form: a key may start with '-'
         return cmd + list(cfg.extra_args)
 
     def _ensure_log_dir(self) -> Path:

@@ -138,11 +138,12 @@ def test_launch_command_carries_the_settings():
     cmd = eng._launch_command(30001, 1, "/m")
     eng.shutdown()
     # a key made for this process goes to the servers we launch, and never into the logged command
-    key = cmd[cmd.index("--api-key") + 1]
-    assert len(key) >= 32 and key == eng._transport.api_key
+    (flag,) = [a for a in cmd if a.startswith("--api-key")]
+    key = flag.removeprefix("--api-key=")  # the '=' form: a key starting with '-' is not read as a flag
+    assert flag.startswith("--api-key=") and len(key) >= 32 and key == eng._transport.api_key
     shown = " ".join(redact_command(cmd))
     assert key not in shown and "hf_secret" not in shown
-    assert "--api-key ***" in shown and "--hf-token=***" in shown and "--context-length 20480" in shown
+    assert "--api-key=***" in shown and "--hf-token=***" in shown and "--context-length 20480" in shown
     joined = " ".join(cmd)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     for piece in (
@@ -482,7 +483,7 @@ def test_shutdown_stops_only_our_pids(model_dir, tmp_path, caplog, monkeypatch):
         assert len(eng.pids) == 2 and bystander.pid not in eng.pids
         assert len(eng.generate(PROMPTS, 1, SAMPLING)) == len(PROMPTS)
         key = eng._transport.api_key
-        assert key and "--api-key ***" in caplog.text and key not in caplog.text
+        assert key and "--api-key=***" in caplog.text and key not in caplog.text
         with pytest.raises(SGLangServerError, match="HTTP 401"):  # without the key: refused
             _http(eng.servers[0].url, "/flush_cache", {}, 5.0)
         pids_reported = {stats(s.url)["pid"] for s in eng.servers}
