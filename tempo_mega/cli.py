@@ -8,6 +8,7 @@
     tempo-mega launch slurm --nodes N ...       write (and --submit) a SLURM script for a run
     tempo-mega report RUN_DIR                   Markdown summary and PNG plots of a run's metrics.jsonl
     tempo-mega selfcheck                        the TEMPO math on a hand-computed case
+    tempo-mega plan experiment=NAME --nodes N --gpu h100-80gb   per-GPU memory and an estimated step time
     (prefix -v for INFO logging: tempo-mega -v train ...)
 """
 
@@ -128,7 +129,7 @@ def _selfcheck() -> int:
     return 0 if all(checks.values()) else 1
 
 
-COMMANDS = ("train", "demo", "eval", "convert", "report", "doctor", "launch", "selfcheck")
+COMMANDS = ("train", "demo", "eval", "convert", "report", "doctor", "launch", "selfcheck", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             from tempo_mega.launch.slurm import main as slurm_main
 
             return slurm_main(rest[1:])
+        if command == "plan":
+            from tempo_mega.plan import main as plan_main
+
+            return plan_main(rest)
         if command == "report":
             from tempo_mega.report import main as report_main
 

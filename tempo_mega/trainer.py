@@ -53,6 +53,7 @@ from tempo_mega.eval.metrics import (
 )
 from tempo_mega.launch.slurm import REQUEUE_EXIT_CODE  # "checkpointed on a preemption signal: requeue me"
 from tempo_mega.models import fresh_qwen3_config, stop_token_ids
+from tempo_mega.plan import headline_for_run
 from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
 from tempo_mega.rollout.base import RolloutNeedsWeights, weights_device
 from tempo_mega.rollout.hf import HFRolloutEngine
@@ -686,6 +687,7 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = load_tokenizer(cfg)
     train, test = load_records(cfg)
     pool = PromptPool(cfg, tokenizer, train, test)
+    log.info("%s", headline_for_run(cfg))  # `tempo-mega plan` of this run: memory per GPU, step time
     actor, critic = build_models(cfg, tokenizer, device)  # starts the process group of a megatron run
     src = pool.source()
     rollout = build_rollout(cfg, actor, src.pad_token_id, device)

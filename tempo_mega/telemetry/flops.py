@@ -46,7 +46,8 @@ __all__ = [
 # Dense tensor-core peaks per GPU in FLOP/s, without 2:4 sparsity (datasheet headline numbers marked
 # "with sparsity" are twice these). Sources: NVIDIA H100 Tensor Core GPU datasheet (H100 SXM5 BF16
 # 989.4 TFLOPS, FP8 1,978.9; H100 PCIe BF16 756, FP8 1,513), NVIDIA H200 datasheet (H200 SXM: the
-# same tensor throughput as H100 SXM, more and faster memory), NVIDIA A100 datasheet (BF16 312).
+# same tensor throughput as H100 SXM, more and faster memory), NVIDIA A100 datasheet (BF16 312), NVIDIA
+# B200 (HGX B200: 2.25 PFLOPS dense BF16, 4.5 FP8 per GPU).
 PEAK_FLOPS: dict[str, float] = {
     "h100_sxm_bf16": 989e12,
     "h100_sxm_fp8": 1979e12,
@@ -55,6 +56,8 @@ PEAK_FLOPS: dict[str, float] = {
     "h200_bf16": 989e12,
     "h200_fp8": 1979e12,
     "a100_bf16": 312e12,
+    "b200_bf16": 2250e12,
+    "b200_fp8": 4500e12,
 }
 
 _MISSING = object()

@@ -1,0 +1,575 @@
+"""``tempo-mega plan``: per-GPU memory and an estimated step time of a run, from the same config as ``train``.
+
+    tempo-mega plan experiment=qwen3_32b_tempo --nodes 4 --gpu h100-80gb [hydra overrides...]
+
+What is counted, per GPU (the busiest one: DP rank 0 of the first pipeline stage, on rank 0's node, which
+also holds a colocated SGLang engine):
+
+- **Exact** (bytes the backends allocate): each role's weights, gradient buffers and optimizer state.
+  backend=megatron: bf16 (``megatron.params_dtype``) weights, megatron's fp32 gradient buffer
+  (``grad_reduce_in_fp32``), and with a 16-bit model fp32 master weights + Adam moments (float32 models:
+  the moments only); the distributed optimizer holds the master weights and moments of its DP shard of
+  each buffer, and pads every buffer as megatron-core 0.16 does (parameter starts to 64 elements, buffer
+  ends to lcm(DP, 128)); one fp32 ``step`` scalar per optimizer tensor. backend=torch: weights, gradients
+  and AdamW moments in the model dtype (the critic's value head float32). The model's parameter count
+  is the real checkpoint's (``telemetry.flops.param_counts``). The test builds the tiny model with both
+  backends and counts their tensors' bytes against these.
+- **Estimated** (formulas, labelled so): activations of one micro-batch of
+  ``algo.<role>.max_tokens_per_micro_batch`` tokens under ``megatron.recompute``, the chunked log-prob
+  logits (``megatron.logprob_chunk_tokens``), SGLang's KV cache as SGLang 0.5 sizes it (weights + KV
+  cache = ``mem_fraction_static`` x the memory free when the server starts: the trainer's steady state
+  taken off when colocated), and the step time: train phases from model FLOPs (``telemetry.flops``, the
+  one FLOP model) over the card's dense BF16 peak at an assumed MFU, decoding from the bytes each decode
+  step reads (weights once, each sequence's KV cache) over HBM bandwidth at an assumed efficiency.
+
+Sizes are printed in GiB (2^30 bytes); cards' capacities are what ``nvidia-smi`` reports as total memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from tempo_mega.telemetry.flops import (
+    PEAK_FLOPS,
+    TransformerShape,
+    forward_flops_per_token,
+    generate_flops_per_token,
+    param_counts,
+    train_flops_per_token,
+)
+
+GIB = 2**30
+QWEN3_VOCAB_SIZE = 151_936  # every Qwen3 checkpoint's config.json
+NO_CHECKPOINT = "PLAN_WITHOUT_CHECKPOINT"  # model.path when planning without one: shape from configs/model
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    memory_bytes: int  # total memory as nvidia-smi reports it
+    hbm_bytes_per_s: float  # datasheet peak HBM bandwidth
+    peak_key: str  # dense BF16 tensor peak, a key of telemetry.flops.PEAK_FLOPS
+
+
+MIB = 2**20
+CARDS: dict[str, Card] = {
+    # H100 SXM5 80 GB: 81,559 MiB, 3.35 TB/s; H200 SXM 141 GB: 143,771 MiB, 4.8 TB/s; A100 SXM 80 GB:
+    # 81,920 MiB, 2.04 TB/s; B200: 183,359 MiB, 8 TB/s (NVIDIA datasheets; nvidia-smi totals)
+    "h100-80gb": Card("h100-80gb", 81_559 * MIB, 3.35e12, "h100_sxm_bf16"),
+    "h200-141gb": Card("h200-141gb", 143_771 * MIB, 4.8e12, "h200_bf16"),
+    "a100-80gb": Card("a100-80gb", 81_920 * MIB, 2.039e12, "a100_bf16"),
+    "b200": Card("b200", 183_359 * MIB, 8.0e12, "b200_bf16"),
+}
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """What the estimates assume (each a ``tempo-mega plan`` option)."""
+
+    mfu: float = 0.4  # train phases: model FLOPs utilization
+    hbm_efficiency: float = 0.7  # decode: share of peak HBM bandwidth achieved
+    prompt_tokens: int = 256  # mean prompt length
+    mean_response_tokens: int | None = None  # None: half of rollout.max_response_tokens
+    concurrency: int | None = None  # sequences decoding at once per engine; None: the engine's share of a step
+    reserve_gib: float = 2.0  # CUDA context, NCCL buffers, allocator slack per GPU
+    sglang_placement: str = "colocated"  # colocated | separate
+    sglang_nodes: int = 1  # separate placement: nodes given to SGLang
+    gen_batches: float = 1.0  # generation batches per step (group-filter refills make it more)
+
+
+# --------------------------------------------------------------------------------------------
+# The model's parameters as each backend holds them
+# --------------------------------------------------------------------------------------------
+
+
+def _megatron_chunk_params(s: TransformerShape, role: str, tp: int, layers: int, first: bool, last: bool,
+                           pp: int) -> list[tuple[int, bool]]:
+    """(numel, float32 regardless of the model dtype) of one model chunk's parameters on one TP rank, in
+    megatron's parameter order (embedding, per layer: input norm, qkv, q/k norm, proj, MLP norm, fc1, fc2;
+    final norm, output layer)."""
+    h, q, kv, f = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, \
+        s.intermediate_size
+    out: list[tuple[int, bool]] = []
+    if first:
+        out.append((s.vocab_size // tp * h, False))
+    for _ in range(layers):
+        out += [(h, False), ((q + 2 * kv) // tp * h, False), (s.head_dim, False), (s.head_dim, False),
+                (h * (q // tp), False), (h, False), (2 * f // tp * h, False), (h * (f // tp), False)]
+    if last:
+        out.append((h, False))  # final norm
+        if role == "critic":
+            out += [(h, True), (1, True)]  # value head, float32
+        elif not s.tie_word_embeddings or pp > 1:  # tied at PP > 1: the last stage keeps its own copy
+            out.append((s.vocab_size // tp * h, False))
+    return out
+
+
+def _ceil(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclass
+class RoleMemory:
+    """Bytes of one role on one GPU (exact), and the parameters it holds."""
+
+    params: int  # parameters held on this GPU (its shard)
+    weights: int
+    grads: int
+    optimizer: int  # master weights + moments + step scalars
+
+    @property
+    def state(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+
+def megatron_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int, tp: int, pp: int, vpp: int,
+                         dp: int, distributed_optimizer: bool, pp_rank: int = 0, dp_rank: int = 0) -> RoleMemory:
+    """Exact bytes of ``MegatronBackend`` (megatron-core 0.16.1, overlap_grad_reduce off: one bucket per
+    buffer) for one role on the GPU at (pp_rank, dp_rank)."""
+    per_chunk = s.num_hidden_layers // (pp * vpp)
+    params = weights = grads = masters = moments = steps = 0
+    for v in range(vpp):
+        chunk = _megatron_chunk_params(s, role, tp, per_chunk, first=pp_rank == 0 and v == 0,
+                                       last=pp_rank == pp - 1 and v == vpp - 1, pp=pp)
+        buffers: dict[int, list[int]] = {}  # one DDP buffer per parameter dtype in each chunk, in order
+        for n, is32 in chunk:
+            buffers.setdefault(4 if is32 else dtype_bytes, []).append(n)
+        for pbytes, numels in buffers.items():
+            params += sum(numels)
+            if not distributed_optimizer:
+                weights += sum(numels) * pbytes
+                grads += sum(numels) * 4
+                local = numels
+            else:
+                # megatron lays the buffer out in reverse parameter order, each start padded to 64
+                ranges, start = [], 0
+                for n in reversed(numels):
+                    start = _ceil(start, 64)
+                    ranges.append((start, start + n))
+                    start += n
+                size = _ceil(start, math.lcm(dp, 128))
+                weights += size * pbytes
+                grads += size * 4
+                shard = size // dp
+                lo, hi = dp_rank * shard, (dp_rank + 1) * shard
+                local = [min(b, hi) - max(a, lo) for a, b in ranges if min(b, hi) > max(a, lo)]
+            if pbytes < 4:
+                masters += sum(local) * 4
+            moments += sum(local) * 8
+            steps += len(local) * 4
+    return RoleMemory(params=params, weights=weights, grads=grads, optimizer=masters + moments + steps)
+
+
+def torch_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int) -> RoleMemory:
+    """Exact bytes of ``TorchBackend`` (HF modules, torch AdamW): weights, gradients and both moments in the
+    parameter dtype, one fp32 step scalar per parameter tensor."""
+    counts = param_counts(s)
+    trunk = counts["layers_matmul"] + counts["embedding"] + counts["norms"]
+    tensors = 1 + s.num_hidden_layers * 11 + 1  # embedding; q k v o, q/k norm, gate up down, 2 norms; final
+    if role == "critic":
+        head = s.hidden_size + 1
+        model_bytes = trunk * dtype_bytes + head * 4
+        n, tensors = trunk + head, tensors + 2
+    else:
+        n = counts["total"]
+        model_bytes = n * dtype_bytes
+        tensors += 0 if s.tie_word_embeddings else 1
+    return RoleMemory(params=n, weights=model_bytes, grads=model_bytes, optimizer=2 * model_bytes + 4 * tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimates: activations, logits, SGLang
+# --------------------------------------------------------------------------------------------
+
+
+def layer_activation_bytes_per_token(s: TransformerShape, tp: int) -> float:
+    """Estimate: bytes one layer keeps per token for its backward without recompute (bf16, flash
+    attention: no [T, T] scores): the two norm inputs and outputs (4 h, split over TP by sequence
+    parallel), q/k/v before and after their norms and RoPE (2 (2q + 3kv)), the attention output and
+    the projection input (4q), fc1's output and fc2's input (6 f), TP-sharded."""
+    h, q, kv, f = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, \
+        s.intermediate_size
+    return (2 * (4 * h) + 2 * (2 * q + 3 * kv) + 2 * (2 * q) + 2 * 3 * f) / tp
+
+
+def activation_bytes(s: TransformerShape, recompute: str, tokens: int, tp: int, layers_per_rank: int,
+                     in_flight: int) -> float:
+    """Estimate for one role: ``in_flight`` micro-batches of ``tokens`` tokens on a rank holding
+    ``layers_per_rank`` layers. recompute=full keeps each layer's bf16 input (2 h bytes per token,
+    sequence parallel over TP) and one layer's full set while it is recomputed; none and selective
+    (core attention only, which flash attention already does not keep) keep every layer's full set."""
+    full_set = layer_activation_bytes_per_token(s, tp) * tokens
+    if recompute == "full":
+        return in_flight * layers_per_rank * 2 * s.hidden_size * tokens / tp + full_set
+    return in_flight * layers_per_rank * full_set
+
+
+def logit_bytes(s: TransformerShape, chunk_tokens: int, tokens: int, tp: int) -> float:
+    """Estimate: one chunk of vocab-parallel logits ([chunk, V / TP]: the bf16 product, its float32 copy,
+    the scaled copy and the softmax kept for the backward: 14 B per element) plus the sequence-gathered
+    hidden states the output layer reads ([tokens, h] bf16)."""
+    return min(chunk_tokens, tokens) * (s.vocab_size / tp) * 14 + tokens * s.hidden_size * 2
+
+
+def kv_bytes_per_token(s: TransformerShape, sglang_tp: int, kv_dtype_bytes: int) -> int:
+    """KV cache bytes of one token on one GPU of a TP engine (KV heads split over TP, replicated past it)."""
+    heads = max(1, s.num_key_value_heads // sglang_tp)
+    return s.num_hidden_layers * 2 * heads * s.head_dim * kv_dtype_bytes
+
+
+def sglang_weight_bytes(s: TransformerShape, sglang_tp: int) -> float:
+    """bf16 weights of one GPU of a TP engine (the embedding and LM head vocab-parallel, norms replicated)."""
+    return param_counts(s)["total"] * 2 / sglang_tp
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    experiment: str
+    card: Card
+    nodes: int
+    gpus_per_node: int
+    world: int
+    layout: dict[str, int | bool | str]
+    params_total: int
+    memory: dict[str, float]  # bytes per GPU, by item
+    exact_keys: tuple[str, ...]
+    fits: dict[str, bool]
+    headroom: dict[str, float]
+    sglang: dict[str, Any]
+    step_s: dict[str, float]
+    assumptions: Assumptions
+    notes: list[str] = field(default_factory=list)
+
+    def numbers(self) -> dict[str, Any]:
+        """Flat machine-checkable numbers (what the presets' ``plan:`` comment lines quote), GiB to 0.1."""
+        g = {k: round(v / GIB, 1) for k, v in self.memory.items()}
+        return {
+            "params_b": round(self.params_total / 1e9, 2),
+            "dp": self.layout["dp"],
+            "trainer_state_gib": g["trainer_state"],
+            "train_peak_gib": g["train_peak"],
+            "activations_gib": g["activations"],
+            "logits_gib": g["logits"],
+            "sglang_weights_gib": g["sglang_weights"],
+            "sglang_kv_gib": g["sglang_kv"],
+            "kv_tokens_per_engine": int(round(self.sglang["kv_tokens_per_engine"], -3)),
+            "longest_response": int(self.sglang["longest_response"]),
+            "fits": "yes" if all(self.fits.values()) else "no",
+        }
+
+    def headline(self) -> str:
+        n = self.numbers()
+        fit = "fits" if n["fits"] == "yes" else "DOES NOT FIT"
+        worst = self.headroom["training"] / GIB
+        kv = (f", SGLang KV {n['sglang_kv_gib']} GiB ({n['kv_tokens_per_engine']:,} tokens per engine)"
+              if self.sglang["engine"] == "sglang" else "")
+        return (f"plan ({self.card.name} x {self.world}, DP {n['dp']}): trainer state {n['trainer_state_gib']} GiB "
+                f"+ activations/logits {n['activations_gib'] + n['logits_gib']:.1f} GiB per GPU{kv}; {fit}, "
+                f"training headroom {worst:.1f} GiB; step ~{self.step_s['total']:.0f} s (estimate)")
+
+    def table(self) -> str:
+        L, g = self.layout, lambda b: f"{b / GIB:8.2f}"
+        a = self.assumptions
+        lines = [
+            f"tempo-mega plan: {self.experiment} on {self.nodes} node(s) x {self.gpus_per_node} {self.card.name} "
+            f"({self.card.memory_bytes / GIB:.1f} GiB each, {self.world} GPUs)",
+            f"layout: backend {L['backend']}, TP {L['tp']}, PP {L['pp']} (virtual {L['vpp']}), CP {L['cp']}, "
+            f"DP {L['dp']}, recompute {L['recompute']}, distributed optimizer {L['distributed_optimizer']}; "
+            f"model {self.params_total:,} parameters",
+            "",
+            "per GPU (the busiest: fuller pipeline stage, DP rank 0, rank 0's node)         GiB",
+        ]
+        labels = {
+            "actor_weights": "actor weights", "actor_grads": "actor gradient buffer",
+            "actor_optimizer": "actor optimizer (fp32 master + Adam moments, DP-sharded)",
+            "critic_weights": "critic weights", "critic_grads": "critic gradient buffer",
+            "critic_optimizer": "critic optimizer", "trainer_state": "= trainer state (both roles)",
+            "activations": "activations, one micro-batch (estimate)",
+            "logits": "log-prob logits chunk + gathered hidden (estimate)",
+            "reserve": "reserved: CUDA context, NCCL, allocator (assumed)",
+            "train_peak": "= training peak",
+            "sglang_weights": f"SGLang weights (TP {self.sglang['tp']})",
+            "sglang_kv": f"SGLang KV cache (mem_fraction_static {self.sglang['mem_fraction_static']})",
+            "sglang_rest": "SGLang's own activations and graphs (1 - mem_fraction_static)",
+        }
+        for key, label in labels.items():
+            if key in self.memory:
+                lines.append(f"  {label:<76}{g(self.memory[key])}")
+        lines.append("")
+        for phase, ok in self.fits.items():
+            room = "headroom" if phase == "training" else "KV cache beside the weights in SGLang's share:"
+            lines.append(f"{phase}: {'fits' if ok else 'DOES NOT FIT'}, {room} {self.headroom[phase] / GIB:.2f} GiB")
+        sg = self.sglang
+        lines += [
+            f"SGLang ({sg['placement']}): {sg['engines']} engine(s) x TP {sg['tp']}, KV {sg['kv_bytes_per_token']:,} "
+            f"B/token/GPU ({sg['kv_cache_dtype']}): {sg['kv_tokens_per_engine']:,.0f} tokens per engine",
+            f"  concurrency {sg['concurrency']} sequences per engine: longest response that fits "
+            f"{sg['longest_response']:,} tokens (prompt {a.prompt_tokens}); "
+            f"{sg['full_length_at_once']} responses of max_response_tokens at once",
+            "",
+            f"step time (estimate: MFU {a.mfu:.0%} of {PEAK_FLOPS[self.card.peak_key] / 1e12:.0f} TFLOP/s, HBM at "
+            f"{a.hbm_efficiency:.0%} of {self.card.hbm_bytes_per_s / 1e12:.2f} TB/s; {sg['samples']} samples of "
+            f"{a.prompt_tokens} + {sg['mean_response']} tokens)",
+        ]
+        for phase, sec in self.step_s.items():
+            lines.append(f"  {phase:<12}{sec:10.1f} s")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _vocab_size(cfg: Any) -> int:
+    m = cfg.model
+    if m.path and m.path != NO_CHECKPOINT and os.path.isfile(os.path.join(m.path, "config.json")):
+        with open(os.path.join(m.path, "config.json")) as f:
+            return int(json.load(f)["vocab_size"])
+    if m.path is None:
+        from tempo_mega.trainer import load_tokenizer
+
+        return len(load_tokenizer(cfg))
+    return QWEN3_VOCAB_SIZE
+
+
+def model_shape(cfg: Any, vocab_size: int | None = None) -> TransformerShape:
+    """The model's shape: the checkpoint's config.json where ``model.path`` has one, else ``model.*``
+    (with the synthetic tokenizer's vocabulary for a fresh model, Qwen3's otherwise)."""
+    m = cfg.model
+    if m.path and m.path != NO_CHECKPOINT and os.path.isfile(os.path.join(m.path, "config.json")):
+        with open(os.path.join(m.path, "config.json")) as f:
+            return TransformerShape.of(json.load(f))
+    fields = {k: getattr(m, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                         "num_attention_heads", "num_key_value_heads", "head_dim",
+                                         "tie_word_embeddings")}
+    return TransformerShape(vocab_size=vocab_size or _vocab_size(cfg), **fields)
+
+
+def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-80gb",
+         assumptions: Assumptions | None = None, vocab_size: int | None = None) -> Plan:
+    """The plan of ``cfg`` (a ``TrainConfig`` from ``load_config``) on ``nodes`` x ``gpus_per_node`` ``gpu``s."""
+    from tempo_mega.config import megatron_config
+
+    a = assumptions or Assumptions()
+    if gpu not in CARDS:
+        raise ValueError(f"--gpu: unknown card {gpu!r} (one of {', '.join(CARDS)})")
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError("--nodes and --gpus-per-node must be >= 1")
+    if a.sglang_placement not in ("colocated", "separate"):
+        raise ValueError(f"--sglang-placement must be colocated or separate, got {a.sglang_placement!r}")
+    card, s = CARDS[gpu], model_shape(cfg, vocab_size)
+    world = nodes * gpus_per_node
+    notes: list[str] = []
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    al, r = cfg.algo, cfg.rollout
+    if cfg.backend == "megatron":
+        mc = megatron_config(cfg)
+        tp, pp, cp, vpp = mc.tensor_parallel_size, mc.pipeline_parallel_size, mc.context_parallel_size, mc.vpp or 1
+        try:
+            dp = mc.data_parallel_size(world)
+            mc.validate_for(num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
+                            num_layers=s.num_hidden_layers, vocab_size=s.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"config key 'megatron': {e} (--nodes {nodes} x --gpus-per-node {gpus_per_node})") from None
+        db = dtype_bytes[mc.params_dtype]
+        by_stage = [{role: megatron_role_memory(s, role, dtype_bytes=db, tp=tp, pp=pp, vpp=vpp, dp=dp,
+                                                distributed_optimizer=mc.use_distributed_optimizer, pp_rank=stage)
+                     for role in ("actor", "critic")} for stage in sorted({0, pp - 1})]
+        roles = max(by_stage, key=lambda rs: sum(rm.state for rm in rs.values()))  # the fuller stage
+        recompute, chunk_tokens, sp = mc.recompute, mc.logprob_chunk_tokens, mc.sequence_parallel
+        layout = {"backend": "megatron", "tp": tp, "pp": pp, "vpp": vpp, "cp": cp, "dp": dp, "recompute": recompute,
+                  "distributed_optimizer": mc.use_distributed_optimizer}
+    else:
+        if world != 1:
+            notes.append("backend=torch trains in one process on one GPU: only GPU 0 is planned")
+        tp = pp = cp = vpp = dp = 1
+        db = dtype_bytes[cfg.model.dtype]
+        roles = {role: torch_role_memory(s, role, dtype_bytes=db) for role in ("actor", "critic")}
+        recompute = "full" if cfg.model.gradient_checkpointing else "none"
+        chunk_tokens, sp = 4096, False
+        layout = {"backend": "torch", "tp": 1, "pp": 1, "vpp": 1, "cp": 1, "dp": 1, "recompute": recompute,
+                  "distributed_optimizer": False}
+    memory: dict[str, float] = {}
+    for role, rm in roles.items():
+        memory[f"{role}_weights"], memory[f"{role}_grads"], memory[f"{role}_optimizer"] = \
+            rm.weights, rm.grads, rm.optimizer
+    memory["trainer_state"] = sum(rm.state for rm in roles.values())
+    # activations: the larger role's micro-batch (the actor's, with its logits); CP splits the sequence
+    act_tp = tp if sp else 1
+    layers_per_rank = s.num_hidden_layers // pp
+    in_flight = pp  # 1F1B: the first stage holds PP micro-batches
+    tokens = {role: getattr(al, role).max_tokens_per_micro_batch // cp for role in ("actor", "critic")}
+    acts = {role: activation_bytes(s, recompute, tokens[role], act_tp, layers_per_rank, in_flight)
+            for role in tokens}
+    last_stage_logits = logit_bytes(s, chunk_tokens, tokens["actor"], tp)
+    memory["activations"] = max(acts.values())
+    memory["logits"] = last_stage_logits
+    memory["reserve"] = a.reserve_gib * GIB
+    memory["train_peak"] = memory["trainer_state"] + memory["activations"] + memory["logits"] + memory["reserve"]
+    if pp > 1:
+        notes.append("PP > 1: activations are the first stage's (PP micro-batches in flight), logits the last "
+                     "stage's; both are added, an upper bound for either stage")
+
+    # SGLang
+    sg_raw = dict(r.sglang)
+    from tempo_mega.rollout.sglang import SGLangConfig
+
+    sg_defaults = {f.name: f.default for f in dataclasses.fields(SGLangConfig)}
+    get = lambda k: sg_raw.get(k, sg_defaults[k])  # noqa: E731
+    sg_tp, engines = int(get("tp_size")), int(get("num_engines"))
+    frac = get("mem_fraction_static")
+    if frac is None:
+        frac = 0.85
+        notes.append("rollout.sglang.mem_fraction_static is null (SGLang picks one at launch): planned with 0.85")
+    kv_dtype = get("kv_cache_dtype")
+    kv_db = 1 if str(kv_dtype).startswith("fp8") else 2
+    release = bool(get("release_during_training"))
+    samples = int(round((al.labeled_prompts_per_step + al.unlabeled_prompts_per_step) * al.num_samples_per_prompt
+                        * a.gen_batches))
+    mean_resp = a.mean_response_tokens or r.max_response_tokens // 2
+    if a.sglang_placement == "colocated":
+        free_at_launch = card.memory_bytes - memory["reserve"] - memory["trainer_state"]
+        if engines * sg_tp > gpus_per_node:
+            raise ValueError(f"rollout.sglang.num_engines={engines} x rollout.sglang.tp_size={sg_tp} GPUs do not fit "
+                             f"on rank 0's node of {gpus_per_node} GPUs (colocated)")
+        total_engines = engines
+    else:
+        free_at_launch = card.memory_bytes - memory["reserve"]
+        total_engines = engines * a.sglang_nodes
+    sg_weights = sglang_weight_bytes(s, sg_tp) if r.engine == "sglang" else 0.0
+    static = frac * max(free_at_launch, 0.0)
+    kv = max(static - sg_weights, 0.0) if r.engine == "sglang" else 0.0
+    cell = kv_bytes_per_token(s, sg_tp, kv_db)
+    kv_tokens = kv / cell
+    per_engine = math.ceil(samples / max(total_engines, 1))
+    conc = a.concurrency or per_engine
+    longest = max(int(kv_tokens // conc) - a.prompt_tokens, 0)
+    full_at_once = int(kv_tokens // (a.prompt_tokens + r.max_response_tokens))
+    memory["sglang_weights"], memory["sglang_kv"] = sg_weights, kv
+    memory["sglang_rest"] = (1 - frac) * max(free_at_launch, 0.0) if r.engine == "sglang" else 0.0
+    fits: dict[str, bool] = {}
+    headroom: dict[str, float] = {}
+    headroom["training"] = card.memory_bytes - memory["train_peak"]
+    if a.sglang_placement == "colocated" and r.engine == "sglang" and not release:
+        headroom["training"] -= static
+        notes.append("rollout.sglang.release_during_training=false: SGLang's memory stays during training")
+    if r.engine == "sglang":
+        # rollout: SGLang needs its weights to fit inside its static share, and a KV cache
+        headroom["rollout"] = static - sg_weights
+    fits = {k: v > 0 for k, v in headroom.items()}
+    if "rollout" in fits:  # and room for at least one whole response
+        fits["rollout"] = kv / kv_bytes_per_token(s, sg_tp, kv_db) >= a.prompt_tokens + r.max_response_tokens
+    if r.engine != "sglang":
+        notes.append(f"rollout.engine={r.engine}: the HF engine holds a copy of the actor on rank 0; not sized here")
+    sglang = {"engine": r.engine, "placement": a.sglang_placement, "engines": total_engines, "tp": sg_tp, "mem_fraction_static": frac,
+              "kv_cache_dtype": kv_dtype, "kv_bytes_per_token": cell, "kv_tokens_per_engine": kv_tokens,
+              "concurrency": conc, "longest_response": longest, "full_length_at_once": full_at_once,
+              "samples": samples, "mean_response": mean_resp, "free_at_launch": free_at_launch}
+
+    # step time (estimates)
+    peak = PEAK_FLOPS[card.peak_key] * a.mfu
+    seq = a.prompt_tokens + mean_resp
+    step_tokens = samples * seq
+    labeled_frac = al.labeled_prompts_per_step / max(al.labeled_prompts_per_step + al.unlabeled_prompts_per_step, 1)
+    recompute_factor = 4 / 3 if recompute == "full" else 1.0  # one more forward per layer (hardware FLOPs)
+    bubble = 1.0
+    if pp > 1:
+        rows_per_mb = max(1, tokens["actor"] * cp // seq)
+        micro = max(1, al.mini_batch_prompts * al.num_samples_per_prompt // (dp * rows_per_mb))
+        bubble = 1 + (pp - 1) / (vpp * micro)
+    train = lambda flops: flops / (world * peak)  # noqa: E731
+    step_s = {}
+    step_s["logprob"] = train(step_tokens * (forward_flops_per_token(s, seq)
+                                             + forward_flops_per_token(s, seq, include_lm_head=False))) * bubble
+    critic_trains = al.e_step_every > 0 and al.critic.lr > 0
+    critic_tokens = step_tokens * (labeled_frac if al.mode in ("tempo", "supervised_continuation") else 1.0)
+    if critic_trains:
+        step_s["e_step"] = train(al.critic.epochs * critic_tokens * train_flops_per_token(s, seq, include_lm_head=False)
+                                 * recompute_factor) * bubble
+    else:
+        step_s["e_step"] = train(critic_tokens * forward_flops_per_token(s, seq, include_lm_head=False)) * bubble
+        notes.append("critic frozen (algo.critic.lr=0 or algo.e_step_every=0): its E-step is a forward for the loss")
+    step_s["m_step"] = train(al.actor.epochs * step_tokens * train_flops_per_token(s, seq) * recompute_factor) * bubble
+    if r.engine == "sglang" and fits["rollout"]:
+        c = max(1, min(conc, int(kv_tokens // seq)))
+        waves = math.ceil(per_engine / c)
+        kv_read = c * (a.prompt_tokens + mean_resp / 2) * cell  # mean KV length over a response
+        bw_s = (sg_weights + kv_read) / (card.hbm_bytes_per_s * a.hbm_efficiency)
+        fl_s = c * generate_flops_per_token(s, a.prompt_tokens, mean_resp) / sg_tp / peak
+        step_s["rollout"] = waves * mean_resp * max(bw_s, fl_s)
+        sglang["decode_batch"] = c
+    else:
+        step_s["rollout"] = float("nan")
+    step_s["total"] = sum(v for v in step_s.values() if not math.isnan(v))
+    exact = tuple(k for k in memory if k.startswith(("actor_", "critic_")) or k == "trainer_state")
+    return Plan(experiment=cfg.experiment or "(no preset)", card=card, nodes=nodes, gpus_per_node=gpus_per_node,
+                world=world, layout=layout, params_total=param_counts(s)["total"], memory=memory, exact_keys=exact,
+                fits=fits, headroom=headroom, sglang=sglang, step_s=step_s, assumptions=a, notes=notes)
+
+
+def headline_for_run(cfg: Any) -> str:
+    """One line for the start of ``train``: the plan at this run's world size, on the card it runs on (an
+    H100 when it cannot tell)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
+    gpu, where = "h100-80gb", " (no GPU here: sized as one)"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            where = ""
+            name = torch.cuda.get_device_name().lower()
+            gpu = next((k for k, key in (("h200-141gb", "h200"), ("a100-80gb", "a100"), ("b200", "b200"))
+                        if key in name), "h100-80gb")
+    except Exception:  # the headline never stops a run
+        pass
+    try:
+        return plan(cfg, nodes=max(1, world // per_node), gpus_per_node=per_node, gpu=gpu).headline() + where
+    except Exception as e:  # a headline for the log: it never stops a run
+        return f"plan: not available ({type(e).__name__}: {e})"
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="tempo-mega plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100-80gb", choices=sorted(CARDS))
+    defaults = Assumptions()
+    kinds = {"float": float, "int": int, "int | None": int, "str": str}
+    for f in dataclasses.fields(Assumptions):
+        p.add_argument("--" + f.name.replace("_", "-"), type=kinds[str(f.type)], default=getattr(defaults, f.name))
+    p.add_argument("--json", action="store_true", help="the numbers as one JSON object")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        p.error(f"unknown option {bad[0]}")
+    from tempo_mega.config import load_config
+
+    try:
+        cfg = load_config(overrides)
+    except ValueError as e:  # a preset that wants a checkpoint: planned from configs/model's shape
+        if "'model.path'" not in str(e) or any(o.startswith("model.path=") for o in overrides):
+            raise
+        cfg = load_config([*overrides, f"model.path={NO_CHECKPOINT}"])
+    assumptions = Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)})
+    result = plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu, assumptions=assumptions)
+    if args.json:
+        step_s = {k: None if math.isnan(v) else round(v, 1) for k, v in result.step_s.items()}
+        print(json.dumps({**result.numbers(), "step_s": step_s}))
+    else:
+        print(result.table())
+        print(result.headline())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
