@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # every run it starts starts over (a reused Stage 1 is not rerun)
-    base = ["experiment=demo", "trainer.overwrite=true", *(TINY if args.tiny else []), *overrides]
+    base = ["experiment=demo", "data.synthetic_task=shift", "trainer.overwrite=true", *(TINY if args.tiny else []), *overrides]
     start = time.time()
 
     stage1 = out / "stage1"
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[study] Stage 1: warm start {cfg1.trainer.warm_start_steps} steps + RLVR {cfg1.trainer.total_steps} steps")
         run_training(cfg1)
-    todo = []
-    for method in methods:
-        for seed in seeds:
+    todo = []  # seed by seed: a study stopped early has every method at the seeds it finished
+    for seed in seeds:
+        for method in methods:
             d = out / method / f"seed{seed}"
             if (d / "hf" / "critic").exists():
                 print(f"[study] {method} seed {seed}: complete, not run again")

@@ -499,8 +499,7 @@ def warm_start(cfg: TrainConfig, actor: TorchBackend, pool: PromptPool) -> dict[
                          "which only the synthetic task has (data.source=synthetic)")
     tok, src = pool.tokenizer, pool.source()
     eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-    # only problems with a worked solution (the shift task's prec problems are mostly answer-only)
-    sampler = PromptSampler([r for r in pool.train if r.meta.get("has_solution", True)], seed=t.seed + 7)
+    sampler = PromptSampler(pool.train, seed=t.seed + 7)
     nll = []
     # its own bar: a warm start of minutes is not an RL step, and without one the run looked stuck
     bar = None

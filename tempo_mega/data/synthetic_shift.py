@@ -21,20 +21,20 @@ No intermediate or result is negative. Solutions are compact (no spaces) to keep
 The shift. D_L (the "DAPO-Math" side, ``LABELED_MIX``) is mostly routine: chains and one-step facts,
 ``prec`` 10%. D_u (the "AIME" side, ``UNLABELED_MIX``) is half ``chain``, half ``prec``.
 
-The trap. Every ``chain`` form is solved left to right, and ``a + b * c`` reads like ``a + b - c`` up
-to one symbol. D_L's ``prec`` problems are answer-only except a ``PREC_SOLVED_SHARE`` of them
-(``meta["has_solution"]``; the warm start trains only on records with a solution, like a base model
-that saw few worked precedence problems), so a model whose two-step template comes from ``chain``
-is expected to answer ``a+b=s, s*c=r``, i.e. ``(a + b) * c``: ``meta["trap_answer"]``, always wrong
-(``(a+b)c - (a+bc) = a(c-1) > 0`` as c >= 2). D_L holds every ``prec`` problem WITH its true answer,
-so a critic regressed on verified outcomes (TEMPO's E-step) sees such responses fail.
+The trap: a misconception planted in the warm start, as a base model brings one from pretraining. Every
+``chain`` form is solved left to right, and ``a + b * c`` reads like ``a + b - c`` up to one symbol. In
+the warm start's corpus (the reference solutions it trains on), ``PREC_MISCONCEPTION_SHARE`` of D_L's
+``prec`` problems are worked left to right, ``a+b=s, s*c=r``, i.e. ``(a + b) * c``: ``meta["trap_answer"]``,
+always wrong (``(a+b)c - (a+bc) = a(c-1) > 0`` as c >= 2); the others with the product first. Their
+labels stay true: D_L holds every ``prec`` problem WITH its true answer, so RLVR on D_L and a critic
+regressed on verified outcomes (TEMPO's E-step) see trap responses fail, while a majority vote on D_u,
+where the trap is the most common answer, rewards it.
 
-Measured so far (2-core shared CPU, demo model, warm start 1,200 steps, no Stage 1): with
-``PREC_SOLVED_SHARE = 0.1`` the trap did NOT form: the model learned "a product first" from the 10
-solved problems but multiplied the wrong operands (``8 + 6 * 2`` -> ``8*2=16, ...``): D_u ``prec``
-accuracy 0.034, trap answer 0.036 of samples, trap answer the majority on 2% of prompts; ``chain`` on D_u
-0.87. The default 0.0 (no solved ``prec`` at all) is not yet measured. ``eval/trap_answer_frac`` and
-``eval/trap_majority_frac`` measure it; nothing here assumes it.
+History: an earlier version gave only a share of D_L's ``prec`` problems a (correct) worked solution and
+hoped the model would fall into the left-to-right template by itself. It did not (2-core CPU, demo
+model, warm start 1,200 steps): with 10% solved the model learned "a product first" but multiplied the
+wrong operands (``8 + 6 * 2`` -> ``8*2=16, ...``): trap answer in 0.036 of samples. ``eval/trap_answer_frac``
+and ``eval/trap_majority_frac`` measure the trap on every run; nothing here assumes it formed.
 
 Everything is a function of ``seed``; the two splits never share a problem.
 """
@@ -45,13 +45,13 @@ import random
 
 from tempo_mega.data.datasets import PromptRecord
 
-__all__ = ["LABELED_MIX", "PREC_SOLVED_SHARE", "SHIFT_FAMILIES", "UNLABELED_MIX", "make_shift_task",
+__all__ = ["LABELED_MIX", "PREC_MISCONCEPTION_SHARE", "SHIFT_FAMILIES", "UNLABELED_MIX", "make_shift_task",
            "shift_solution_text", "steps"]
 
 SHIFT_FAMILIES = ("add", "mul", "chain", "prec")
-# share of D_L's prec problems that come with a worked solution (the warm start's corpus); the others
-# are answer-only, like most of DAPO-Math
-PREC_SOLVED_SHARE = 0.0
+# share of D_L's prec problems whose warm-start solution is worked left to right (the misconception);
+# their labels stay true
+PREC_MISCONCEPTION_SHARE = 0.75
 # family -> share of the split; counts are allocated exactly (largest remainder), then shuffled
 LABELED_MIX: dict[str, float] = {"add": 0.15, "mul": 0.10, "chain": 0.65, "prec": 0.10}
 UNLABELED_MIX: dict[str, float] = {"chain": 0.5, "prec": 0.5}
@@ -126,7 +126,7 @@ def make_shift_task(num_train: int, num_test: int, seed: int = 0) -> tuple[list[
     def make_split(split: str, n: int, mix: dict[str, float]) -> list[PromptRecord]:
         plan = _allocate(mix, n)
         rng.shuffle(plan)
-        n_prec_solved = [True] * round(PREC_SOLVED_SHARE * plan.count("prec"))
+        n_misconceived = round(PREC_MISCONCEPTION_SHARE * plan.count("prec")) if split == "train" else 0
         records = []
         for i, family in enumerate(plan):
             for _ in range(_MAX_TRIES):
@@ -143,13 +143,10 @@ def make_shift_task(num_train: int, num_test: int, seed: int = 0) -> tuple[list[
                 raise ValueError(f"make_shift_task: ran out of distinct '{family}' problems after {len(seen)}; "
                                  "ask for fewer")
             result = str(steps(form, ops)[-1][3])
-            # the first PREC_SOLVED_SHARE of the labeled prec problems (in shuffled order) have a worked
-            # solution; unlabeled ones never do (nothing trains on them with a solution)
-            solved = True
-            if family == "prec":
-                solved = split == "train" and bool(n_prec_solved)
-                if solved:
-                    n_prec_solved.pop()
+            # the first PREC_MISCONCEPTION_SHARE of the labeled prec problems (in shuffled order) are worked
+            # left to right in the warm start's corpus; unlabeled ones are never trained on with a solution
+            left_to_right = family == "prec" and n_misconceived > 0
+            n_misconceived -= left_to_right
             trap = str(steps(form, ops, left_to_right=True)[-1][3]) if family == "prec" else None
             records.append(PromptRecord(
                 prompt=_prompt(form, ops),
@@ -158,7 +155,7 @@ def make_shift_task(num_train: int, num_test: int, seed: int = 0) -> tuple[list[
                 uid=f"synthetic/{split}/{i}",
                 hidden_answer=None if split == "train" else result,
                 meta={"family": family, "form": form, "operands": list(ops), "trap_answer": trap, "task": "shift",
-                      "has_solution": solved},
+                      "warm_start_left_to_right": left_to_right},
             ))
         return records
 
@@ -168,7 +165,8 @@ def make_shift_task(num_train: int, num_test: int, seed: int = 0) -> tuple[list[
 
 
 def shift_solution_text(record: PromptRecord) -> str:
-    """``"4*3=12, 5+12=17. \\boxed{17}"``: compact (no spaces) so responses stay short on a CPU."""
+    """``"4*3=12, 5+12=17. \\boxed{17}"``: compact (no spaces) so responses stay short on a CPU. The warm
+    start's text: a misconceived ``prec`` record is worked left to right, to its trap answer."""
     meta = record.meta
-    parts = [f"{x}{op}{y}={r}" for x, op, y, r in steps(meta["form"], meta["operands"])]
-    return ", ".join(parts) + f". \\boxed{{{steps(meta['form'], meta['operands'])[-1][3]}}}"
+    worked = steps(meta["form"], meta["operands"], left_to_right=bool(meta.get("warm_start_left_to_right")))
+    return ", ".join(f"{x}{op}{y}={r}" for x, op, y, r in worked) + f". \\boxed{{{worked[-1][3]}}}"

@@ -7,7 +7,13 @@ import pytest
 
 from tempo_mega.config import load_config
 from tempo_mega.data.synthetic import solution_text
-from tempo_mega.data.synthetic_shift import LABELED_MIX, UNLABELED_MIX, make_shift_task, steps
+from tempo_mega.data.synthetic_shift import (
+    LABELED_MIX,
+    PREC_MISCONCEPTION_SHARE,
+    UNLABELED_MIX,
+    make_shift_task,
+    steps,
+)
 from tempo_mega.rewards import compute_score
 
 PROMPT = re.compile(r"What is (\d+) ([-+*]) (\d+)(?: ([-+*]) (\d+))?\?")
@@ -28,7 +34,7 @@ def test_shift_deterministic_and_seeded():
 
 def test_shift_split_mixes_are_as_designed():
     train, test = make_shift_task(1000, 96, seed=1234)
-    assert not any(r.meta["has_solution"] for r in test if r.meta["family"] == "prec")
+    assert not any(r.meta["warm_start_left_to_right"] for r in test)
     train_counts, test_counts = Counter(r.meta["family"] for r in train), Counter(r.meta["family"] for r in test)
     assert train_counts == {f: round(1000 * w) for f, w in LABELED_MIX.items()}
     assert test_counts == {f: round(96 * w) for f, w in UNLABELED_MIX.items()}
@@ -65,14 +71,26 @@ def test_shift_trap_answer_is_left_to_right_and_always_wrong():
             assert steps(r.meta["form"], r.meta["operands"]) == steps(r.meta["form"], r.meta["operands"], True)
 
 
-def test_shift_reference_solutions_grade_correct():
-    train, _ = make_shift_task(300, 0, seed=2)
+def test_shift_reference_solutions_grade_correct_but_the_misconception():
+    """The warm start's corpus: every solution grades correct against its (true) label, except the
+    misconceived prec ones, worked left to right to the trap answer, a share PREC_MISCONCEPTION_SHARE of
+    D_L's prec problems."""
+    train, _ = make_shift_task(1000, 0, seed=2)
+    prec = [r for r in train if r.meta["family"] == "prec"]
+    wrong = [r for r in prec if r.meta["warm_start_left_to_right"]]
+    assert len(wrong) == round(PREC_MISCONCEPTION_SHARE * len(prec)) and 0 < len(wrong) < len(prec)
+    assert not any(r.meta["warm_start_left_to_right"] for r in train if r.meta["family"] != "prec")
     for r in train:
         text = solution_text(r)
-        assert compute_score(text, r.answer) > 0, text
-    prec = next(r for r in train if r.meta["family"] == "prec")
-    a, b, c = prec.meta["operands"]
-    assert solution_text(prec).startswith(f"{b}*{c}={b * c}, {a}+{b * c}=")
+        a_trap = r.meta["warm_start_left_to_right"]
+        assert (compute_score(text, r.answer) > 0) != a_trap, text
+        if a_trap:
+            assert compute_score(text, r.meta["trap_answer"]) > 0, text
+    right = next(r for r in prec if not r.meta["warm_start_left_to_right"])
+    a, b, c = right.meta["operands"]
+    assert solution_text(right).startswith(f"{b}*{c}={b * c}, {a}+{b * c}=")
+    a, b, c = wrong[0].meta["operands"]
+    assert solution_text(wrong[0]).startswith(f"{a}+{b}={a + b}, {a + b}*{c}=")
 
 
 def test_shift_selected_by_config_and_arith_stays_default():
