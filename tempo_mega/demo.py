@@ -1,4 +1,4 @@
-"""The CPU demo: the whole TEMPO recipe on the synthetic arithmetic task, in minutes on 2 cores.
+"""The CPU demo: the whole TEMPO recipe on the synthetic shift task, in minutes on 2 cores.
 
     1. supervised warm start + Stage 1 (PPO RLVR with a critic) on the labeled split
     2. from that Stage-1 checkpoint, test-time training on the unlabeled split with each method
@@ -20,7 +20,7 @@ from tempo_mega.config import load_config
 from tempo_mega.trainer import run_training
 
 TABLE_KEYS = ("eval/avg@k", "eval/pass@1", "eval/pass@k", "eval/distinct_answers", "eval/reward_auroc",
-              "eval/critic_reward_auroc", "eval/response_len_mean")
+              "eval/critic_reward_auroc", "eval/trap_family_avg@k", "eval/trap_answer_frac", "eval/response_len_mean")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -57,7 +57,8 @@ def write_report(out: Path, stage1: Path, runs: dict[str, Path], k: int, seconds
     lines = [
         "# tempo-mega CPU demo",
         "",
-        f"Synthetic arithmetic task, unlabeled split graded strictly against its hidden answers; k = {k} "
+        "Synthetic shift task (labeled and unlabeled splits from different mixes, a precedence trap), "
+        f"unlabeled split graded strictly against its hidden answers; k = {k} "
         f"samples per prompt. Wall time {seconds / 60:.1f} min.",
         "",
         "| run | when | step | " + " | ".join(key.removeprefix("eval/") for key in TABLE_KEYS) + " |",
@@ -76,7 +77,9 @@ def write_report(out: Path, stage1: Path, runs: dict[str, Path], k: int, seconds
             row(mode, "before", rows[0])
             row(mode, "after", rows[-1])
     lines += ["", "reward_auroc: how well the reward the method trains on separates truly correct from wrong "
-              "responses on unlabeled prompts (0.5 = no better than chance).", ""]
+              "responses on unlabeled prompts (0.5 = no better than chance). trap_family_avg@k, trap_answer_frac: "
+              "on a + b * c problems, the accuracy and the share of samples giving the left-to-right (a + b) * c.",
+              ""]
     text = "\n".join(lines)
     (out / "results.md").write_text(text + "\n")
     try:

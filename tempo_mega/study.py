@@ -38,6 +38,10 @@ KEYS = ("eval/avg@k", "eval/pass@k", "eval/distinct_answers", "eval/reward_auroc
         "eval/trap_answer_frac", "eval/trap_majority_frac")
 PLOT_KEYS = ("eval/avg@k", "eval/pass@k", "eval/distinct_answers", "eval/reward_auroc", "eval/trap_family_avg@k",
              "eval/trap_answer_frac")
+# the documented study's batch (docs/results.md): 6 labeled + 6 unlabeled prompts x 8 samples a step (Stage 1
+# too), an evaluation every 25 steps; 5 methods x 5 seeds x 150 steps take about 50 min with --jobs 2 on 2 cores
+STUDY = ["algo.labeled_prompts_per_step=6", "algo.unlabeled_prompts_per_step=6", "algo.mini_batch_prompts=6",
+         "trainer.eval_every=25"]
 TINY = ["algo.num_samples_per_prompt=2", "algo.labeled_prompts_per_step=2", "algo.unlabeled_prompts_per_step=2",
         "algo.mini_batch_prompts=2", "algo.filter_groups=false", "rollout.max_response_tokens=6",
         "data.synthetic_num_train=60", "data.synthetic_num_test=10", "trainer.eval_max_prompts=4",
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # every run it starts starts over (a reused Stage 1 is not rerun)
-    base = ["experiment=demo", "data.synthetic_task=shift", "trainer.overwrite=true", *(TINY if args.tiny else []), *overrides]
+    base = ["experiment=demo", "data.synthetic_task=shift", "trainer.overwrite=true", *STUDY,
+            *(TINY if args.tiny else []), *overrides]
     start = time.time()
 
     stage1 = out / "stage1"

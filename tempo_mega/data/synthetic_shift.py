@@ -1,8 +1,8 @@
 """The ``shift`` synthetic task (``data.synthetic_task=shift``): a labeled split and an unlabeled split
 drawn from different problem mixes, with a precedence trap, meant to let the toy study test the
 paper's claims (issue 14). The older ``arith`` task (``synthetic.py``) draws both splits from one mix;
-it stays the default everywhere (``experiment=debug_cpu``, ``experiment=demo``) until a study on this
-task has been run and documented.
+it stays the default of ``data.synthetic_task`` (``experiment=debug_cpu`` and the tests); ``experiment=demo``
+and ``scripts/study.py`` use this one.
 
 Families (single-digit operands where a tiny model learns the facts; every step of every solution,
 the trap's shortcut included, is a kind of step some family's solutions teach):

@@ -93,8 +93,8 @@ def test_shift_reference_solutions_grade_correct_but_the_misconception():
     assert solution_text(wrong[0]).startswith(f"{a}+{b}={a + b}, {a + b}*{c}=")
 
 
-def test_shift_selected_by_config_and_arith_stays_default():
+def test_shift_is_the_demos_task_and_arith_stays_the_default():
     assert load_config(["experiment=debug_cpu"]).data.synthetic_task == "arith"
-    assert load_config(["experiment=demo", "data.synthetic_task=shift"]).data.synthetic_task == "shift"
+    assert load_config(["experiment=demo"]).data.synthetic_task == "shift"
     with pytest.raises(ValueError, match="data.synthetic_task"):
         load_config(["experiment=debug_cpu", "data.synthetic_task=nope"])
