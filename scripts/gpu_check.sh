@@ -39,8 +39,10 @@ WHEEL_PLATFORMS=(manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_
                  manylinux2014_x86_64 manylinux1_x86_64)
 # what this package needs beyond a torch + transformers + Triton image (pure Python but megatron-core),
 # with megatron-core's own needs (psutil is in such images); versions as tested on CPU
-GPU_WHEELS=(megatron-core==0.16.1 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
-            math-verify==0.9.0 latex2sympy2_extended==1.11.0)
+GPU_WHEELS=(megatron-core==0.16.1 hydra-core==1.3.8 omegaconf==2.3.1 math-verify==0.9.0
+            latex2sympy2_extended==1.11.0)
+# pure Python, published as a source archive only (omegaconf pins it): built into a wheel here
+GPU_SDISTS=(antlr4-python3-runtime==4.9.3)
 
 # ------------------------------------------------------------------------------------------ parts run as
 # `gpu_check.sh --fn NAME` (under timeout); they read the exported PY ROOT OUT_DIR SCRATCH HAVE_CUDA
@@ -97,10 +99,13 @@ fi
 
 if [[ ${1:-} == --download-wheels ]]; then
     dest=${2:?usage: gpu_check.sh --download-wheels DIR}
+    mkdir -p "$dest" || exit
     plat=()
     for p in "${WHEEL_PLATFORMS[@]}"; do plat+=(--platform "$p"); done
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version "${GPU_CHECK_PYTHON_VERSION:-3.12}" \
-        --implementation cp "${plat[@]}" -d "$dest" "${GPU_WHEELS[@]}"
+        --implementation cp "${plat[@]}" -d "$dest" "${GPU_WHEELS[@]}" || exit
+    "$PY" -m pip wheel --quiet --no-deps -w "$dest" "${GPU_SDISTS[@]}" || exit
+    ls -l "$dest"
     exit
 fi
 

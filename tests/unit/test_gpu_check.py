@@ -107,3 +107,5 @@ def test_download_wheels_names_what_the_gpu_side_lacks(tmp_path, monkeypatch):
     assert args[:3] == ["-m", "pip", "download"] and "--no-deps" in args and "--only-binary=:all:" in args
     assert args[args.index("--python-version") + 1] == "3.12" and "manylinux_2_28_x86_64" in args
     assert "megatron-core==0.16.1" in args and any(a.startswith("hydra-core==") for a in args)
+    wheel_call = res.stdout.splitlines()[1].split()  # a source-only package, built into a wheel
+    assert wheel_call[:3] == ["-m", "pip", "wheel"] and "antlr4-python3-runtime==4.9.3" in wheel_call
