@@ -20,6 +20,8 @@ For each role (actor, critic), precision (bf16, FP8) and phase it prints a Markd
 
 and the ratios measured in this process: FP8 / bf16 tokens/s (Megatron), and Megatron bf16 / the torch
 backend (transformers Qwen3, SDPA, bf16 autocast; single process only) at the same shape, where it fits.
+``--backends megatron`` or ``--backends torch`` runs one side alone (scripts/gpu_check.sh runs each under its
+own timeout); ``--spec local`` builds megatron's local layer spec even where Transformer Engine imports.
 
 The model is Qwen3-8B's layer (hidden 4096, MLP 12288, 32 query heads, 8 KV heads, head_dim 128,
 vocabulary 151,936, untied) with fewer layers (``--layers``, default 4 of 36) so that weights,
@@ -93,6 +95,8 @@ DEFAULT_LAYERS = 4  # of Qwen3-8B's 36: fits one 80 GB card at 16K tokens per se
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 RECOMPUTE = ("none", "selective", "full")
+BACKENDS = ("megatron", "torch")
+SPECS = ("auto", "te", "local")
 
 
 @dataclass
@@ -259,8 +263,9 @@ def build_megatron(role: str, hf_config, args: argparse.Namespace, precision: st
                               recompute=args.recompute, params_dtype="bfloat16", fusions=args.fusions)
     if precision == "fp8":
         kw.update(fp8=args.fp8_format, fp8_recipe=fp8_recipe or args.fp8_recipe)
+    use_te = {"auto": None, "te": True, "local": False}[args.spec]
     return MegatronBackend(role, hf_config, MegatronConfig(**kw), optim, hf_state_dict=hf_state_dict,
-                           seed=args.seed)
+                           seed=args.seed, use_te=use_te)
 
 
 def build_torch(role: str, hf_config, args: argparse.Namespace, device: torch.device, optim):
@@ -507,6 +512,8 @@ def value_comparisons(args: argparse.Namespace, megatron_missing: str | None,
     reason = None
     if "critic" not in args.roles:
         reason = "critic not in --roles"
+    elif "megatron" not in args.backends:
+        reason = "megatron not in --backends"
     elif megatron_missing:
         reason = megatron_missing
     fp8_reason = reason or ("fp8 not in --precision" if "fp8" not in args.precision else fp8_missing)
@@ -640,8 +647,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="megatron.fusions (GPU + TE): run once with and once without to measure them")
     p.add_argument("--fp8-format", choices=FP8_FORMATS, default="hybrid", help="megatron.fp8 of the FP8 rows")
     p.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed", help="megatron.fp8_recipe")
-    p.add_argument("--baseline", choices=("torch", "none"), default="torch",
-                   help="also run the torch backend (bf16, single process) at the same shape")
+    p.add_argument("--backends", type=_csv_list(BACKENDS), default=list(BACKENDS),
+                   help="megatron,torch: the torch backend (bf16, single process) is the baseline at the same shape")
+    p.add_argument("--spec", choices=SPECS, default="auto",
+                   help="megatron layer spec: te (Transformer Engine), local (megatron's own layers; no FP8), "
+                        "auto (te where it imports)")
     p.add_argument("--torch-attn", default="sdpa", help="attn_implementation of the torch baseline")
     p.add_argument("--peak", default=None,
                    help="dense BF16 peak per GPU: a key of flops.PEAK_FLOPS or TFLOP/s (default: from the card)")
@@ -729,29 +739,31 @@ def main(argv: list[str] | None = None) -> int:
         f"LM head {100 * head_share:.0f}% of the actor's training FLOPs")
     say(f"- {args.seqs} x {args.seq_len} tokens per step (prompt {args.prompt_len}), micro-batches of <= "
         f"{args.micro_tokens} tokens; {args.warmup} warm-up + {args.steps} timed steps per phase")
-    say(f"- megatron: TP {args.tp}, sequence parallel {args.sequence_parallel}, recompute {args.recompute}, "
-        f"params bf16; FP8 rows: fp8={args.fp8_format}, recipe {args.fp8_recipe}")
+    say(f"- backends: {','.join(args.backends)}; megatron: layer spec {args.spec}, TP {args.tp}, sequence "
+        f"parallel {args.sequence_parallel}, recompute {args.recompute}, params bf16; FP8 rows: "
+        f"fp8={args.fp8_format}, recipe {args.fp8_recipe}")
     say("- MFU over the dense BF16 peak: "
         + (f"{peak_flops / 1e12:.0f} TFLOP/s ({peak_source})" if peak_flops else peak_source))
 
-    megatron_missing = megatron_unavailable()
+    megatron_missing = megatron_unavailable() if "megatron" in args.backends else None
     fp8_missing = None
     if megatron_missing:
         notes.append(f"Megatron rows skipped: {megatron_missing}")
-    elif "fp8" in args.precision:
-        fp8_missing = fp8_unavailable(device)
+    elif "fp8" in args.precision and "megatron" in args.backends:
+        fp8_missing = ("the local layer spec (--spec local) has no FP8" if args.spec == "local"
+                       else fp8_unavailable(device))
         if fp8_missing:
             notes.append(f"FP8 rows skipped: {fp8_missing}")
 
     rows: list[Row] = []
-    for precision in args.precision:
+    for precision in args.precision if "megatron" in args.backends else ():
         for role in args.roles:
             reason = megatron_missing or (fp8_missing if precision == "fp8" else None)
             if reason:
                 rows += [Row("megatron", role, precision, ph, status=f"skipped: {reason}") for ph in args.phases]
             else:
                 rows += bench_role("megatron", role, precision, ctx)
-    if args.baseline == "torch" and "bf16" in args.precision:
+    if "torch" in args.backends and "bf16" in args.precision:
         for role in args.roles:
             if world_size > 1:
                 rows += [Row("torch", role, "bf16", ph, status="skipped: the torch backend is single-process")

@@ -12,6 +12,10 @@ python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 # 0.16.1 is the newest release for Python 3.11; NGC (Python 3.12) pins its own in the Dockerfile.
 python -m pip install --quiet --disable-pip-version-check --no-deps "megatron-core==0.16.1"
 python -m pip install --quiet --disable-pip-version-check psutil  # dist_checkpointing needs it
+# SGLang's own request structs and /generate contract for tests/unit/test_sglang_contract.py: a few source
+# files taken from the sglang==0.5.23 wheel (pip download --no-deps, ~40 MB, dropped after) into
+# ~/.cache/tempo-mega (or $TEMPO_SGLANG_SRC). sglang itself is never installed here (docs/CPU_TESTING.md).
+python scripts/fetch_sglang_source.py
 python - <<'PY'
 import importlib.util, torch
 assert not torch.cuda.is_available() or torch.version.cuda, "unexpected torch build"

@@ -29,6 +29,10 @@ HTTP 200 with ``finish_reason`` abort, as SGLang answers a request it aborts its
 (the next N tensor/distributed updates answer ``success: false``, HTTP 400). ``FakeSGLangServer.restart``
 takes an in-process server down and brings a fresh one (the weights it started with) up on the same port.
 ``GET /fake/stats`` reports request counts and the most generate requests seen in flight at once.
+``request_fields`` (in process only: ``{path: field names}``, e.g. read from SGLang's own ``io_struct`` by
+the contract test) makes a POST body with a key outside its path's fields an HTTP 400, as SGLang's
+request structs refuse unknown fields; ``sampling_params`` keys are checked against the ``"sampling_params"``
+entry the same way. ``GET /fake/stats`` also lists the refusals (``unknown_fields``).
 
     python -m tempo_mega.rollout.fake_sglang --model-path DIR --host 127.0.0.1 --port 30000
 """
@@ -65,6 +69,7 @@ class _FakeState:
         fail_updates: int = 0,
         context_length: int | None = None,
         api_key: str | None = None,
+        request_fields: dict[str, list[str] | set[str] | tuple[str, ...]] | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -81,6 +86,8 @@ class _FakeState:
         self.abort_requests = abort_requests
         self.fail_updates = fail_updates
         self.api_key = api_key
+        self.request_fields = {k: frozenset(v) for k, v in (request_fields or {}).items()}
+        self.unknown_fields: list[str] = []  # "path: key" of each refused body key
         self.context_length_arg = context_length  # --context-length; /server_info reports it as given
         self.context_len = context_length or int(self.model.config.max_position_embeddings)
         self.session_open = False  # a /begin_weight_update not yet ended
@@ -254,6 +261,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _unknown_fields(self, path: str, body) -> list[str]:
+        fields = self.server.state.request_fields
+        if path not in fields or not isinstance(body, dict):
+            return []
+        bad = [k for k in body if k not in fields[path]]
+        sp = body.get("sampling_params")
+        if "sampling_params" in fields:
+            for one in sp if isinstance(sp, list) else [sp] if isinstance(sp, dict) else []:
+                bad += [f"sampling_params.{k}" for k in one if k not in fields["sampling_params"]]
+        return bad
+
     def _error(self, message: str, status: int = 400) -> None:
         self._send(status, {"error": {"message": message}})
 
@@ -275,6 +293,11 @@ class _Handler(BaseHTTPRequestHandler):
             with st.stats_lock:
                 st.counts["unauthorized"] = st.counts.get("unauthorized", 0) + 1
             return self._send(401, {"error": "Unauthorized"})
+        unknown = self._unknown_fields(path, body) if method == "POST" else []
+        if unknown:
+            with st.stats_lock:
+                st.unknown_fields += [f"{path}: {k}" for k in unknown]
+            return self._error(f"{path}: unknown field(s) {', '.join(unknown)} (fake: SGLang's request fields)")
         try:
             if path in ("/health", "/health_generate"):
                 # SGLang answers 503 when its scheduler has produced nothing for 20 s (HEALTH_CHECK_TIMEOUT)
@@ -371,6 +394,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "counts": dict(st.counts),
                             "released": sorted(st.released),
                             "session_open": st.session_open,
+                            "unknown_fields": list(st.unknown_fields),
                             "pid": os.getpid(),
                         },
                     )

@@ -196,3 +196,25 @@ def test_default_shape_is_qwen3_8b_layers():
 def test_no_cuda_says_so(capsys):
     assert load_script().main([]) == 0
     assert "no CUDA device here" in capsys.readouterr().out
+
+
+def test_torch_backend_alone_needs_no_megatron_world(tmp_path, capsys):
+    """``--backends torch`` (what scripts/gpu_check.sh runs as its own part): torch rows only, no world brought
+    up, the Megatron rows and the value comparison not asked for rather than reported skipped."""
+    import torch.distributed as dist
+
+    bench = load_script()
+    out_csv = tmp_path / "torch.csv"
+    rc = bench.main(["--device", "cpu", "--backends", "torch", "--hidden", "64", "--intermediate", "128",
+                     "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--vocab", "256", "--layers", "1",
+                     "--seq-len", "16", "--prompt-len", "4", "--seqs", "1", "--steps", "1", "--warmup", "0",
+                     "--csv", str(out_csv)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert not dist.is_initialized()
+    rows = list(csv.DictReader(out_csv.open()))
+    assert {(r["backend"], r["role"], r["phase"], r["status"]) for r in rows} == {
+        ("torch", role, ph, "ok") for role in ("actor", "critic") for ph in ("fwd", "train")}
+    assert "megatron/torch" not in printed and "NOTE: Megatron" not in printed
+    assert "- bf16 vs bf16" not in printed and "skipped: megatron not in --backends" in printed
+    assert bench.parse_args(["--spec", "local"]).spec == "local"
