@@ -330,11 +330,8 @@ class Plan:
 
 
 def _vocab_size(cfg: Any) -> int:
-    m = cfg.model
-    if m.path and m.path != NO_CHECKPOINT and os.path.isfile(os.path.join(m.path, "config.json")):
-        with open(os.path.join(m.path, "config.json")) as f:
-            return int(json.load(f)["vocab_size"])
-    if m.path is None:
+    """The vocabulary of a model without a checkpoint config: the synthetic tokenizer's for a fresh model."""
+    if cfg.model.path is None:
         from tempo_mega.trainer import load_tokenizer
 
         return len(load_tokenizer(cfg))
@@ -516,9 +513,9 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
                 fits=fits, headroom=headroom, sglang=sglang, step_s=step_s, assumptions=a, notes=notes)
 
 
-def headline_for_run(cfg: Any) -> str:
+def headline_for_run(cfg: Any, vocab_size: int | None = None) -> str:
     """One line for the start of ``train``: the plan at this run's world size, on the card it runs on (an
-    H100 when it cannot tell)."""
+    H100 when it cannot tell). ``vocab_size``: the run's tokenizer's, so it is not loaded again."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
     gpu, where = "h100-80gb", " (no GPU here: sized as one)"
@@ -533,7 +530,8 @@ def headline_for_run(cfg: Any) -> str:
     except Exception:  # the headline never stops a run
         pass
     try:
-        return plan(cfg, nodes=max(1, world // per_node), gpus_per_node=per_node, gpu=gpu).headline() + where
+        return plan(cfg, nodes=max(1, world // per_node), gpus_per_node=per_node, gpu=gpu,
+                    vocab_size=vocab_size).headline() + where
     except Exception as e:  # a headline for the log: it never stops a run
         return f"plan: not available ({type(e).__name__}: {e})"
 

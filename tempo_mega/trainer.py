@@ -686,7 +686,7 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = load_tokenizer(cfg)
     train, test = load_records(cfg)
     pool = PromptPool(cfg, tokenizer, train, test)
-    log.info("%s", headline_for_run(cfg))  # `tempo-mega plan` of this run: memory per GPU, step time
+    log.info("%s", headline_for_run(cfg, vocab_size=len(tokenizer)))  # `tempo-mega plan` of this run: memory per GPU, step time
     actor, critic = build_models(cfg, tokenizer, device)  # starts the process group of a megatron run
     src = pool.source()
     rollout = build_rollout(cfg, actor, src.pad_token_id, device)
