@@ -23,14 +23,23 @@ sampler), ``old_logprobs`` and ``values`` (trainer, weights before the step), ``
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 _ROW_TENSORS = ("is_labeled", "scores", "group_ids")
+
+
+def flat_numbers(rows: Sequence[Sequence[Any]], dtype: type, total: int) -> np.ndarray:
+    """The rows' items concatenated, converted in C (``np.fromiter`` over a chain). A tensor row is
+    read as a numpy array first."""
+    rows = [r.tolist() if isinstance(r, Tensor) else r for r in rows]
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=total)
 _TOKEN_TENSORS = ("rollout_logprobs", "old_logprobs", "values", "advantages", "returns")
 
 
@@ -88,29 +97,39 @@ class RolloutBatch:
                 f"RolloutBatch.from_samples: length mismatch: {b} prompts, {len(response_ids)} responses, "
                 f"{len(is_labeled)} is_labeled, {len(group_ids)} group_ids"
             )
-        p = max((len(x) for x in prompt_ids), default=0)
-        resp_len = max((len(x) for x in response_ids), default=0)
+        prompt_lens = torch.tensor([len(x) for x in prompt_ids], dtype=torch.long)
+        resp_lens = torch.tensor([len(x) for x in response_ids], dtype=torch.long)
+        if b and bool((prompt_lens == 0).any()):
+            i = int((prompt_lens == 0).nonzero()[0])
+            raise ValueError(f"RolloutBatch.from_samples: sample {i} has an empty prompt")
+        p = int(prompt_lens.max()) if b else 0
+        resp_len = int(resp_lens.max()) if b else 0
+        # every token list is converted once, in C, and scattered into place with masks: no Python
+        # work per token (scripts/bench_host_step.py)
+        cols_p = torch.arange(p)
+        cols_r = torch.arange(resp_len)
+        prompt_mask = cols_p[None, :] >= (p - prompt_lens)[:, None]  # left-padded
+        response_mask = (cols_r[None, :] < resp_lens[:, None]).long()  # right-padded
+        prompt_flat = torch.from_numpy(flat_numbers(prompt_ids, np.int64, int(prompt_lens.sum())))
+        resp_flat = torch.from_numpy(flat_numbers(response_ids, np.int64, int(resp_lens.sum())))
         input_ids = torch.full((b, p + resp_len), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((b, p + resp_len), dtype=torch.long)
-        response_mask = torch.zeros((b, resp_len), dtype=torch.long)
-        lp = torch.zeros((b, resp_len), dtype=torch.float32) if rollout_logprobs is not None else None
-        for i, (pr, rs) in enumerate(zip(prompt_ids, response_ids)):
-            if len(pr) == 0:
-                raise ValueError(f"RolloutBatch.from_samples: sample {i} has an empty prompt")
-            input_ids[i, p - len(pr) : p] = torch.as_tensor(list(pr), dtype=torch.long)
-            attention_mask[i, p - len(pr) : p] = 1
-            if len(rs):
-                input_ids[i, p : p + len(rs)] = torch.as_tensor(list(rs), dtype=torch.long)
-            attention_mask[i, p : p + len(rs)] = 1
-            response_mask[i, : len(rs)] = 1
-            if lp is not None:
-                if len(rollout_logprobs[i]) != len(rs):
-                    raise ValueError(
-                        f"RolloutBatch.from_samples: sample {i} has {len(rs)} response tokens but "
-                        f"{len(rollout_logprobs[i])} log-probs"
-                    )
-                if len(rs):
-                    lp[i, : len(rs)] = torch.as_tensor(list(rollout_logprobs[i]), dtype=torch.float32)
+        input_ids[:, :p].masked_scatter_(prompt_mask, prompt_flat)
+        input_ids[:, p:].masked_scatter_(response_mask.bool(), resp_flat)
+        attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
+        lp = None
+        if rollout_logprobs is not None:
+            if len(rollout_logprobs) != b:
+                raise ValueError(f"RolloutBatch.from_samples: {len(rollout_logprobs)} log-prob lists for {b} samples")
+            lp_lens = torch.tensor([len(x) for x in rollout_logprobs], dtype=torch.long)
+            bad = (lp_lens != resp_lens).nonzero()
+            if bad.numel():
+                i = int(bad[0])
+                raise ValueError(
+                    f"RolloutBatch.from_samples: sample {i} has {int(resp_lens[i])} response tokens but "
+                    f"{int(lp_lens[i])} log-probs"
+                )
+            lp = torch.zeros((b, resp_len), dtype=torch.float32)
+            lp.masked_scatter_(response_mask.bool(), torch.from_numpy(flat_numbers(rollout_logprobs, np.float32, int(resp_lens.sum()))))
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -64,6 +64,9 @@ class AlgoConfig:
     score_positive: float = 1.0  # critic targets: +-1 by default (the paper writes {0, 1})
     score_negative: float = -1.0
     lenient_grading: bool = False  # reproduce the published lenient grader (inflates scores)
+    # math-verify grading and TTRL/EMPO clustering processes per trainer process; 0 = this node's cores
+    # over its trainer processes (LOCAL_WORLD_SIZE), at most 8. 1 = in this process, one by one.
+    grading_workers: int = 0
     adv_eps: float = 1e-8
     # Truncated importance sampling for the sampler/trainer mismatch (SGLang kernels, bf16): each token's
     # policy loss is weighted by min(exp(old_logp - rollout_logp), tis_cap). 0 = off.
@@ -251,6 +254,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(a.ppo_clip_high >= 0, "algo.ppo_clip_high", f"must be >= 0, got {a.ppo_clip_high}")
     _check(a.clip_range_value > 0, "algo.clip_range_value", f"must be > 0, got {a.clip_range_value}")
     _check(a.e_step_every >= 0, "algo.e_step_every", f"must be >= 0 (0 = frozen critic), got {a.e_step_every}")
+    _check(a.grading_workers >= 0, "algo.grading_workers", f"must be >= 0 (0 = auto), got {a.grading_workers}")
     _check(a.max_gen_batches >= 1, "algo.max_gen_batches", f"must be >= 1, got {a.max_gen_batches}")
     _check(a.tis_cap == 0 or a.tis_cap >= 1, "algo.tis_cap", f"must be 0 (off) or >= 1, got {a.tis_cap}")
     _check(a.score_positive > a.score_negative, "algo.score_positive", "must be greater than algo.score_negative")

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -34,7 +35,15 @@ from tempo_mega.algo.advantages import last_valid_index
 from tempo_mega.backends.base import TrainBackend
 from tempo_mega.batch import RolloutBatch
 from tempo_mega.config import TrainConfig
-from tempo_mega.rewards import compute_score, empo_rewards, ttrl_rewards
+from tempo_mega.distributed import broadcast_object
+from tempo_mega.rewards import (
+    default_grading_workers,
+    empo_rewards,
+    grade_responses,
+    pseudo_rewards,
+    start_grading_workers,
+    ttrl_rewards,
+)
 from tempo_mega.rollout.base import RolloutEngine, SamplingParams, weights_device
 from tempo_mega.telemetry.timing import PhaseTimer
 
@@ -43,12 +52,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PromptSource:
-    """Where a step's prompts come from: ``draw(kind, n)`` -> list of (token ids, gold answer or None)."""
+    """Where a step's prompts come from: ``draw(kind, n)`` -> list of (token ids, gold answer or None).
+    ``decode_batch``, where given, decodes many responses in one call (``data.decode_responses``)."""
 
     draw: Callable[[str, int], list[tuple[list[int], str | None]]]  # kind: "labeled" | "unlabeled"
     decode: Callable[[list[int]], str]
     pad_token_id: int
     stop_token_ids: tuple[int, ...]
+    decode_batch: Callable[[list[list[int]]], list[str]] | None = None
+
+    def decode_many(self, batch: list[list[int]]) -> list[str]:
+        return self.decode_batch(batch) if self.decode_batch is not None else [self.decode(x) for x in batch]
 
 
 class BoundLoss:
@@ -89,6 +103,10 @@ class TempoController:
         a = cfg.algo
         self.labeled_only = a.mode in ("rlvr", "supervised_continuation")
         self.pseudo_reward = {"ttrl": ttrl_rewards, "empo": empo_rewards}.get(a.mode)
+        self.grading_workers = a.grading_workers or default_grading_workers()
+        if self.grading_workers > 1:  # started beside the model set-up, not in the first step
+            threading.Thread(target=start_grading_workers, args=(self.grading_workers,), daemon=True,
+                             name="grading-workers-start").start()
         self._gen: defaultdict[str, float] = defaultdict(float)  # the step's generate calls, summed
 
     # ------------------------------------------------------------------ one step
@@ -153,16 +171,16 @@ class TempoController:
         engine = getattr(self.rollout, "last_metrics", None) or {}  # SGLang's fault counters, where given
         for key in _ENGINE_COUNTERS:
             self._gen[key] += float(engine.get(key, 0.0))
-        texts = [self.prompts.decode(s.response_ids) for s in samples]
+        texts = self.prompts.decode_many([s.response_ids for s in samples])
         answers = [prompts[s.prompt_index][1] for s in samples]
         a = self.cfg.algo
-        scores = []
-        for text, gold in zip(texts, answers):
-            if labeled:
-                ok = compute_score(text, gold, lenient=a.lenient_grading) > 0
-                scores.append(a.score_positive if ok else a.score_negative)
-            else:
-                scores.append(0.0)
+        if labeled:
+            ok = grade_responses(texts, answers, lenient=a.lenient_grading, workers=self.grading_workers)
+            # rank 0's verdicts on every rank: a comparison that times out on one rank only must not
+            # give the ranks different batches
+            scores = broadcast_object([a.score_positive if x else a.score_negative for x in ok])
+        else:
+            scores = [0.0] * len(samples)
         return RolloutBatch.from_samples(
             [prompts[s.prompt_index][0] for s in samples], [s.response_ids for s in samples],
             is_labeled=[labeled] * len(samples), group_ids=[first_group + s.prompt_index for s in samples],
@@ -220,14 +238,13 @@ class TempoController:
         """TTRL/EMPO: each unlabeled group's responses are rewarded from the group itself."""
         a = self.cfg.algo
         scores = part.scores.clone()
-        for g in part.group_ids.unique().tolist():
-            idx = (part.group_ids == g).nonzero().flatten().tolist()
-            if self.cfg.algo.mode == "ttrl":
-                rewards, _ = ttrl_rewards([part.meta["text"][i] for i in idx], positive=a.score_positive,
-                                          negative=a.score_negative)
-            else:
-                rewards, _ = empo_rewards([part.meta["text"][i] for i in idx])
-            scores[idx] = torch.tensor(rewards, dtype=scores.dtype)
+        groups = part.group_ids.unique().tolist()
+        index = [(part.group_ids == g).nonzero().flatten().tolist() for g in groups]
+        rewards = pseudo_rewards(a.mode, [[part.meta["text"][i] for i in idx] for idx in index],
+                                 positive=a.score_positive, negative=a.score_negative, workers=self.grading_workers)
+        rewards = broadcast_object(rewards)  # rank 0's, on every rank (see generate)
+        for idx, r in zip(index, rewards):
+            scores[idx] = torch.tensor(r, dtype=scores.dtype)
         part.scores = scores
 
     @staticmethod

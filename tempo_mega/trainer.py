@@ -41,7 +41,7 @@ from tempo_mega.controller import PromptSource, TempoController
 from tempo_mega.data import FIELD_MAPS, FieldMap, PromptRecord, PromptSampler, format_prompt, load_prompts
 from tempo_mega.data.synthetic import make_synthetic_task, solution_text
 from tempo_mega.data.synthetic_shift import make_shift_task
-from tempo_mega.data.tokenizer import build_synthetic_tokenizer
+from tempo_mega.data.tokenizer import build_synthetic_tokenizer, decode_responses
 from tempo_mega.distributed import any_rank, barrier, broadcast_object, is_rank0, rank
 from tempo_mega.eval.metrics import (
     auroc,
@@ -54,9 +54,10 @@ from tempo_mega.eval.metrics import (
 from tempo_mega.launch.slurm import REQUEUE_EXIT_CODE  # "checkpointed on a preemption signal: requeue me"
 from tempo_mega.models import fresh_qwen3_config, stop_token_ids
 from tempo_mega.plan import headline_for_run
-from tempo_mega.rewards import compute_score, empo_rewards, extract_answer, ttrl_rewards
+from tempo_mega.rewards import empo_rewards, extract_answer, grade_responses, ttrl_rewards
 from tempo_mega.rollout.base import RolloutNeedsWeights, weights_device
 from tempo_mega.rollout.hf import HFRolloutEngine
+from tempo_mega.rollout.samples import broadcast_samples
 from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
 from tempo_mega.telemetry.flops import phase_mfu
 from tempo_mega.telemetry.nvml import NvmlSampler, tokens_per_joule
@@ -130,7 +131,8 @@ class PromptPool:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return PromptSource(draw=self.draw, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                            pad_token_id=pad, stop_token_ids=stop_token_ids(tok))
+                            pad_token_id=pad, stop_token_ids=stop_token_ids(tok),
+                            decode_batch=lambda batch: decode_responses(tok, batch))
 
     def state_dict(self) -> dict[str, Any]:
         return {k: s.state_dict() for k, s in self.samplers.items() if s is not None}
@@ -337,8 +339,9 @@ class RankZeroRollout:
     ``weights_dtype``: the engine gets the tensors in this dtype (cast here where megatron.params_dtype
     differs); None passes them as exported.
 
-    The samples travel pickled from rank 0 (hundreds of MB at 16K responses), and the process group's
-    timeout must cover rank 0's longest generate. In a one-process world it is the engine (plus the
+    The samples travel from rank 0 as flat tensors (``rollout.samples.broadcast_samples``: 33.5M tokens
+    at the paper's shape are 270 MB, with no Python work per token), and the process group's timeout
+    must cover rank 0's longest generate. In a one-process world it is the engine (plus the
     probe and the cast)."""
 
     def __init__(self, build, actor, *, pad_token_id: int, weights_dtype: torch.dtype | None = None,
@@ -355,6 +358,7 @@ class RankZeroRollout:
         self._release_during_training = release_during_training  # the same on every rank too
         self.last_metrics: dict[str, float] = {}
         self._want: list[float] | None = None
+        self._samples: list | None = None
         self.engine = None
         self._on_rank0(lambda: setattr(self, "engine", build(self)))
 
@@ -398,7 +402,8 @@ class RankZeroRollout:
         ``max_resyncs`` times)."""
         def attempt():
             try:
-                return "samples", self.engine.generate(prompt_ids, n, sampling)
+                self._samples = self.engine.generate(prompt_ids, n, sampling)
+                return "samples", None  # the samples travel as flat tensors, below
             except RolloutNeedsWeights as e:
                 return "needs_weights", str(e)
 
@@ -406,8 +411,9 @@ class RankZeroRollout:
         for k in range(self.max_resyncs + 1):
             kind, value = self._on_rank0(attempt)
             if kind == "samples":
+                samples, self._samples = broadcast_samples(self._samples if self.rank == 0 else None), None
                 self.last_metrics.update(resynced)  # the generate's own metrics replaced the re-sync's
-                return value
+                return samples
             log.warning("rollout: %s; re-sending the weights", value)
             self._push_weights(self.actor.export_weights(device=self.weights_device), "resync_stale")
             keep = ("rollout/probe_logprob_diff_max", "timing/weight_resync_s")
@@ -559,8 +565,13 @@ def evaluate(ctrl: TempoController, pool: PromptPool, cfg: TrainConfig, seed: in
     batch = ctrl.generate(prompts, labeled=False, seed=seed, first_group=0, n=k, temperature=t.eval_temperature)
     texts = batch.meta["text"]
     gold = [records[i // k].eval_answer for i in range(len(texts))]
-    correct = [compute_score(x, g, lenient=a.lenient_grading) > 0 if g is not None else False
-               for x, g in zip(texts, gold)]
+    graded = [i for i, g in enumerate(gold) if g is not None]
+    verdicts = grade_responses([texts[i] for i in graded], [gold[i] for i in graded], lenient=a.lenient_grading,
+                               workers=ctrl.grading_workers)
+    correct = [False] * len(texts)
+    for i, v in zip(graded, verdicts):
+        correct[i] = v
+    correct = broadcast_object(correct)  # rank 0's verdicts on every rank (as the controller's)
     table = torch.tensor(correct).view(len(records), k)
     answers = [[extract_answer(texts[p * k + j]) for j in range(k)] for p in range(len(records))]
     m = {"eval/avg@k": avg_at_k(table), "eval/pass@1": pass_at_k_batch(table, 1),

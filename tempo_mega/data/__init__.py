@@ -17,7 +17,7 @@ from tempo_mega.data.synthetic import (
     solution_text,
 )
 from tempo_mega.data.templates import PLAIN_SUFFIX, format_prompt, render_prompt, to_messages, with_suffix
-from tempo_mega.data.tokenizer import build_synthetic_tokenizer
+from tempo_mega.data.tokenizer import build_synthetic_tokenizer, decode_responses
 
 __all__ = [
     "DIFFICULTIES",
@@ -29,6 +29,7 @@ __all__ = [
     "PromptRecord",
     "PromptSampler",
     "build_synthetic_tokenizer",
+    "decode_responses",
     "format_prompt",
     "load_prompts",
     "make_synthetic_task",

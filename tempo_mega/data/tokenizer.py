@@ -121,3 +121,16 @@ def build_synthetic_tokenizer(save_dir: str | Path | None = None) -> PreTrainedT
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer
+
+
+def decode_responses(tokenizer, batch: list[list[int]]) -> list[str]:
+    """``[tokenizer.decode(ids, skip_special_tokens=True) for ids in batch]``, in one call to the Rust
+    tokenizer's ``decode_batch`` where the result is the same (a fast tokenizer whose decode does no
+    Python post-processing: no ``clean_up_tokenization_spaces``), which decodes on all of its threads
+    (``RAYON_NUM_THREADS``) instead of one Python call per response."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    cleanup = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+    if backend is not None and (not cleanup or type(backend.model).__name__ == "BPE"):
+        return backend.decode_batch([ids if isinstance(ids, list) else list(ids) for ids in batch],
+                                    skip_special_tokens=True)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tempo_mega.rewards.math import is_equivalent, normalize_answer
+from tempo_mega.rewards.math import equivalences, is_equivalent, normalize_answer
 
 
 def cluster_answers(answers: Sequence[str | None]) -> list[int]:
@@ -46,3 +46,21 @@ def cluster_sizes(ids: Sequence[int]) -> list[int]:
         if cluster >= 0:
             sizes[cluster] += 1
     return sizes
+
+
+def prefetch_cluster_pairs(groups: Sequence[Sequence[str | None]], *, workers: int) -> None:
+    """Decide, ``workers`` at a time, every comparison ``cluster_answers`` may make on these groups of
+    answers: each distinct answer against each distinct earlier one of its group (a superset of the
+    greedy's n * k). The verdicts land in the grader's cache, so the clustering that follows (in any
+    order, on any thread) makes no slow comparison of its own. With ``workers <= 1`` nothing is done."""
+    if workers <= 1:
+        return
+    pairs: list[tuple[str, str]] = []
+    for answers in groups:
+        seen: dict[str, str] = {}
+        for answer in answers:
+            key = normalize_answer(answer) if isinstance(answer, str) else ""
+            if key and key not in seen:
+                pairs.extend((answer, earlier) for earlier in seen.values())
+                seen[key] = answer
+    equivalences(pairs, workers=workers)

@@ -32,9 +32,11 @@ once per process.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import functools
 import json
 import logging
+import math
 import os
 import re
 import selectors
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -71,7 +73,7 @@ LENIENT_ROUND_DECIMALS = 6
 _ALARM_REPEAT_S = 0.05
 _WORKER_GRACE_S = 1.0
 _WORKER_STARTUP_TIMEOUT_S = 120.0
-_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_MAX_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 _EXTRACTION_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 
@@ -220,8 +222,57 @@ def _parse(answer: str) -> list:
     return parse("$" + answer + "$", extraction_config=_EXTRACTION_CONFIG, parsing_timeout=None)
 
 
+MAX_POWER_DIGITS = 10_000
+"""A parsed answer holding a power or a factorial of numbers with more digits than this
+(``10^{10^{10}}``, ``1000000!``) is compared as a string only: sympy would try to evaluate it and use
+up the whole time budget on every comparison it takes part in."""
+
+
+def _huge_power(parsed: list) -> bool:
+    """Whether a parsed answer contains ``a^b`` with numeric a, b or ``n!`` with numeric n whose value
+    has more than MAX_POWER_DIGITS digits."""
+    for item in parsed:
+        if not isinstance(item, sympy.Basic):
+            continue
+        for node in sympy.preorder_traversal(item):
+            if isinstance(node, sympy.factorial) and node.args[0].is_number:
+                try:
+                    n = _magnitude(node.args[0])
+                except (TypeError, ValueError, OverflowError):
+                    return True
+                if n > 10 and n * math.log10(n / math.e) > MAX_POWER_DIGITS:
+                    return True
+                continue
+            if not isinstance(node, sympy.Pow):
+                continue
+            base, exp = node.args
+            if not (base.is_number and exp.is_number):
+                continue
+            try:
+                e = _magnitude(exp)
+                b = abs(_magnitude(base))
+                if b > 1 and e * math.log10(b) > MAX_POWER_DIGITS:
+                    return True
+            except (TypeError, ValueError, OverflowError):
+                return True  # a power whose exponent cannot even be sized
+    return False
+
+
+def _magnitude(x: sympy.Basic) -> float:
+    """|x| as a float without evaluating big powers (nested towers are sized recursively)."""
+    if isinstance(x, sympy.Pow) and x.args[0].is_number and x.args[1].is_number:
+        b, e = abs(_magnitude(x.args[0])), _magnitude(x.args[1])
+        if b > 1 and e * math.log10(b) > 300:
+            raise OverflowError
+        return float(b ** e)
+    return abs(float(sympy.N(x, 15)))
+
+
 def _strict_job(pred: str, gold: str) -> bool:
-    return bool(verify(_parse(gold), _parse(pred), timeout_seconds=None))
+    g, p = _parse(gold), _parse(pred)
+    if _huge_power(g) or _huge_power(p):
+        return False
+    return bool(verify(g, p, timeout_seconds=None))
 
 
 def _real_value(parsed: list) -> sympy.Float | None:
@@ -242,6 +293,8 @@ def _real_value(parsed: list) -> sympy.Float | None:
 
 
 def _lenient_numeric_job(pred: str, gold: str) -> bool:
+    if _huge_power(_parse(pred)) or _huge_power(_parse(gold)):
+        return False
     a, b = _real_value(_parse(pred)), _real_value(_parse(gold))
     return a is not None and b is not None and _lenient_close(a, b)
 
@@ -375,6 +428,7 @@ class _WorkerPool:
     call raises ``_WorkerUnavailable`` at once) rather than paying a failed start per comparison."""
 
     def __init__(self, max_workers: int) -> None:
+        self._max = max_workers
         self._slots = threading.BoundedSemaphore(max_workers)
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
@@ -419,6 +473,28 @@ class _WorkerPool:
                     self._idle.append(worker)
                 return result
         raise AssertionError("unreachable")
+
+    def warm(self, count: int) -> int:
+        """Start up to ``count`` workers at once (each imports math-verify and sympy: about a second)
+        so that the first step's grading does not pay for it; returns how many are idle now."""
+        with self._lock:
+            missing = max(0, min(count, self._max) - len(self._all))
+        started: list[_Worker] = []
+
+        def start() -> None:
+            try:
+                started.append(self._start_worker())
+            except _WorkerUnavailable:
+                pass
+
+        threads = [threading.Thread(target=start, daemon=True) for _ in range(missing)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with self._lock:
+            self._idle.extend(started)
+            return len(self._idle)
 
     def _discard(self, worker: _Worker) -> None:
         worker.kill()
@@ -478,6 +554,24 @@ def _compare(job: str, pred: str, gold: str, timeout_s: float) -> bool:
         return False
 
 
+def _fast_verdict(pred: str, gold: str, lenient: bool) -> bool | None:
+    """The verdict of the cheap checks (strings, plain integers, the caps), or None when math-verify
+    must decide."""
+    if not isinstance(pred, str) or not isinstance(gold, str):
+        return False
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if not p or not g:
+        return False
+    if p == g:
+        return True
+    if _PLAIN_INT_RE.fullmatch(p) and _PLAIN_INT_RE.fullmatch(g):
+        a, b = int(p), int(g)
+        return a == b or (lenient and _lenient_close(a, b))
+    if _too_complex(p) or _too_complex(g):
+        return False
+    return None
+
+
 def is_equivalent(
     pred: str, gold: str, *, lenient: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> bool:
@@ -498,24 +592,88 @@ def is_equivalent(
     (module docstring); a timeout counts as not equivalent. Never raises.
     """
     try:
-        if not isinstance(pred, str) or not isinstance(gold, str):
-            return False
+        fast = _fast_verdict(pred, gold, lenient)
+        if fast is not None:
+            return fast
         p, g = normalize_answer(pred), normalize_answer(gold)
-        if not p or not g:
-            return False
-        if p == g:
-            return True
-        if _PLAIN_INT_RE.fullmatch(p) and _PLAIN_INT_RE.fullmatch(g):
-            a, b = int(p), int(g)
-            return a == b or (lenient and _lenient_close(a, b))
-        if _too_complex(p) or _too_complex(g):
-            return False
         if _compare("strict", p, g, timeout_s):
             return True
         return lenient and _compare("lenient_numeric", p, g, timeout_s)
     except Exception:  # never let grading take the trainer down
         logger.debug("is_equivalent failed", exc_info=True)
         return False
+
+
+def equivalences(
+    pairs: Sequence[tuple[str, str]], *, lenient: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+    workers: int = 1,
+) -> list[bool]:
+    """``is_equivalent(pred, gold)`` for every ``(pred, gold)`` of ``pairs``, each distinct normalized
+    pair decided once. The cheap checks run here; with ``workers > 1`` the pairs math-verify must decide
+    go to that many grading worker processes at once (each comparison under its own time bound, a
+    worker that overruns is killed: module docstring), else they run one by one in this process.
+    The verdicts are those of ``is_equivalent`` either way (timeouts aside); they are cached, so a
+    later ``is_equivalent`` of the same pair costs nothing. Never raises."""
+    verdicts: dict[tuple[str, str], bool] = {}
+    slow: list[tuple[str, str]] = []
+    for pred, gold in pairs:
+        key = (pred, gold)
+        if key in verdicts:
+            continue
+        try:
+            fast = _fast_verdict(pred, gold, lenient)
+        except Exception:
+            fast = False
+        if fast is None:
+            verdicts[key] = False  # placeholder, decided below
+            slow.append(key)
+        else:
+            verdicts[key] = fast
+    if slow:
+        def decide(key: tuple[str, str]) -> bool:
+            return is_equivalent(key[0], key[1], lenient=lenient, timeout_s=timeout_s)
+
+        if workers > 1 and len(slow) > 1:
+            # each thread hands its comparison to a worker process (off the main thread, see above)
+            with concurrent.futures.ThreadPoolExecutor(min(workers, len(slow)), thread_name_prefix="grade") as pool:
+                results = list(pool.map(decide, slow))
+        else:
+            results = [decide(key) for key in slow]
+        verdicts.update(zip(slow, results))
+    return [verdicts[(pred, gold)] for pred, gold in pairs]
+
+
+def grade_responses(
+    solutions: Sequence[str], ground_truths: Sequence[str | int | float], *, lenient: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 1,
+) -> list[bool]:
+    """Whether each solution's last boxed answer equals its ground truth: ``compute_score(s, g) > 0``
+    for every pair, with the distinct (answer, gold) pairs decided once and, with ``workers > 1``, in
+    parallel worker processes (``equivalences``). Never raises."""
+    if len(solutions) != len(ground_truths):
+        raise ValueError(f"grade_responses: {len(solutions)} solutions but {len(ground_truths)} ground truths")
+    answers = [extract_answer(s) for s in solutions]
+    golds = [str(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else g for g in ground_truths]
+    index = [i for i, (a, g) in enumerate(zip(answers, golds)) if a is not None and isinstance(g, str)]
+    ok = [False] * len(solutions)
+    verdicts = equivalences([(answers[i], golds[i]) for i in index], lenient=lenient, timeout_s=timeout_s,
+                            workers=workers)
+    for i, v in zip(index, verdicts):
+        ok[i] = v
+    return ok
+
+
+def start_grading_workers(count: int) -> int:
+    """Start ``count`` grading worker processes now (at most the pool's size) instead of at the first
+    parallel grading; returns how many are idle. ``count <= 1`` starts none (grading stays in-process)."""
+    return _POOL.warm(count) if count > 1 else 0
+
+
+def default_grading_workers() -> int:
+    """Grading processes per trainer process: the cores of this node shared among the node's
+    processes (``LOCAL_WORLD_SIZE``, set by torchrun), at most the pool's size, at least 1."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(_MAX_WORKERS, (os.cpu_count() or 1) // max(1, local)))
 
 
 def compute_score(

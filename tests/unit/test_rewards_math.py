@@ -18,6 +18,8 @@ from tempo_mega.rewards.math import compute_score, extract_answer, is_equivalent
 # Generous bounds: a 2-core CI machine under load, plus one worker start-up where noted.
 TIMEOUT_S = 1.0
 SLACK_S = 1.5
+# a comparison sympy cannot finish in any budget here (it evaluates the product); the timeout tests use it
+SLOW_ANSWER = "\\prod_{k=1}^{10^{7}} k"
 
 # ---------------------------------------------------------------------------------------------
 # extract_answer
@@ -203,10 +205,27 @@ def test_garbage_100k_characters_is_bounded():
     assert time.monotonic() - start < 1.0  # caps: math-verify never sees it
 
 
-def test_pathological_power_tower_times_out_in_budget():
+def test_pathological_answer_times_out_in_budget():
     start = time.monotonic()
-    assert not is_equivalent("10^{10^{10^{10}}}", "7", timeout_s=0.3)
+    assert not is_equivalent(SLOW_ANSWER, "7", timeout_s=0.3)
     assert time.monotonic() - start < 0.3 + SLACK_S
+
+
+@pytest.mark.parametrize("answer", ["10^{10^{10}}", "10^{10^{10^{10}}}", "2^{100000}", "1000000!", "(10^{8})!"])
+def test_huge_powers_and_factorials_are_compared_as_strings(fresh_cache, answer):
+    """Without the cap each of these costs a whole time budget per comparison (sympy evaluates them):
+    with it, no budget is spent, whatever the partner."""
+    start = time.monotonic()
+    assert not is_equivalent(answer, "7", timeout_s=2.0)
+    assert not is_equivalent("\\frac{1}{2}", answer, timeout_s=2.0)
+    assert is_equivalent(answer, answer)  # the same string still equals itself
+    assert time.monotonic() - start < 1.0
+
+
+def test_moderate_powers_are_still_verified():
+    assert is_equivalent("2^{100}", "1267650600228229401496703205376")
+    assert is_equivalent("10!", "3628800")
+    assert not is_equivalent("2^{100}", "1267650600228229401496703205377")
 
 
 def test_main_thread_timer_restores_previous_alarm():
@@ -256,7 +275,7 @@ def test_is_equivalent_in_a_thread(fresh_cache):
     def work():
         results["pairs"] = [is_equivalent(p, g) for p, g, _ in THREAD_PAIRS]
         start = time.monotonic()
-        results["tower"] = is_equivalent("10^{10^{10}}", "5", timeout_s=0.3)
+        results["tower"] = is_equivalent(SLOW_ANSWER, "5", timeout_s=0.3)
         results["tower_s"] = time.monotonic() - start
         results["lenient"] = is_equivalent("2.015", "2.016", lenient=True)
 
@@ -291,7 +310,7 @@ def test_worker_that_overruns_is_killed(fresh_cache, monkeypatch):
         workers_before = set(grading._POOL._all)
         monkeypatch.setattr(grading, "_WORKER_GRACE_S", -0.9)  # caller deadline: 0.1 s of 1.0
         start = time.monotonic()
-        box["stuck"] = is_equivalent("10^{10^{10}}", "3", timeout_s=1.0)
+        box["stuck"] = is_equivalent(SLOW_ANSWER, "3", timeout_s=1.0)
         box["stuck_s"] = time.monotonic() - start
         box["killed"] = [w.proc.poll() is not None for w in workers_before]
         monkeypatch.setattr(grading, "_WORKER_GRACE_S", 1.0)
