@@ -20,15 +20,18 @@ Phases, one row each (seconds, items/s, peak RSS of the process during the phase
   grade       math-verify grading of every labeled response (``grade_responses``)
   ttrl/empo   answer clustering of every unlabeled group (``ttrl_rewards`` / ``empo_rewards`` through
               ``pseudo_rewards``); TEMPO itself needs neither, the baselines do
-  batch       ``RolloutBatch.from_samples`` (the padded tensors)
-  filter      ``RolloutBatch.cat`` + ``filter_groups`` + ``select`` + ``trim``
+  filter      ``filter_groups`` on the per-row scores and the kept rows (``SampledPart``)
+  batch       ``RolloutBatch.from_samples`` of the kept rows (the padded tensors, built once);
+              ``--baseline`` has one ``filter+batch`` row: a batch per part, ``cat``, ``select``, ``trim``
   transport   rank 0's samples to the other ranks: serialize + deserialize, as pickled objects
-              (``broadcast_object_list``'s cost) and as flat tensors (``pack_samples``); measured at the
-              real size: every response at max length, 2,048 x 16,384 = 33.5M tokens
+              (``broadcast_object_list``'s cost) and as flat tensors (``pack_samples``), for this step's
+              samples (in the total) and at the worst-case size, every response at max length:
+              2,048 x 16,384 = 33.5M tokens (``@33.6M`` rows, beside the total)
   pack        ``split_by_tokens`` into micro-batches + ``to_packed`` of each
   advantages  ``em_token_advantages`` + truncated IS + the step's rollout metrics
 
-``--workers N`` sets the grading/clustering pool and the decoder's threads (``--workers 1,2`` runs each in a
+``--workers N`` sets the grading/clustering pool and the decoder's threads (torch runs one intra-op
+thread, as torchrun's trainer processes do) (``--workers 1,2`` runs each in a
 fresh process; default: 1 and all cores). The total is the sum of the phases a TEMPO step runs (parse,
 decode, grade, batch, filter, transport (the chosen one), pack, advantages); ttrl/empo rows are shown
 beside it. Nothing is asserted: this prints what it measured.
@@ -279,7 +282,9 @@ def run(args: argparse.Namespace, workers: int) -> list[Row]:
     os.environ["RAYON_NUM_THREADS"] = str(workers)  # the tokenizers decoder's threads
     import torch
 
-    torch.set_num_threads(workers)
+    # one intra-op thread, as in a trainer process (torchrun sets OMP_NUM_THREADS=1): the tensor phases
+    # are not parallelized, grading and decoding are (the workers)
+    torch.set_num_threads(1)
     from tempo_mega.algo import em_token_advantages, filter_groups
     from tempo_mega.batch import RolloutBatch
     from tempo_mega.config import load_config
@@ -381,43 +386,60 @@ def run(args: argparse.Namespace, workers: int) -> list[Row]:
     for mode in ("ttrl", "empo"):
         timed(rows, mode, len(groups), "groups", lambda mode=mode: cluster(mode), in_total=False)
 
-    def build():
-        parts = []
-        for part, first, lab, sc in ((lab_samples, 0, True, scores), (unl_samples, n_lab, False, [0.0] * len(unl_samples))):
-            parts.append(RolloutBatch.from_samples(
-                [prompt] * len(part), [s.response_ids for s in part], is_labeled=[lab] * len(part),
-                group_ids=[first + s.prompt_index for s in part], pad_token_id=tok.pad_token_id,
-                rollout_logprobs=[s.logprobs for s in part], scores=sc,
-                meta={"text": lab_texts if lab else unl_texts,
-                      "truncated": [s.finish_reason == "length" for s in part]}))
-        return parts
+    lab_rows = ([prompt] * len(lab_samples), lab_samples, True, [s.prompt_index for s in lab_samples], scores,
+                lab_texts, golds)
+    unl_rows = ([prompt] * len(unl_samples), unl_samples, False, [n_lab + s.prompt_index for s in unl_samples],
+                [0.0] * len(unl_samples), unl_texts, [None] * len(unl_samples))
 
-    parts = timed(rows, "batch", tokens, "tokens", build)
+    if args.baseline:  # the controller before: a padded batch per part, joined, then the kept rows selected
+        def filt():
+            built = [RolloutBatch.from_samples(
+                pr, [x.response_ids for x in sm], is_labeled=[lab] * len(sm), group_ids=gid,
+                pad_token_id=tok.pad_token_id, rollout_logprobs=[x.logprobs for x in sm], scores=sc,
+                meta={"text": tx, "answer": an, "truncated": [x.finish_reason == "length" for x in sm]})
+                for pr, sm, lab, gid, sc, tx, an in (lab_rows, unl_rows)]
+            batch = RolloutBatch.cat(built, pad_token_id=tok.pad_token_id)
+            res = filter_groups(batch.scores, batch.group_ids, batch.is_labeled, target_num_groups=None)
+            return batch.select(res.keep).trim()
 
-    def filt():
-        batch = RolloutBatch.cat(parts, pad_token_id=tok.pad_token_id)
-        res = filter_groups(batch.scores, batch.group_ids, batch.is_labeled, target_num_groups=None)
-        return batch.select(res.keep).trim()
+        batch = timed(rows, "filter+batch", n_samples, "responses", filt)
+    else:  # the controller now: the filter on the per-row fields, one padded batch of the kept rows
+        from tempo_mega.controller import SampledPart
 
-    batch = timed(rows, "filter", len(parts[0]) + len(parts[1]), "responses", filt)
-    parts.clear()
+        parts = [SampledPart(prompt_ids=pr, samples=sm, labeled=lab, group_ids=gid, scores=sc, texts=tx, answers=an)
+                 for pr, sm, lab, gid, sc, tx, an in (lab_rows, unl_rows)]
 
-    # transport at the real size: every response at max length
+        def filt():
+            whole = SampledPart.join(parts)
+            res = filter_groups(torch.tensor(whole.scores), torch.tensor(whole.group_ids),
+                                torch.tensor(whole.labeled_rows()), target_num_groups=None)
+            return whole.select(res.keep.nonzero().flatten().tolist())
+
+        kept = timed(rows, "filter", n_samples, "responses", filt)
+        batch = timed(rows, "batch", tokens, "tokens", lambda: kept.to_batch(tok.pad_token_id))
+        del parts, kept
+    lab_rows = unl_rows = None  # noqa: F841 - the rows go with the batch built from them
+
+    def transports(suffix: str, items: list, count: int, in_total: bool) -> None:
+        timed(rows, f"transport pickle{suffix}", count, "tokens",
+              lambda: pickle.loads(pickle.dumps([(items, None, {})], protocol=pickle.HIGHEST_PROTOCOL)),
+              in_total=in_total and (args.baseline or args.transport == "pickle"))
+        if not args.baseline:
+            timed(rows, f"transport tensors{suffix}", count, "tokens",
+                  lambda: unpack_samples(*_roundtrip_tensors(pack_samples(items))),
+                  in_total=in_total and args.transport == "tensors")
+
+    transports("", samples, tokens, True)  # this step's samples
+    # and at the real worst-case size: every response at max length (2,048 x 16,384 = 33.5M tokens)
     full = [Sample(prompt_index=s.prompt_index, response_ids=(s.response_ids * (max_len // max(1, len(s.response_ids)) + 1))[:max_len],
                    logprobs=(s.logprobs * (max_len // max(1, len(s.logprobs)) + 1))[:max_len],
                    finish_reason=s.finish_reason, extra=dict(s.extra))
             for s in samples[: max(1, round(args.transport_scale * n_samples))]] if args.transport_scale > 0 else []
-    full_tokens = sum(len(s.response_ids) for s in full)
     if full:
+        full_tokens = sum(len(s.response_ids) for s in full)
         print(f"  [workers={workers}] transport at {len(full)} x {max_len} = {full_tokens / 1e6:.1f}M tokens", flush=True)
-        timed(rows, "transport_pickle", full_tokens, "tokens",
-              lambda: pickle.loads(pickle.dumps([(full, None, {})], protocol=pickle.HIGHEST_PROTOCOL)),
-              in_total=args.transport == "pickle")
-        if not args.baseline:
-            timed(rows, "transport_tensors", full_tokens, "tokens",
-                  lambda: unpack_samples(*_roundtrip_tensors(pack_samples(full))),
-                  in_total=args.transport == "tensors")
-        del full
+        transports(f" @{full_tokens / 1e6:.1f}M", full, full_tokens, False)
+        full.clear()
 
     def pack():
         mbs = batch.split_by_tokens(a.actor.max_tokens_per_micro_batch)

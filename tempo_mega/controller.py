@@ -44,7 +44,7 @@ from tempo_mega.rewards import (
     start_grading_workers,
     ttrl_rewards,
 )
-from tempo_mega.rollout.base import RolloutEngine, SamplingParams, weights_device
+from tempo_mega.rollout.base import RolloutEngine, Sample, SamplingParams, weights_device
 from tempo_mega.telemetry.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,50 @@ class PromptSource:
 
     def decode_many(self, batch: list[list[int]]) -> list[str]:
         return self.decode_batch(batch) if self.decode_batch is not None else [self.decode(x) for x in batch]
+
+
+@dataclass
+class SampledPart:
+    """One generate call's rows before tensors: the ragged samples with their texts and scores (the
+    step's parts are filtered on these and turned into one ``RolloutBatch`` once)."""
+
+    prompt_ids: list[list[int]]
+    samples: list[Sample]
+    labeled: bool | list[bool]
+    group_ids: list[int]
+    scores: list[float]
+    texts: list[str]
+    answers: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def labeled_rows(self) -> list[bool]:
+        return list(self.labeled) if isinstance(self.labeled, list) else [self.labeled] * len(self.samples)
+
+    @staticmethod
+    def join(parts: list[SampledPart]) -> SampledPart:
+        def flat(name: str) -> list:
+            return [x for p in parts for x in getattr(p, name)]
+
+        return SampledPart(prompt_ids=flat("prompt_ids"), samples=flat("samples"),
+                           labeled=[x for p in parts for x in p.labeled_rows()], group_ids=flat("group_ids"),
+                           scores=flat("scores"), texts=flat("texts"), answers=flat("answers"))
+
+    def select(self, rows: list[int]) -> SampledPart:
+        lab = self.labeled_rows()
+        return SampledPart(prompt_ids=[self.prompt_ids[i] for i in rows], samples=[self.samples[i] for i in rows],
+                           labeled=[lab[i] for i in rows], group_ids=[self.group_ids[i] for i in rows],
+                           scores=[self.scores[i] for i in rows], texts=[self.texts[i] for i in rows],
+                           answers=[self.answers[i] for i in rows])
+
+    def to_batch(self, pad_token_id: int) -> RolloutBatch:
+        s = self.samples
+        return RolloutBatch.from_samples(
+            self.prompt_ids, [x.response_ids for x in s], is_labeled=self.labeled_rows(), group_ids=self.group_ids,
+            pad_token_id=pad_token_id, rollout_logprobs=[x.logprobs for x in s], scores=self.scores,
+            meta={"text": self.texts, "answer": self.answers, "truncated": [x.finish_reason == "length" for x in s]},
+        )
 
 
 class BoundLoss:
@@ -163,6 +207,11 @@ class TempoController:
     def generate(self, prompts: list[tuple[list[int], str | None]], labeled: bool, seed: int,
                  first_group: int, n: int | None = None, temperature: float | None = None) -> RolloutBatch:
         """Sample n responses per prompt and score them (verified for labeled prompts)."""
+        return self.sample_part(prompts, labeled, seed, first_group, n, temperature).to_batch(self.prompts.pad_token_id)
+
+    def sample_part(self, prompts: list[tuple[list[int], str | None]], labeled: bool, seed: int,
+                    first_group: int, n: int | None = None, temperature: float | None = None) -> SampledPart:
+        """``generate``'s samples, texts and scores, before any tensor is built."""
         n = n or self.cfg.algo.num_samples_per_prompt
         t0 = time.perf_counter()
         samples = self.rollout.generate([p for p, _ in prompts], n, self.sampling(seed, temperature))
@@ -181,20 +230,17 @@ class TempoController:
             scores = broadcast_object([a.score_positive if x else a.score_negative for x in ok])
         else:
             scores = [0.0] * len(samples)
-        return RolloutBatch.from_samples(
-            [prompts[s.prompt_index][0] for s in samples], [s.response_ids for s in samples],
-            is_labeled=[labeled] * len(samples), group_ids=[first_group + s.prompt_index for s in samples],
-            pad_token_id=self.prompts.pad_token_id, rollout_logprobs=[s.logprobs for s in samples],
-            scores=scores, meta={"text": texts, "answer": answers,
-                                 "truncated": [s.finish_reason == "length" for s in samples]},
-        )
+        return SampledPart(prompt_ids=[prompts[s.prompt_index][0] for s in samples], samples=list(samples),
+                           labeled=labeled, group_ids=[first_group + s.prompt_index for s in samples],
+                           scores=scores, texts=texts, answers=answers)
 
     def collect_batch(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """Steps 1-3: one mixed batch, labeled groups filtered and refilled up to max_gen_batches."""
+        """Steps 1-3: one mixed batch, labeled groups filtered and refilled up to max_gen_batches. The
+        filter reads the per-row scores only; the tensors are built once, from the rows kept."""
         a = self.cfg.algo
         seed = self.cfg.trainer.seed * 1_000_003 + step * 1009
         self._gen.clear()
-        parts: list[RolloutBatch] = []
+        parts: list[SampledPart] = []
         next_group = 0
         want = {"labeled": a.labeled_prompts_per_step, "unlabeled": a.unlabeled_prompts_per_step}
         if self.labeled_only:
@@ -205,24 +251,26 @@ class TempoController:
             for kind, count in want.items():
                 if count > 0:
                     drawn = self.prompts.draw(kind, count)
-                    part = self.generate(drawn, kind == "labeled", seed + gen_batches * 17 + (kind == "labeled"), next_group)
+                    part = self.sample_part(drawn, kind == "labeled", seed + gen_batches * 17 + (kind == "labeled"), next_group)
                     next_group += len(drawn)
                     if kind == "unlabeled" and self.pseudo_reward is not None:
                         self.apply_pseudo_reward(part)
                     parts.append(part)
             gen_batches += 1
-            batch = RolloutBatch.cat(parts, pad_token_id=self.prompts.pad_token_id)
-            target = a.labeled_prompts_per_step + (0 if self.labeled_only else a.unlabeled_prompts_per_step)
-            result = filter_groups(batch.scores, batch.group_ids, batch.is_labeled,
-                                   target_num_groups=target if a.filter_groups else None)
             if not a.filter_groups:
-                result = None
                 break
+            target = a.labeled_prompts_per_step + (0 if self.labeled_only else a.unlabeled_prompts_per_step)
+            result = filter_groups(torch.tensor([x for p in parts for x in p.scores], dtype=torch.float32),
+                                   torch.tensor([g for p in parts for g in p.group_ids], dtype=torch.long),
+                                   torch.tensor([p.labeled for p in parts for _ in p.samples], dtype=torch.bool),
+                                   target_num_groups=target)
             if result.groups_needed == 0:
                 break
             want = {"labeled": result.groups_needed, "unlabeled": 0}  # unlabeled groups are never dropped
+        whole = SampledPart.join(parts)
         if result is not None:
-            batch = batch.select(result.keep).trim()
+            whole = whole.select(result.keep.nonzero().flatten().tolist())
+        batch = whole.to_batch(self.prompts.pad_token_id)
         m = self.rollout_metrics(batch)
         m["rollout/gen_batches"] = float(gen_batches)
         # the engine's speed over every sample it made this step (dropped groups included)
@@ -234,17 +282,20 @@ class TempoController:
             m["rollout/groups_short"] = float(result.groups_needed)
         return batch, m
 
-    def apply_pseudo_reward(self, part: RolloutBatch) -> None:
+    def apply_pseudo_reward(self, part: SampledPart) -> None:
         """TTRL/EMPO: each unlabeled group's responses are rewarded from the group itself."""
         a = self.cfg.algo
-        scores = part.scores.clone()
-        groups = part.group_ids.unique().tolist()
-        index = [(part.group_ids == g).nonzero().flatten().tolist() for g in groups]
-        rewards = pseudo_rewards(a.mode, [[part.meta["text"][i] for i in idx] for idx in index],
+        order: dict[int, list[int]] = {}
+        for i, g in enumerate(part.group_ids):
+            order.setdefault(g, []).append(i)
+        index = list(order.values())
+        rewards = pseudo_rewards(a.mode, [[part.texts[i] for i in idx] for idx in index],
                                  positive=a.score_positive, negative=a.score_negative, workers=self.grading_workers)
-        rewards = broadcast_object(rewards)  # rank 0's, on every rank (see generate)
+        rewards = broadcast_object(rewards)  # rank 0's, on every rank (see sample_part)
+        scores = list(part.scores)
         for idx, r in zip(index, rewards):
-            scores[idx] = torch.tensor(r, dtype=scores.dtype)
+            for i, x in zip(idx, r):
+                scores[i] = float(x)
         part.scores = scores
 
     @staticmethod

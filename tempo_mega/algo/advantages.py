@@ -93,13 +93,23 @@ def em_token_advantages(
         raise ValueError(
             f"scores {tuple(scores.shape)} and is_labeled {tuple(is_labeled.shape)} must be [B] = [{values.shape[0]}]"
         )
-    values = _masked(values, response_mask)
-    last_value = values.gather(-1, last_valid_index(response_mask).unsqueeze(-1)).squeeze(-1)
-    reward = torch.where(is_labeled.bool(), scores.to(values.dtype), last_value)
-    raw = _masked(reward.unsqueeze(-1) - values, response_mask)
-    advantages = masked_whiten(raw, response_mask, eps=eps)
-    returns = _masked(reward.unsqueeze(-1).expand_as(values), response_mask)
-    return advantages, returns
+    # computed on the valid tokens only (a batch of long-tailed responses is mostly padding), in row-major
+    # order, and scattered back: the same whitening as masked_whiten, a third of the memory traffic
+    mask = response_mask.bool()
+    last = last_valid_index(response_mask)
+    last_value = torch.where(mask.any(-1), values.gather(-1, last.unsqueeze(-1)).squeeze(-1), 0.0)
+    reward = torch.where(is_labeled.bool(), scores.to(values.dtype), last_value.to(values.dtype))
+    reward_tok = torch.repeat_interleave(reward, mask.sum(-1))
+    raw = reward_tok - values[mask]
+    n = raw.numel()
+    if n > 1:
+        mean = raw.mean()
+        var = ((raw - mean) ** 2).sum() / (n - 1)
+        whitened = (raw - mean) * torch.rsqrt(var + eps)
+    else:  # masked_var's convention: fewer than two tokens have variance 0
+        whitened = (raw - raw.mean()) * torch.rsqrt(torch.as_tensor(eps, dtype=raw.dtype)) if n else raw
+    zeros = torch.zeros_like(values)
+    return zeros.masked_scatter(mask, whitened), zeros.masked_scatter(mask, reward_tok)
 
 
 def gae_advantages(
