@@ -371,6 +371,17 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def _fwd_block_n(n: int) -> int:
+    """Tokens per program of the compiled forward kernel (it fixes the grid, so it is no autotune key's
+    choice); a pure function of N, shared with scripts/compile_kernels.py."""
+    return min(128, max(16, triton.next_power_of_2(n)))
+
+
+def _dlogits_tiles(interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) of ``_dlogits_kernel``: few, large tiles in the interpreter."""
+    return (16, 64, 8) if interp else (4, 1024, 8)
+
+
 def _triton_forward(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, entropy: bool,
                     splits: int | None = None):
     """-> (logp [N], lse [N], entropy [N] or None), fp32, via the tiled online-logsumexp kernel.
@@ -385,7 +396,7 @@ def _triton_forward(hidden: Tensor, weight: Tensor, targets: Tensor, temperature
         block_n, tiles = min(32, max(16, triton.next_power_of_2(n))), {"BLOCK_V": 64, "BLOCK_H": 32}
         min_programs, min_split_cols = 4, 64  # a few splits so that the merge is exercised on CPU too
     else:
-        block_n, tiles = min(128, max(16, triton.next_power_of_2(n))), {}
+        block_n, tiles = _fwd_block_n(n), {}
         min_programs, min_split_cols = 2 * _num_sms(dev), 1024
     n_blocks = triton.cdiv(n, block_n)
     if splits is None:
@@ -427,12 +438,12 @@ def _triton_dlogits(raw: Tensor, t: Tensor, lse: Tensor, ent: Tensor | None, g_l
     interp = interpreting() or raw.device.type != "cuda"
     # The interpreter truncates fp32 -> bf16 stores: write fp32 there and round in torch.
     out = raw if (out_dtype == torch.float32 or interp) else torch.empty((c, v), dtype=out_dtype, device=raw.device)
-    block_r, block_v = (16, 64) if interp else (4, 1024)
+    block_r, block_v, warps = _dlogits_tiles(interp)
     dummy = lse  # pointer for an absent operand (never read: its HAS_ flag is off)
     _dlogits_kernel[(triton.cdiv(c, block_r), triton.cdiv(v, block_v))](
         raw, out, t, lse, dummy if ent is None else ent, dummy if g_lp is None else g_lp,
         dummy if g_ent is None else g_ent, c, v, raw.stride(0), out.stride(0), 1.0 / temperature,
-        HAS_LP=g_lp is not None, HAS_ENT=g_ent is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8,
+        HAS_LP=g_lp is not None, HAS_ENT=g_ent is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
     )
     return out.to(out_dtype)
 

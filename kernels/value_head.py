@@ -142,12 +142,18 @@ def _fwd_blocks(h: int) -> tuple[int, int, int]:
 def _bwd_blocks(n: int, h: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_H, num_groups, num_warps). Column blocks are independent given rstd and the dot;
     row groups loop over rows and keep a [BLOCK_H] partial of P in registers."""
-    block_n, block_h = 16, min(128, _next_pow2(h))
-    n_col_blocks = -(-h // block_h)
     if device.type == "cuda":
         programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         programs = 2  # interpreter: still several row groups for tiny N
+    return _bwd_blocks_for(n, h, programs)
+
+
+def _bwd_blocks_for(n: int, h: int, programs: int) -> tuple[int, int, int, int]:
+    """``_bwd_blocks`` as a pure function of the shape and the wanted number of programs (4 per SM on a
+    GPU); scripts/compile_kernels.py calls it with a target's SM count."""
+    block_n, block_h = 16, min(128, _next_pow2(h))
+    n_col_blocks = -(-h // block_h)
     groups = max(1, min(-(-n // block_n), -(-programs // n_col_blocks)))
     return block_n, block_h, groups, 4
 

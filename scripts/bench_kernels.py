@@ -4,7 +4,10 @@ For every kernel, shape and mode ("fwd": forward without autograd, "fwd+bwd": fo
 a scalar built from the output) it prints and, with ``--csv PATH``, writes:
 
   ms              median time of the fused kernel (triton.testing.do_bench)
-  GB/s, %peak     bytes_moved() / time, against ``--peak-gbps`` (3350: H100 SXM HBM3)
+  bytes, t_min    min_bytes() of the mode (fwd, or fwd + bwd) and the time to move them at the card's
+                  peak HBM bandwidth (``--card``: h200 4.8, h100 3.35, a100 2.039, b200 8 TB/s, from
+                  tempo_mega.plan.CARDS; default the CUDA device's name; ``--peak-gbps`` overrides)
+  % of peak       100 * t_min / ms (equally: achieved GB/s over the peak)
   TFLOP/s         fused_linear_logprob only (it is GEMM-bound, so %peak bandwidth is low by design)
   x eager         speedup over the torch reference run eagerly
   x compile       speedup over torch.compile(reference)
@@ -15,7 +18,8 @@ a scalar built from the output) it prints and, with ``--csv PATH``, writes:
 
 Kernel modules load lazily; a kernel whose module (or function) is missing is skipped with one line.
 Without CUDA the script prints one line and exits 0: it never reports CPU numbers as kernel timings.
-``--check`` instead runs every case once at toy shapes on CPU (no timings) to test this script's wiring.
+``--check`` instead runs every case once at toy shapes on CPU (no timings) to test this script's wiring;
+``--model`` prints the bandwidth model (bytes and t_min at the GPU shapes) anywhere, without timing.
 
     python scripts/bench_kernels.py --csv bench_kernels.csv
     python scripts/bench_kernels.py --kernels fused_linear_logprob --modes fwd+bwd
@@ -37,41 +41,91 @@ from torch import Tensor
 
 KERNELS = ("fused_linear_logprob", "fused_value_head", "gspo_loss", "seq_clipped_value_loss")
 MODES = ("fwd", "fwd+bwd")
-H100_SXM_PEAK_GBPS = 3350.0
 
 
 # ----------------------------------------------------------------------------- bytes moved
-def bytes_moved(kernel: str, dims: dict[str, int], elt: int, mode: str) -> int:
-    """The HBM traffic a perfect implementation cannot avoid: each input read and each output written
-    once per pass (forward; backward re-reads what it needs and writes the gradients). ``elt`` is the
-    element size of the main activations (2 for bf16); losses and log-probs are fp32, ids int64.
+def min_bytes(kernel: str, dims: dict[str, int], elt: int, direction: str) -> int:
+    """The HBM bytes one direction ("fwd" or "bwd") of the fused kernel cannot avoid: each input it needs
+    read once and each output written once (what it saves for the backward counts as a forward output and
+    a backward input; intermediates such as per-program partials do not count). ``elt`` is the element
+    size of the main activations (2 for bf16; the token tensors of the sequence losses, 4 in this
+    benchmark). Ids are int64 (8 B), cu_seqlens int32, statistics and log-probs fp32.
 
-    fused_linear_logprob (N, H, V): fwd reads hidden N*H*elt, weight V*H*elt, targets 8N; writes logp,
-        lse (and entropy) 4N each. bwd re-reads hidden and weight, reads the upstream grad and lse 8N,
-        writes grad_hidden N*H*elt and grad_weight V*H*elt. (GEMM-bound: 2NVH FLOPs fwd, 8NVH fwd+bwd
-        with the recomputation; see flops().)
-    fused_value_head (N, H): fwd reads hidden N*H*elt and two [H] fp32 weights, writes values 4N (and
-        saves 8N of row statistics); bwd re-reads hidden and the 8N statistics, reads the upstream grad 4N,
-        writes grad_hidden N*H*elt and the [H] weight grads.
-    gspo_loss / seq_clipped_value_loss (N tokens, S sequences): fwd reads three fp32 [N] tensors and
-        cu_seqlens 4(S+1), writes a scalar (and 8S saved per sequence); bwd re-reads the three inputs and
-        the 8S statistics and writes the fp32 [N] gradient.
+    fused_linear_logprob (N, H, V, entropy e in {0, 1}):
+        fwd reads hidden N*H*elt, weight V*H*elt, targets 8N; writes logp 4N, lse 4N, entropy 4N*e.
+        bwd reads hidden, weight, targets, lse 4N, the logp gradient 4N (and with e: entropy 4N and its
+        gradient 4N); writes grad_hidden N*H*elt, grad_weight V*H*elt.
+        (GEMM-bound: 2NVH FLOPs fwd, 8NVH fwd+bwd with the recomputation; see flops().)
+    fused_value_head (N, H; norm and head weights fp32 here, 4H each):
+        fwd reads hidden N*H*elt, both weights 8H, the bias 4; writes values 4N, rstd and dot 8N.
+        bwd reads hidden N*H*elt, rstd and dot 8N, the values' gradient 4N, both weights 8H;
+        writes grad_hidden N*H*elt and both weight gradients 8H.
+    gspo_loss (N tokens, S sequences):
+        fwd reads logprobs, old_logprobs, advantages 3*elt*N, cu_seqlens 4(S+1); writes the per-sequence
+        log-ratio and loss 8S.
+        bwd reads advantages elt*N, cu_seqlens, the log-ratios 4S; writes grad_logprobs elt*N.
+    seq_clipped_value_loss (N, S):
+        fwd reads values, old_values, returns 3*elt*N, cu_seqlens 4(S+1); writes delta, the clipped-error
+        sum and the loss per sequence 12S.
+        bwd reads values and returns 2*elt*N, cu_seqlens, delta and the sum 8S; writes grad_values elt*N.
     """
+    if direction not in ("fwd", "bwd"):
+        raise ValueError(f"min_bytes: direction must be 'fwd' or 'bwd', got {direction!r}")
+    fwd = direction == "fwd"
     if kernel == "fused_linear_logprob":
-        n, h, v, outs = dims["N"], dims["H"], dims["V"], 3 if dims.get("entropy") else 2
-        fwd = n * h * elt + v * h * elt + 8 * n + 4 * n * outs
-        bwd = n * h * elt + v * h * elt + 8 * n + 4 * n * (outs - 1) + n * h * elt + v * h * elt
-    elif kernel == "fused_value_head":
+        n, h, v, e = dims["N"], dims["H"], dims["V"], int(bool(dims.get("entropy")))
+        reads = n * h * elt + v * h * elt + 8 * n
+        if fwd:
+            return reads + 4 * n * (2 + e)
+        return reads + 4 * n + 4 * n + e * 8 * n + n * h * elt + v * h * elt
+    if kernel == "fused_value_head":
         n, h = dims["N"], dims["H"]
-        fwd = n * h * elt + 2 * 4 * h + 4 * n + 8 * n
-        bwd = n * h * elt + 8 * n + 4 * n + n * h * elt + 2 * 4 * h
-    elif kernel in ("gspo_loss", "seq_clipped_value_loss"):
+        if fwd:
+            return n * h * elt + 8 * h + 4 + 4 * n + 8 * n
+        return n * h * elt + 8 * n + 4 * n + 8 * h + n * h * elt + 8 * h
+    if kernel == "gspo_loss":
         n, s = dims["N"], dims["S"]
-        fwd = 3 * 4 * n + 4 * (s + 1) + 8 * s + 4
-        bwd = 3 * 4 * n + 4 * (s + 1) + 8 * s + 4 * n
-    else:
-        raise ValueError(f"bytes_moved: unknown kernel {kernel!r}")
-    return fwd if mode == "fwd" else fwd + bwd
+        if fwd:
+            return 3 * elt * n + 4 * (s + 1) + 8 * s
+        return elt * n + 4 * (s + 1) + 4 * s + elt * n
+    if kernel == "seq_clipped_value_loss":
+        n, s = dims["N"], dims["S"]
+        if fwd:
+            return 3 * elt * n + 4 * (s + 1) + 12 * s
+        return 2 * elt * n + 4 * (s + 1) + 8 * s + elt * n
+    raise ValueError(f"min_bytes: unknown kernel {kernel!r}")
+
+
+def bytes_moved(kernel: str, dims: dict[str, int], elt: int, mode: str) -> int:
+    """min_bytes of a benchmark mode: "fwd" the forward alone, "fwd+bwd" the forward plus the backward."""
+    if mode not in MODES:
+        raise ValueError(f"bytes_moved: mode must be one of {MODES}, got {mode!r}")
+    total = min_bytes(kernel, dims, elt, "fwd")
+    return total + min_bytes(kernel, dims, elt, "bwd") if mode == "fwd+bwd" else total
+
+
+def time_at_peak_ms(nbytes: int, bytes_per_s: float) -> float:
+    """The least time, in ms, to move nbytes at a card's peak HBM bandwidth."""
+    return nbytes / bytes_per_s * 1e3
+
+
+# ----------------------------------------------------------------------------- cards
+CARD_ALIASES = {"h200": "h200-141gb", "h100": "h100-80gb", "a100": "a100-80gb", "b200": "b200"}
+
+
+def resolve_card(name: str | None, device_name: str | None = None) -> str:
+    """A tempo_mega.plan.CARDS key: ``name`` (a key or an alias: h200, h100, a100, b200) if given, else the
+    card ``device_name`` (torch.cuda.get_device_name()) names, else h200."""
+    from tempo_mega.plan import CARDS, card_for_device_name
+
+    if name is not None:
+        key = CARD_ALIASES.get(name.lower(), name.lower())
+        if key not in CARDS:
+            raise ValueError(f"unknown card {name!r}: one of {sorted(CARD_ALIASES)} or {sorted(CARDS)}")
+        return key
+    if device_name:
+        return card_for_device_name(device_name)
+    return "h200-141gb"
 
 
 def flops(kernel: str, dims: dict[str, int], mode: str) -> float | None:
@@ -152,7 +206,7 @@ def logprob_cases(shapes, device, dtype) -> list[Case]:
             out = liger(x["hidden"], x["weight"], x["targets"], reduction="sum")
             return out[0] if isinstance(out, tuple) else out
 
-        cases.append(Case("fused_linear_logprob", {"N": n, "H": h, "V": v, "entropy": int(entropy)}, dtype,
+        cases.append(Case("fused_linear_logprob", case_dims("fused_linear_logprob", (n, h, v, entropy)), dtype,
                           make, fused, reference, ("hidden", "weight"),
                           liger=liger_loss if liger is not None and not entropy else None))
     return cases
@@ -216,17 +270,33 @@ def seq_loss_cases(kernel, shapes, device) -> list[Case]:
     return cases
 
 
+def bench_shapes(device_type: str, quick: bool) -> dict[str, list[tuple]]:
+    """The shapes per kernel: toy ones on CPU (``--check``), one per kernel with ``quick``, else all."""
+    if device_type == "cpu":
+        return {"fused_linear_logprob": [(64, 32, 300, False), (64, 32, 300, True)],
+                "fused_value_head": [(64, 32)], "seq": [(256, 8)]}
+    if quick:
+        return {"fused_linear_logprob": [(4096, 4096, 151936, False)], "fused_value_head": [(16384, 4096)],
+                "seq": [(262144, 256)]}
+    return {"fused_linear_logprob": [(4096, 4096, 151936, False), (16384, 4096, 151936, False),
+                                     (16384, 4096, 151936, True), (16384, 1536, 151936, False)],
+            "fused_value_head": [(16384, 1536), (16384, 4096), (65536, 4096)],
+            "seq": [(65536, 64), (262144, 256), (1048576, 1024)]}
+
+
+def case_dims(kernel: str, shape: tuple) -> dict[str, int]:
+    """A bench_shapes entry as the dims of a Case (what min_bytes and flops read)."""
+    if kernel == "fused_linear_logprob":
+        n, h, v, entropy = shape
+        return {"N": n, "H": h, "V": v, "entropy": int(entropy)}
+    if kernel == "fused_value_head":
+        return {"N": shape[0], "H": shape[1]}
+    return {"N": shape[0], "S": shape[1]}
+
+
 def build_cases(kernels, device, quick: bool) -> list[Case]:
-    if quick or device.type == "cpu":
-        lp_shapes = [(64, 32, 300, False), (64, 32, 300, True)] if device.type == "cpu" else [
-            (4096, 4096, 151936, False)]
-        vh_shapes, seq_shapes = ([(64, 32)], [(256, 8)]) if device.type == "cpu" else (
-            [(16384, 4096)], [(262144, 256)])
-    else:
-        lp_shapes = [(4096, 4096, 151936, False), (16384, 4096, 151936, False), (16384, 4096, 151936, True),
-                     (16384, 1536, 151936, False)]
-        vh_shapes = [(16384, 1536), (16384, 4096), (65536, 4096)]
-        seq_shapes = [(65536, 64), (262144, 256), (1048576, 1024)]
+    sh = bench_shapes(device.type, quick)
+    lp_shapes, vh_shapes, seq_shapes = sh["fused_linear_logprob"], sh["fused_value_head"], sh["seq"]
     cases: list[Case] = []
     if "fused_linear_logprob" in kernels:
         cases += logprob_cases(lp_shapes, device, torch.bfloat16)
@@ -289,7 +359,31 @@ def measure(fn: Callable, case: Case, mode: str) -> tuple[float, float]:
         torch.cuda.empty_cache()
 
 
-def bench(cases: list[Case], modes, peak_gbps: float) -> list[dict]:
+def element_size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def make_row(case: Case, mode: str, card: str, peak_bytes_per_s: float, ms: float, mem: float = math.nan,
+             ms_eager: float = math.nan, mem_ref: float = math.nan, ms_compile: float = math.nan,
+             ms_liger: float = math.nan) -> dict:
+    """One result row (the CSV's columns). ``t_min_ms``: min_bytes at the card's peak HBM bandwidth;
+    ``pct_peak`` = 100 * t_min_ms / ms (the same as achieved GB/s over the peak)."""
+    nbytes = bytes_moved(case.kernel, case.dims, element_size(case.dtype), mode)
+    fl = flops(case.kernel, case.dims, mode)
+    t_min = time_at_peak_ms(nbytes, peak_bytes_per_s)
+    return {
+        "kernel": case.kernel, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
+        "mode": mode, "ms": ms, "bytes": nbytes, "card": card, "peak_gbps": peak_bytes_per_s / 1e9,
+        "t_min_ms": t_min, "pct_peak": 100 * t_min / ms, "gbps": nbytes / (ms * 1e-3) / 1e9,
+        "tflops": fl / (ms * 1e-3) / 1e12 if fl else math.nan,
+        "ms_eager": ms_eager, "speedup_eager": ms_eager / ms,
+        "ms_compile": ms_compile, "speedup_compile": ms_compile / ms,
+        "ms_liger": ms_liger, "speedup_liger": ms_liger / ms,
+        "peak_mib": mem, "peak_mib_ref": mem_ref,
+    }
+
+
+def bench(cases: list[Case], modes, card: str, peak_bytes_per_s: float) -> list[dict]:
     rows = []
     compiled: dict[int, Callable] = {}
     for case in cases:
@@ -302,18 +396,8 @@ def bench(cases: list[Case], modes, peak_gbps: float) -> list[dict]:
             ms_liger = math.nan
             if case.liger is not None and mode == "fwd+bwd":
                 ms_liger, _ = measure(case.liger, case, mode)
-            nbytes = bytes_moved(case.kernel, case.dims, torch.finfo(case.dtype).bits // 8, mode)
-            fl = flops(case.kernel, case.dims, mode)
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            rows.append({
-                "kernel": case.kernel, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
-                "mode": mode, "ms": ms, "gbps": gbps, "pct_peak_bw": 100 * gbps / peak_gbps,
-                "tflops": fl / (ms * 1e-3) / 1e12 if fl else math.nan,
-                "ms_eager": ms_eager, "speedup_eager": ms_eager / ms,
-                "ms_compile": ms_compile, "speedup_compile": ms_compile / ms,
-                "ms_liger": ms_liger, "speedup_liger": ms_liger / ms,
-                "peak_mib": mem, "peak_mib_ref": mem_ref, "bytes": nbytes,
-            })
+            rows.append(make_row(case, mode, card, peak_bytes_per_s, ms, mem, ms_eager, mem_ref, ms_compile,
+                                 ms_liger))
             print(_format(rows[-1]), flush=True)
     return rows
 
@@ -322,10 +406,27 @@ def _format(r: dict) -> str:
     def f(x, spec):
         return "    -" if x != x else format(x, spec)
     return (f"{r['kernel']:<24} {r['shape']:<34} {r['mode']:<8} {f(r['ms'], '9.3f')} ms "
-            f"{f(r['gbps'], '7.0f')} GB/s {f(r['pct_peak_bw'], '5.1f')}% "
-            f"{f(r['tflops'], '6.0f')} TFLOP/s  x{f(r['speedup_eager'], '5.2f')} eager "
+            f"(min {f(r['t_min_ms'], '8.3f')} ms, {r['bytes'] / 1e6:9.1f} MB) {f(r['pct_peak'], '5.1f')}% of peak "
+            f"{f(r['gbps'], '7.0f')} GB/s {f(r['tflops'], '6.0f')} TFLOP/s  x{f(r['speedup_eager'], '5.2f')} eager "
             f"x{f(r['speedup_compile'], '5.2f')} compile x{f(r['speedup_liger'], '5.2f')} liger  "
             f"{f(r['peak_mib'], '8.0f')} MiB (ref {f(r['peak_mib_ref'], '8.0f')})")
+
+
+def model_table(kernels, modes, card: str, peak_bytes_per_s: float, quick: bool) -> str:
+    """The bandwidth model alone (no GPU, no timing): min bytes and t_min per kernel, shape and mode at
+    the GPU benchmark's shapes, as a Markdown table."""
+    sh = bench_shapes("cuda", quick)
+    lines = [f"bandwidth model: {card}, {peak_bytes_per_s / 1e12:g} TB/s peak HBM", "",
+             "| kernel | shape | dtype | mode | min MB | t_min us |", "|---|---|---|---|---:|---:|"]
+    for kernel in kernels:
+        dtype = "float32" if kernel in ("gspo_loss", "seq_clipped_value_loss") else "bfloat16"
+        for shape in sh["seq" if kernel in ("gspo_loss", "seq_clipped_value_loss") else kernel]:
+            dims = case_dims(kernel, shape)
+            for mode in modes:
+                nbytes = bytes_moved(kernel, dims, element_size(getattr(torch, dtype)), mode)
+                lines.append(f"| {kernel} | {' '.join(f'{k}={v}' for k, v in dims.items())} | {dtype} | {mode} | "
+                             f"{nbytes / 1e6:.1f} | {time_at_peak_ms(nbytes, peak_bytes_per_s) * 1e3:.1f} |")
+    return "\n".join(lines)
 
 
 def check(cases: list[Case]) -> None:
@@ -341,13 +442,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--peak-gbps", type=float, default=H100_SXM_PEAK_GBPS,
-                   help="peak memory bandwidth for %%peak (default 3350, H100 SXM)")
+    p.add_argument("--card", help="the card for t_min / %%peak: h200, h100, a100, b200 (or a tempo_mega.plan "
+                   "CARDS key); default: the CUDA device's name, else h200")
+    p.add_argument("--peak-gbps", type=float,
+                   help="override the card's peak HBM bandwidth, GB/s (e.g. 2000 for an H100 PCIe)")
+    p.add_argument("--model", action="store_true",
+                   help="print the bandwidth model (min bytes, t_min) at the GPU shapes and exit; no GPU needed")
     p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     p.add_argument("--quick", action="store_true", help="one shape per kernel")
     p.add_argument("--check", action="store_true", help="run each case once at toy shapes on CPU, no timings")
     args = p.parse_args(argv)
 
+    on_gpu = not args.check and not args.model and torch.cuda.is_available()
+    try:
+        card = resolve_card(args.card, torch.cuda.get_device_name() if on_gpu else None)
+    except ValueError as e:
+        p.error(str(e))
+    from tempo_mega.plan import CARDS
+
+    peak = args.peak_gbps * 1e9 if args.peak_gbps else CARDS[card].hbm_bytes_per_s
+    if args.model:
+        print(model_table(args.kernels, args.modes, card, peak, args.quick))
+        return 0
     if args.check:
         check(build_cases(args.kernels, torch.device("cpu"), quick=True))
         return 0
@@ -359,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     device = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, peak {args.peak_gbps:.0f} GB/s")
-    rows = bench(build_cases(args.kernels, device, args.quick), args.modes, args.peak_gbps)
+    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, card {card}, "
+          f"peak {peak / 1e9:.0f} GB/s")
+    rows = bench(build_cases(args.kernels, device, args.quick), args.modes, card, peak)
     if args.csv and rows:
         with open(args.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -69,6 +69,14 @@ CARDS: dict[str, Card] = {
 }
 
 
+def card_for_device_name(name: str, default: str = "h100-80gb") -> str:
+    """The CARDS key for a ``torch.cuda.get_device_name()`` string ("NVIDIA H200" -> "h200-141gb"),
+    ``default`` for a card the table does not hold."""
+    name = name.lower()
+    return next((k for k, key in (("h200-141gb", "h200"), ("a100-80gb", "a100"), ("b200", "b200"),
+                                  ("h100-80gb", "h100")) if key in name), default)
+
+
 @dataclass(frozen=True)
 class Assumptions:
     """What the estimates assume (each a ``tempo-mega plan`` option)."""
@@ -524,9 +532,7 @@ def headline_for_run(cfg: Any, vocab_size: int | None = None) -> str:
 
         if torch.cuda.is_available():
             where = ""
-            name = torch.cuda.get_device_name().lower()
-            gpu = next((k for k, key in (("h200-141gb", "h200"), ("a100-80gb", "a100"), ("b200", "b200"))
-                        if key in name), "h100-80gb")
+            gpu = card_for_device_name(torch.cuda.get_device_name())
     except Exception:  # the headline never stops a run
         pass
     try:
