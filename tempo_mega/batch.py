@@ -33,14 +33,14 @@ import torch
 from torch import Tensor
 
 _ROW_TENSORS = ("is_labeled", "scores", "group_ids")
+_TOKEN_TENSORS = ("rollout_logprobs", "old_logprobs", "values", "advantages", "returns")
 
 
 def flat_numbers(rows: Sequence[Sequence[Any]], dtype: type, total: int) -> np.ndarray:
-    """The rows' items concatenated, converted in C (``np.fromiter`` over a chain). A tensor row is
-    read as a numpy array first."""
+    """The rows' ``total`` items concatenated, converted in C (``np.fromiter`` over a chain); tensor
+    rows are turned into lists first."""
     rows = [r.tolist() if isinstance(r, Tensor) else r for r in rows]
     return np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=total)
-_TOKEN_TENSORS = ("rollout_logprobs", "old_logprobs", "values", "advantages", "returns")
 
 
 @dataclass

@@ -250,7 +250,7 @@ def _huge_power(parsed: list) -> bool:
                 continue
             try:
                 e = _magnitude(exp)
-                b = abs(_magnitude(base))
+                b = _magnitude(base)
                 if b > 1 and e * math.log10(b) > MAX_POWER_DIGITS:
                     return True
             except (TypeError, ValueError, OverflowError):
