@@ -109,12 +109,13 @@ class RolloutBatch:
         cols_p = torch.arange(p)
         cols_r = torch.arange(resp_len)
         prompt_mask = cols_p[None, :] >= (p - prompt_lens)[:, None]  # left-padded
-        response_mask = (cols_r[None, :] < resp_lens[:, None]).long()  # right-padded
+        response_valid = cols_r[None, :] < resp_lens[:, None]  # right-padded
+        response_mask = response_valid.long()
         prompt_flat = torch.from_numpy(flat_numbers(prompt_ids, np.int64, int(prompt_lens.sum())))
         resp_flat = torch.from_numpy(flat_numbers(response_ids, np.int64, int(resp_lens.sum())))
         input_ids = torch.full((b, p + resp_len), pad_token_id, dtype=torch.long)
         input_ids[:, :p].masked_scatter_(prompt_mask, prompt_flat)
-        input_ids[:, p:].masked_scatter_(response_mask.bool(), resp_flat)
+        input_ids[:, p:].masked_scatter_(response_valid, resp_flat)
         attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
         lp = None
         if rollout_logprobs is not None:
@@ -129,7 +130,7 @@ class RolloutBatch:
                     f"{int(lp_lens[i])} log-probs"
                 )
             lp = torch.zeros((b, resp_len), dtype=torch.float32)
-            lp.masked_scatter_(response_mask.bool(), torch.from_numpy(flat_numbers(rollout_logprobs, np.float32, int(resp_lens.sum()))))
+            lp.masked_scatter_(response_valid, torch.from_numpy(flat_numbers(rollout_logprobs, np.float32, int(resp_lens.sum()))))
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,
