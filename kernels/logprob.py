@@ -116,6 +116,23 @@ class _Gemms:
             gw32.addmm_(dz.T, h.float())
 
 
+# The compiled forward's autotune list, (BLOCK_V, BLOCK_H, num_warps, num_stages), at BLOCK_N up to 128.
+# Every one compiles without a register spill on sm_90 and sm_100 (scripts/compile_kernels.py checks it in
+# CI): at 4 warps a 128x128 fp32 logits tile alone takes 128 registers a thread and the tile spills, and at
+# 16 warps ptxas caps a thread at 128 registers and it spills too, so all are 8 warps.
+_FWD_TILES = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 8, 4), (64, 128, 8, 3))
+
+
+def _fwd_configs_for(configs: list, major: int, entropy: bool) -> list:
+    """The forward's autotune configs a GPU of compute capability ``major``.x tries: all of them, but on
+    sm_8x the entropy variant of the BLOCK_V=128, BLOCK_H=64 tiles spills a few registers (2-6 with this
+    Triton), so Ampere leaves those out. Shared with scripts/compile_kernels.py, which compiles exactly
+    the configs each target keeps."""
+    if major < 9 and entropy:
+        return [c for c in configs if (c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"]) != (128, 64)]
+    return list(configs)
+
+
 def _chunk_rows(n: int, v: int) -> int:
     """Tokens per chunk so that one fp32 [chunk, V] slab fits CHUNK_BUDGET_BYTES."""
     return max(1, min(n, CHUNK_BUDGET_BYTES // (4 * v)))
@@ -330,14 +347,14 @@ if triton_available():
             tl.store(a_ptr + out, a, mask=row_ok)
 
     # GPU: tune the vocab/hidden tiles and pipelining per (V, H, BLOCK_N, dtypes). BLOCK_N is chosen by
-    # the caller (it fixes the grid); the autotuner does not work under the interpreter.
+    # the caller (it fixes the grid); the autotuner does not work under the interpreter. Each GPU tries the
+    # configs that compile without a register spill for its architecture (``_fwd_configs_for``).
     _logprob_fwd_kernel_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=st)
-            for bv, bh, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4),
-                                  (256, 64, 8, 3), (64, 128, 4, 3)]
-        ],
+        configs=[triton.Config({"BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=st)
+                 for bv, bh, w, st in _FWD_TILES],
         key=["V", "H", "BLOCK_N", "ENTROPY"],
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _fwd_configs_for(
+            configs, torch.cuda.get_device_capability(nargs["h_ptr"].device)[0], bool(kw.get("ENTROPY")))},
     )(_logprob_fwd_kernel)
 
     @triton.jit

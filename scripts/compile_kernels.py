@@ -12,13 +12,14 @@ backend, the code ``JITFunction.run`` uses before it compiles), fed with ``MockT
 dtypes the wrappers pass and the integers they pass at the real shapes below. Block sizes, warps and the
 autotune configs come from the wrappers' own helpers (``value_head._fwd_blocks`` / ``_bwd_blocks_for``,
 ``seq_losses._block``, ``logprob._fwd_block_n`` / ``_dlogits_tiles`` / ``_chunk_rows`` and every
-``triton.Config`` of ``logprob._logprob_fwd_kernel_tuned``), so this script cannot drift from them.
+``triton.Config`` of ``logprob._logprob_fwd_kernel_tuned`` that ``logprob._fwd_configs_for`` keeps for the
+target, as the autotuner's prune hook does on that GPU), so this script cannot drift from them.
 
 Shapes (the real ones): value head N=131072 x H=5120 (bf16 hidden and RMSNorm weight, fp32 head);
 GSPO and the sequence-clipped value loss, forward and backward, on fp32 token tensors (what the trainer
 feeds them: log-probs and values are fp32) with fp32 accumulation and the GPU block of ``_block``
 (16K-token sequences; the token count is no kernel argument); fused log-prob forward at V=151936 with
-H=4096 and H=5120 bf16, N=16384 tokens, with and without entropy, every autotune config; its
+H=4096 and H=5120 bf16, N=16384 tokens, with and without entropy, every autotune config the target keeps; its
 dlogits kernel on the first fp32 [chunk, V] slab of the backward (bf16 output).
 Specializations not compiled: a token count N not divisible by 16 and backward chunks after the first
 (their pointers lose 16-byte alignment) give Triton a variant without the divisibility attribute;
@@ -150,12 +151,12 @@ def build_jobs(arch: int, quick: bool = False) -> list[Job]:
             const),
     ]
 
-    # fused log-prob forward: every autotune config, both entropy flags (part of the autotune key)
+    # fused log-prob forward: every autotune config the target keeps, both entropy flags (autotune key)
     n, v = LOGPROB_N, LOGPROB_V
     block_n = logprob._fwd_block_n(n)
-    configs = logprob._logprob_fwd_kernel_tuned.configs
     for h in LOGPROB_HS[:1] if quick else LOGPROB_HS:
         for entropy in (False,) if quick else (False, True):
+            configs = logprob._fwd_configs_for(logprob._logprob_fwd_kernel_tuned.configs, arch // 10, entropy)
             for config in configs[:1] if quick else configs:
                 launch = config.all_kwargs()
                 jobs.append(Job("logprob_fwd", f"N={n} V={v} H={h} bf16 entropy={int(entropy)}",
