@@ -348,117 +348,143 @@ def run(args: argparse.Namespace, workers: int) -> list[Row]:
 
         timed(rows, "grading workers start", workers, "workers", lambda: start_grading_workers(workers),
               in_total=False)
-    decoded = [json.loads(s) for _, s in lab_json + unl_json]  # the HTTP client's json parse: not ours
-    n_samples = len(decoded)
 
-    def parse():
-        return [SGLangRolloutEngine._parse_output(out, idx // n) for idx, out in enumerate(decoded)]
+    def step(rows: list[Row], last: bool) -> None:
+        decoded = [json.loads(s) for _, s in lab_json + unl_json]  # the HTTP client's json parse: not ours
+        n_samples = len(decoded)
 
-    samples: list[Sample] = timed(rows, "parse", tokens, "tokens", parse)
-    decoded.clear()
-    lab_samples, unl_samples = samples[: len(lab_json)], samples[len(lab_json):]
-    if args.baseline:  # the controller's code before this benchmark: one decode call per response
-        def decode():
-            return [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    else:
-        def decode():
-            return decode_responses(tok, [s.response_ids for s in samples])
-    texts = timed(rows, "decode", tokens, "tokens", decode)
-    lab_texts, unl_texts = texts[: len(lab_samples)], texts[len(lab_samples):]
-    golds = [lab_golds[i // n] for i in range(len(lab_samples))]
-    if args.baseline:  # sequential, in this process (the controller's loop before this benchmark)
-        def grade():
-            return [compute_score(t, g, lenient=a.lenient_grading) > 0 for t, g in zip(lab_texts, golds)]
+        def parse():
+            return [SGLangRolloutEngine._parse_output(out, idx // n) for idx, out in enumerate(decoded)]
 
-        def cluster(mode):
-            fn = ttrl_rewards if mode == "ttrl" else empo_rewards
-            return [fn(g)[0] for g in groups]
-    else:
-        def grade():
-            return grade_responses(lab_texts, golds, lenient=a.lenient_grading, workers=workers)
+        samples: list[Sample] = timed(rows, "parse", tokens, "tokens", parse)
+        decoded.clear()
+        lab_samples, unl_samples = samples[: len(lab_json)], samples[len(lab_json):]
+        if args.baseline:  # the controller's code before this benchmark: one decode call per response
+            def decode():
+                return [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        else:
+            def decode():
+                return decode_responses(tok, [s.response_ids for s in samples])
+        texts = timed(rows, "decode", tokens, "tokens", decode)
+        lab_texts, unl_texts = texts[: len(lab_samples)], texts[len(lab_samples):]
+        golds = [lab_golds[i // n] for i in range(len(lab_samples))]
+        if args.baseline:  # sequential, in this process (the controller's loop before this benchmark)
+            def grade():
+                return [compute_score(t, g, lenient=a.lenient_grading) > 0 for t, g in zip(lab_texts, golds)]
 
-        def cluster(mode):
-            return pseudo_rewards(mode, groups, positive=a.score_positive, negative=a.score_negative,
-                                  workers=workers)
-    ok = timed(rows, "grade", len(lab_texts), "responses", grade)
-    scores = [a.score_positive if x else a.score_negative for x in ok]
-    groups = [unl_texts[i:i + n] for i in range(0, len(unl_texts), n)]
-    for mode in ("ttrl", "empo"):
-        timed(rows, mode, len(groups), "groups", lambda mode=mode: cluster(mode), in_total=False)
+            def cluster(mode):
+                fn = ttrl_rewards if mode == "ttrl" else empo_rewards
+                return [fn(g)[0] for g in groups]
+        else:
+            def grade():
+                return grade_responses(lab_texts, golds, lenient=a.lenient_grading, workers=workers)
 
-    lab_rows = ([prompt] * len(lab_samples), lab_samples, True, [s.prompt_index for s in lab_samples], scores,
-                lab_texts, golds)
-    unl_rows = ([prompt] * len(unl_samples), unl_samples, False, [n_lab + s.prompt_index for s in unl_samples],
-                [0.0] * len(unl_samples), unl_texts, [None] * len(unl_samples))
+            def cluster(mode):
+                return pseudo_rewards(mode, groups, positive=a.score_positive, negative=a.score_negative,
+                                      workers=workers)
+        ok = timed(rows, "grade", len(lab_texts), "responses", grade)
+        scores = [a.score_positive if x else a.score_negative for x in ok]
+        groups = [unl_texts[i:i + n] for i in range(0, len(unl_texts), n)]
+        for mode in ("ttrl", "empo"):
+            timed(rows, mode, len(groups), "groups", lambda mode=mode: cluster(mode), in_total=False)
 
-    if args.baseline:  # the controller before: a padded batch per part, joined, then the kept rows selected
-        def filt():
-            built = [RolloutBatch.from_samples(
-                pr, [x.response_ids for x in sm], is_labeled=[lab] * len(sm), group_ids=gid,
-                pad_token_id=tok.pad_token_id, rollout_logprobs=[x.logprobs for x in sm], scores=sc,
-                meta={"text": tx, "answer": an, "truncated": [x.finish_reason == "length" for x in sm]})
-                for pr, sm, lab, gid, sc, tx, an in (lab_rows, unl_rows)]
-            batch = RolloutBatch.cat(built, pad_token_id=tok.pad_token_id)
-            res = filter_groups(batch.scores, batch.group_ids, batch.is_labeled, target_num_groups=None)
-            return batch.select(res.keep).trim()
+        lab_rows = ([prompt] * len(lab_samples), lab_samples, True, [s.prompt_index for s in lab_samples], scores,
+                    lab_texts, golds)
+        unl_rows = ([prompt] * len(unl_samples), unl_samples, False, [n_lab + s.prompt_index for s in unl_samples],
+                    [0.0] * len(unl_samples), unl_texts, [None] * len(unl_samples))
 
-        batch = timed(rows, "filter+batch", n_samples, "responses", filt)
-    else:  # the controller now: the filter on the per-row fields, one padded batch of the kept rows
-        from tempo_mega.controller import SampledPart
+        if args.baseline:  # the controller before: a padded batch per part, joined, then the kept rows selected
+            def filt():
+                built = [RolloutBatch.from_samples(
+                    pr, [x.response_ids for x in sm], is_labeled=[lab] * len(sm), group_ids=gid,
+                    pad_token_id=tok.pad_token_id, rollout_logprobs=[x.logprobs for x in sm], scores=sc,
+                    meta={"text": tx, "answer": an, "truncated": [x.finish_reason == "length" for x in sm]})
+                    for pr, sm, lab, gid, sc, tx, an in (lab_rows, unl_rows)]
+                batch = RolloutBatch.cat(built, pad_token_id=tok.pad_token_id)
+                res = filter_groups(batch.scores, batch.group_ids, batch.is_labeled, target_num_groups=None)
+                return batch.select(res.keep).trim()
 
-        parts = [SampledPart(prompt_ids=pr, samples=sm, labeled=lab, group_ids=gid, scores=sc, texts=tx, answers=an)
-                 for pr, sm, lab, gid, sc, tx, an in (lab_rows, unl_rows)]
+            batch = timed(rows, "filter+batch", n_samples, "responses", filt)
+        else:  # the controller now: the filter on the per-row fields, one padded batch of the kept rows
+            from tempo_mega.controller import SampledPart
 
-        def filt():
-            whole = SampledPart.join(parts)
-            res = filter_groups(torch.tensor(whole.scores), torch.tensor(whole.group_ids),
-                                torch.tensor(whole.labeled_rows()), target_num_groups=None)
-            return whole.select(res.keep.nonzero().flatten().tolist())
+            parts = [SampledPart(prompt_ids=pr, samples=sm, labeled=lab, group_ids=gid, scores=sc, texts=tx, answers=an)
+                     for pr, sm, lab, gid, sc, tx, an in (lab_rows, unl_rows)]
 
-        kept = timed(rows, "filter", n_samples, "responses", filt)
-        batch = timed(rows, "batch", tokens, "tokens", lambda: kept.to_batch(tok.pad_token_id))
-        del parts, kept
-    lab_rows = unl_rows = None  # noqa: F841 - the rows go with the batch built from them
+            def filt():
+                whole = SampledPart.join(parts)
+                res = filter_groups(torch.tensor(whole.scores), torch.tensor(whole.group_ids),
+                                    torch.tensor(whole.labeled_rows()), target_num_groups=None)
+                return whole.select(res.keep.nonzero().flatten().tolist())
 
-    def transports(suffix: str, items: list, count: int, in_total: bool) -> None:
-        timed(rows, f"transport pickle{suffix}", count, "tokens",
-              lambda: pickle.loads(pickle.dumps([(items, None, {})], protocol=pickle.HIGHEST_PROTOCOL)),
-              in_total=in_total and (args.baseline or args.transport == "pickle"))
-        if not args.baseline:
-            timed(rows, f"transport tensors{suffix}", count, "tokens",
-                  lambda: unpack_samples(*_roundtrip_tensors(pack_samples(items))),
-                  in_total=in_total and args.transport == "tensors")
+            kept = timed(rows, "filter", n_samples, "responses", filt)
+            batch = timed(rows, "batch", tokens, "tokens", lambda: kept.to_batch(tok.pad_token_id))
+            del parts, kept
+        lab_rows = unl_rows = None  # noqa: F841 - the rows go with the batch built from them
 
-    transports("", samples, tokens, True)  # this step's samples
-    # and at the real worst-case size: every response at max length (2,048 x 16,384 = 33.5M tokens)
-    full = [Sample(prompt_index=s.prompt_index, response_ids=(s.response_ids * (max_len // max(1, len(s.response_ids)) + 1))[:max_len],
-                   logprobs=(s.logprobs * (max_len // max(1, len(s.logprobs)) + 1))[:max_len],
-                   finish_reason=s.finish_reason, extra=dict(s.extra))
-            for s in samples[: max(1, round(args.transport_scale * n_samples))]] if args.transport_scale > 0 else []
-    if full:
-        full_tokens = sum(len(s.response_ids) for s in full)
-        print(f"  [workers={workers}] transport at {len(full)} x {max_len} = {full_tokens / 1e6:.1f}M tokens", flush=True)
-        transports(f" @{full_tokens / 1e6:.1f}M", full, full_tokens, False)
-        full.clear()
+        def transports(suffix: str, items: list, count: int, in_total: bool) -> None:
+            timed(rows, f"transport pickle{suffix}", count, "tokens",
+                  lambda: pickle.loads(pickle.dumps([(items, None, {})], protocol=pickle.HIGHEST_PROTOCOL)),
+                  in_total=in_total and (args.baseline or args.transport == "pickle"))
+            if not args.baseline:
+                timed(rows, f"transport tensors{suffix}", count, "tokens",
+                      lambda: unpack_samples(*_roundtrip_tensors(pack_samples(items))),
+                      in_total=in_total and args.transport == "tensors")
 
-    def pack():
-        mbs = batch.split_by_tokens(a.actor.max_tokens_per_micro_batch)
-        return [mb.to_packed() for mb in mbs]
+        transports("", samples, tokens, True)  # this step's samples
+        transport_scale = args.transport_scale if last else 0.0  # the worst-case rows once, in the last step
+        # and at the real worst-case size: every response at max length (2,048 x 16,384 = 33.5M tokens)
+        full = [Sample(prompt_index=s.prompt_index, response_ids=(s.response_ids * (max_len // max(1, len(s.response_ids)) + 1))[:max_len],
+                       logprobs=(s.logprobs * (max_len // max(1, len(s.logprobs)) + 1))[:max_len],
+                       finish_reason=s.finish_reason, extra=dict(s.extra))
+                for s in samples[: max(1, round(transport_scale * n_samples))]] if transport_scale > 0 else []
+        if full:
+            full_tokens = sum(len(s.response_ids) for s in full)
+            print(f"  [workers={workers}] transport at {len(full)} x {max_len} = {full_tokens / 1e6:.1f}M tokens", flush=True)
+            transports(f" @{full_tokens / 1e6:.1f}M", full, full_tokens, False)
+            full.clear()
 
-    timed(rows, "pack", batch.num_tokens(), "tokens", pack)
+        def pack():
+            mbs = batch.split_by_tokens(a.actor.max_tokens_per_micro_batch)
+            return [mb.to_packed() for mb in mbs]
 
-    def advantages():
-        values = torch.randn(batch.response_mask.shape) * 0.1
+        timed(rows, "pack", batch.num_tokens(), "tokens", pack)
+
+        # what the GPU passes give back (the critic's values, the trainer's log-probs): stand-ins, made
+        # before the timed phase (their making is not host work of the step)
+        batch.values = torch.randn(batch.response_mask.shape) * 0.1
         batch.old_logprobs = batch.rollout_logprobs + 0.01 * torch.randn_like(batch.rollout_logprobs)
-        batch.values = values
-        m = logprob_mismatch(batch)
-        batch.advantages, batch.returns = em_token_advantages(batch.values, batch.scores, batch.response_mask,
-                                                              batch.is_labeled, eps=a.adv_eps)
-        m.update(apply_truncated_is(batch, 2.0))
-        m.update(TempoController.rollout_metrics(batch))
-        return m
 
-    timed(rows, "advantages", int(batch.response_mask.sum()), "tokens", advantages)
+        def advantages():
+            m = logprob_mismatch(batch)
+            batch.advantages, batch.returns = em_token_advantages(batch.values, batch.scores, batch.response_mask,
+                                                                  batch.is_labeled, eps=a.adv_eps)
+            m.update(apply_truncated_is(batch, 2.0))
+            m.update(TempoController.rollout_metrics(batch))
+            return m
+
+        timed(rows, "advantages", int(batch.response_mask.sum()), "tokens", advantages)
+
+    # the step as a running trainer does it: ``--steps`` steps in one process, each on new samples of the
+    # same shape (with the trainer's host-memory setting), the last step reported, the first one's
+    # total (a fresh process: every buffer faulted in) beside it
+    from tempo_mega.hostmem import apply_host_memory
+
+    apply_host_memory(args.host_memory)
+    totals = []
+    for k in range(args.steps):
+        if k:  # new samples (fresh answers: the grading cache starts cold for them), as a real step gets
+            lab_golds, lab_json, lab_len = make_part(n_lab, True)
+            unl_golds, unl_json, unl_len = make_part(n_unl, False)
+            tokens = sum(lab_len) + sum(unl_len)
+        step_rows: list[Row] = []
+        step(step_rows, last=k == args.steps - 1)
+        totals.append(sum(r.seconds for r in step_rows if r.in_total))
+        print(f"  [workers={workers}] step {k + 1}/{args.steps}: {totals[-1]:.2f} s", flush=True)
+        gc.collect()
+    if args.steps > 1:
+        rows.append(Row("first step (cold process)", totals[0], 1, "steps", 0.0, in_total=False))
+    rows += step_rows
     return rows
 
 
@@ -505,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="which transport the total counts (the product uses tensors)")
     ap.add_argument("--tokenizer", default=None, help="a real tokenizer (path or hub name) instead of the bench's BPE")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=2,
+                    help="steps run in the process on the same inputs; the last is reported (default 2: a "
+                         "running trainer's step, with the first, cold one's total beside it)")
+    ap.add_argument("--host-memory", choices=("retain", "system"), default="retain",
+                    help="trainer.host_memory for the run (default retain, the trainer's default)")
     ap.add_argument("--baseline", action="store_true",
                     help="the step's host code as it was before this benchmark (per-response decode, sequential "
                          "grading and clustering, pickled transport): the 'before' column")
@@ -525,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(w), "--experiment", args.experiment,
                "--scale", str(args.scale), "--transport-scale", str(args.transport_scale),
                "--transport", "pickle" if args.baseline else args.transport, "--seed", str(args.seed),
+               "--steps", str(args.steps), "--host-memory", args.host_memory,
                *(["--baseline"] if args.baseline else []), *(["--tokenizer", args.tokenizer] if args.tokenizer else []),
                *args.overrides]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -142,6 +142,9 @@ class TrainerConfig:
     # After SIGTERM / SIGUSR1 the run finishes its step, checkpoints and exits; if that takes longer than
     # this (a hung collective or write), or a second signal comes, it exits at once (code 128 + signal)
     preempt_grace_s: float = 600.0
+    # retain: malloc keeps the step's large host buffers for the next step (no page faults per step; the
+    # RSS stays at its peak, tempo_mega/hostmem.py); system: malloc as the C library sets it
+    host_memory: str = "retain"
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "trainer.overwrite=true removes the run that trainer.resume=true would continue: set one of them")
     _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
     _check(t.layout in ("padded", "packed"), "trainer.layout", f"must be 'padded' or 'packed', got {t.layout!r}")
+    _check(t.host_memory in ("retain", "system"), "trainer.host_memory",
+           f"must be 'retain' or 'system', got {t.host_memory!r}")
     _check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
     _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0")
     _check(t.eval_num_samples >= 1, "trainer.eval_num_samples", "must be >= 1")

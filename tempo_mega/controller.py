@@ -357,10 +357,14 @@ def logprob_mismatch(batch: RolloutBatch) -> dict[str, float]:
     if batch.rollout_logprobs is None or batch.old_logprobs is None:
         return {}
     mask = batch.response_mask.bool()
-    diff = (batch.rollout_logprobs - batch.old_logprobs).abs()[mask]
-    if diff.numel() == 0:
+    n = int(mask.sum())
+    if n == 0:
         return {}
-    return {"rollout/logprob_diff_mean": float(diff.mean()), "rollout/logprob_diff_max": float(diff.max())}
+    # |diff| with padding set to 0, in place: the mean over valid tokens is its sum over n, and padding
+    # cannot raise the max; no gather of the valid tokens (a padded batch is mostly padding)
+    diff = torch.sub(batch.rollout_logprobs, batch.old_logprobs).abs_().masked_fill_(~mask, 0.0)
+    return {"rollout/logprob_diff_mean": float(diff.sum(dtype=torch.float64)) / n,
+            "rollout/logprob_diff_max": float(diff.max())}
 
 
 def apply_truncated_is(batch: RolloutBatch, cap: float) -> dict[str, float]:
@@ -372,11 +376,15 @@ def apply_truncated_is(batch: RolloutBatch, cap: float) -> dict[str, float]:
     if batch.rollout_logprobs is None:
         return {}
     mask = batch.response_mask.bool()
-    log_w = (batch.old_logprobs - batch.rollout_logprobs).masked_fill(~mask, 0.0)
-    raw = torch.exp(log_w)
-    w = raw.clamp(max=cap)
+    # one buffer, worked on in place: padding gets log w = 0, so w = min(1, cap) there, and the
+    # metrics over valid tokens are the whole buffer's minus the padding's known share
+    w = torch.sub(batch.old_logprobs, batch.rollout_logprobs).masked_fill_(~mask, 0.0).exp_()
+    n = int(mask.sum())
+    pad = mask.numel() - n
+    clipped = int((w > cap).sum()) - (pad if cap < 1.0 else 0)
+    w.clamp_(max=cap)
     batch.advantages = batch.advantages * w.to(batch.advantages.dtype)
-    if not bool(mask.any()):
+    if n == 0:
         return {}
-    return {"rollout/tis_weight_mean": float(w[mask].mean()),
-            "rollout/tis_clip_frac": float((raw[mask] > cap).float().mean())}
+    return {"rollout/tis_weight_mean": (float(w.sum(dtype=torch.float64)) - pad * min(1.0, cap)) / n,
+            "rollout/tis_clip_frac": clipped / n}

@@ -51,6 +51,7 @@ from tempo_mega.eval.metrics import (
     pass_at_k_batch,
     reward_to_prob,
 )
+from tempo_mega.hostmem import apply_host_memory
 from tempo_mega.launch.slurm import REQUEUE_EXIT_CODE  # "checkpointed on a preemption signal: requeue me"
 from tempo_mega.models import fresh_qwen3_config, stop_token_ids
 from tempo_mega.plan import headline_for_run
@@ -693,6 +694,7 @@ def setup(cfg: TrainConfig) -> Run:
         prepare_output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
+    apply_host_memory(t.host_memory)  # before the first step's buffers
     device = resolve_device(cfg)
     tokenizer = load_tokenizer(cfg)
     train, test = load_records(cfg)

@@ -471,6 +471,21 @@ class _Watchdog(threading.Thread):
                         s.fail(epoch, f"hung: {k} /health_generate checks failed in a row, the last: {e}")
 
 
+def server_process_kwargs(cmd: list[str], workdir: Path) -> dict:
+    """How a ``python -m`` server is started so that the current folder is not the first entry of its
+    sys.path: started from this repository's top, ``kernels/`` would shadow the ``kernels`` package that
+    transformers (and so SGLang) imports. Python >= 3.11: PYTHONSAFEPATH; 3.10: the server runs in
+    ``workdir`` (its log folder), with a local ``--model-path`` made absolute first (``cmd`` is edited)."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    if sys.version_info >= (3, 11):
+        return {"env": env}
+    if "--model-path" in cmd:
+        i = cmd.index("--model-path") + 1
+        if i < len(cmd) and os.path.exists(cmd[i]):
+            cmd[i] = os.path.abspath(cmd[i])
+    return {"env": env, "cwd": str(workdir)}
+
+
 class SGLangRolloutEngine:
     """RolloutEngine over SGLang. Build with ``build_sglang_engine``; see the module docstring."""
 
@@ -601,7 +616,8 @@ class SGLangRolloutEngine:
         cmd = self._launch_command(s.port, engine_index, self.cfg.model_path)
         s.log_path = self._ensure_log_dir() / f"server{engine_index}_{s.restarts}.log"
         with open(s.log_path, "wb") as logf:  # the child keeps its own descriptor
-            s.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            s.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      **server_process_kwargs(cmd, s.log_path.parent))
         self.pids.append(s.proc.pid)
         log.info("launched SGLang server pid %d on %s (log %s): %s", s.proc.pid, s.url, s.log_path,
                  " ".join(redact_command(cmd)))

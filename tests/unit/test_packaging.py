@@ -15,12 +15,37 @@ def run_py(code: str, cwd: Path) -> str:
     return out.stdout.strip()
 
 
+# where a top-level `kernels` resolves: None, or another package's (transformers >= 5 depends on one)
+WHERE_KERNELS = ("import importlib.util, os; s = importlib.util.find_spec('kernels'); "
+                 "print('ours' if s and os.path.dirname(os.path.abspath(s.origin)) == {ours!r} else 'not ours')")
+
+
 def test_kernels_is_a_subpackage_only(tmp_path):
-    code = (
-        "import importlib.util, tempo_mega.kernels as k; "
-        "print(importlib.util.find_spec('kernels') is None, k.__name__)"
-    )
-    assert run_py(code, tmp_path) == "True tempo_mega.kernels"
+    code = "import tempo_mega.kernels as k; print(k.__name__); " + WHERE_KERNELS.format(ours=str(ROOT / "kernels"))
+    assert run_py(code, tmp_path).split() == ["tempo_mega.kernels", "not", "ours"]
+
+
+def test_checkout_root_does_not_shadow_the_kernels_package():
+    """Started from the checkout's top, Python puts it first on sys.path, where kernels/ would shadow
+    the `kernels` package transformers imports: importing tempo_mega takes the folder off the path."""
+    where = WHERE_KERNELS.format(ours=str(ROOT / "kernels"))
+    assert run_py(where, ROOT) == "ours"  # the hazard is real: without tempo_mega, kernels/ is found
+    assert run_py("import tempo_mega; " + where, ROOT) == "not ours"
+
+
+def test_launched_server_does_not_see_the_checkout_root(tmp_path):
+    """An SGLang server is `python -m sglang.launch_server` started from wherever the trainer runs:
+    from the checkout's top its sys.path must not begin with it (tempo_mega is not imported there)."""
+    from tempo_mega.rollout.sglang import server_process_kwargs
+
+    cmd = [sys.executable, "-m", "json.tool", "--help"]  # any -m module; the probe below is the point
+    probe = [sys.executable, "-c", "import sys; print(sys.path[0])"] if sys.version_info >= (3, 11) else cmd
+    kw = server_process_kwargs(list(probe), tmp_path)
+    assert kw["env"]["PYTHONSAFEPATH"] == "1"
+    out = subprocess.run(probe, cwd=kw.get("cwd", ROOT), env=kw["env"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    if sys.version_info >= (3, 11):
+        assert Path(out.stdout.strip() or ".").resolve() != ROOT
 
 
 def test_import_pulls_no_heavy_or_cuda_module(tmp_path):
