@@ -34,7 +34,9 @@ Phases, one row each (seconds, items/s, peak RSS of the process during the phase
 thread, as torchrun's trainer processes do) (``--workers 1,2`` runs each in a
 fresh process; default: 1 and all cores). The total is the sum of the phases a TEMPO step runs (parse,
 decode, grade, batch, filter, transport (the chosen one), pack, advantages); ttrl/empo rows are shown
-beside it. Nothing is asserted: this prints what it measured.
+beside it. ``--steps N`` (default 2) runs N steps in the process, each on new samples, and reports the
+last (a running trainer's step, with ``trainer.host_memory``'s setting, ``--host-memory``); the first
+step's total is a row beside it. Nothing is asserted: this prints what it measured.
 
     python scripts/bench_host_step.py                        # qwen3_8b_tempo, workers 1 and all cores
     python scripts/bench_host_step.py --scale 0.25 --workers 2
