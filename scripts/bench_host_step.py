@@ -288,9 +288,10 @@ def run(args: argparse.Namespace, workers: int) -> list[Row]:
     # are not parallelized, grading and decoding are (the workers)
     torch.set_num_threads(1)
     from tempo_mega.algo import em_token_advantages, filter_groups
+    from tempo_mega.algo.correction import logprob_mismatch, truncated_is
     from tempo_mega.batch import RolloutBatch
     from tempo_mega.config import load_config
-    from tempo_mega.controller import TempoController, apply_truncated_is, logprob_mismatch
+    from tempo_mega.controller import TempoController
     from tempo_mega.rewards import compute_score, empo_rewards, ttrl_rewards
     from tempo_mega.rollout.base import Sample
     from tempo_mega.rollout.sglang import SGLangRolloutEngine
@@ -408,7 +409,7 @@ def run(args: argparse.Namespace, workers: int) -> list[Row]:
 
             batch = timed(rows, "filter+batch", n_samples, "responses", filt)
         else:  # the controller now: the filter on the per-row fields, one padded batch of the kept rows
-            from tempo_mega.controller import SampledPart
+            from tempo_mega.rollout.parts import SampledPart
 
             parts = [SampledPart(prompt_ids=pr, samples=sm, labeled=lab, group_ids=gid, scores=sc, texts=tx, answers=an)
                      for pr, sm, lab, gid, sc, tx, an in (lab_rows, unl_rows)]
@@ -458,10 +459,12 @@ def run(args: argparse.Namespace, workers: int) -> list[Row]:
         batch.old_logprobs = batch.rollout_logprobs + 0.01 * torch.randn_like(batch.rollout_logprobs)
 
         def advantages():
-            m = logprob_mismatch(batch)
+            m = logprob_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
             batch.advantages, batch.returns = em_token_advantages(batch.values, batch.scores, batch.response_mask,
                                                                   batch.is_labeled, eps=a.adv_eps)
-            m.update(apply_truncated_is(batch, 2.0))
+            batch.advantages, tis = truncated_is(batch.advantages, batch.old_logprobs, batch.rollout_logprobs,
+                                                 batch.response_mask, 2.0)
+            m.update(tis)
             m.update(TempoController.rollout_metrics(batch))
             return m
 

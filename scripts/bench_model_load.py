@@ -2,7 +2,7 @@
 
 Two ways, each in a fresh process (so that its peak resident memory is its own):
 
-- ``lazy`` (the product path, ``trainer.build_megatron_models``): each rank reads its stage's tensors
+- ``lazy`` (the product path, ``build.build_megatron_models``): each rank reads its stage's tensors
   from the safetensors files on demand (``backends/megatron/hf_weights.py``);
 - ``loaded`` (the path before it): the whole HF actor and a critic copied from it are loaded into
   memory first, and each rank takes its slices from those.

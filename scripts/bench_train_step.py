@@ -243,13 +243,13 @@ def make_batch(args: argparse.Namespace, vocab_size: int):
 
 
 def loss_fn(role: str):
-    """The losses the controller trains with (``BoundLoss`` over algo/losses.py)."""
-    from tempo_mega.algo.losses import critic_loss, gspo_policy_loss
-    from tempo_mega.controller import BoundLoss
+    """The losses the controller trains with (``LossSpec``s over algo/losses.py, plain torch: the
+    backend binds them, ``backends.base.bind_loss``), with the clip settings left at the losses' defaults."""
+    from tempo_mega.algo.losses import LossSpec, critic_loss, gspo_policy_loss
 
     if role == "actor":
-        return BoundLoss(gspo_policy_loss, ("old_logprobs", "advantages"))
-    return BoundLoss(critic_loss, ("values", "returns"))
+        return LossSpec(gspo_policy_loss, ("old_logprobs", "advantages"))
+    return LossSpec(critic_loss, ("values", "returns"))
 
 
 # ----------------------------------------------------------------------------- backends

@@ -79,7 +79,8 @@ def _preflight(cfg) -> None:
 
 def _train(overrides: list[str]) -> int:
     from tempo_mega.config import load_config
-    from tempo_mega.trainer import Preempted, run_training
+    from tempo_mega.launch.preemption import Preempted
+    from tempo_mega.trainer import run_training
 
     if any(o in ("-h", "--help") for o in overrides):  # before Hydra, which would parse them as overrides
         print(_train_help())

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("tempo", "rlvr", "ttrl", "empo", "supervised_continuation")
+from tempo_mega.algo.recipes import MODES, RECIPES, recipe
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,9 @@ class TrainConfig:
 
 BACKENDS = ("torch", "megatron")
 RESUME = ("auto", "true", "false")
-# Which prompts each mode trains on; the other count is derived as 0 (see derive_prompt_split). tempo
-# uses both, also with a frozen critic (algo.e_step_every=0): its M-step trains the actor on the labeled
-# rows (verified rewards) as well as the unlabeled ones.
-LABELED_ONLY = ("rlvr", "supervised_continuation")
-UNLABELED_ONLY = ("ttrl", "empo")
+# Which prompts each mode trains on is its recipe's (algo/recipes.py); the other count is derived as 0
+# (see derive_prompt_split). tempo uses both, also with a frozen critic (algo.e_step_every=0): its M-step
+# trains the actor on the labeled rows (verified rewards) as well as the unlabeled ones.
 
 
 def megatron_config(cfg: TrainConfig):
@@ -233,23 +231,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Reject impossible values, naming the key. Runs before any model or engine is built."""
     a, r, d, t, m = cfg.algo, cfg.rollout, cfg.data, cfg.trainer, cfg.model
     _check(a.mode in MODES, "algo.mode", f"must be one of {MODES}, got {a.mode!r}")
+    rec = recipe(a.mode)
     _check(a.num_samples_per_prompt >= 1, "algo.num_samples_per_prompt", f"must be >= 1, got {a.num_samples_per_prompt}")
     _check(a.labeled_prompts_per_step >= 0, "algo.labeled_prompts_per_step", "must be >= 0")
     _check(a.unlabeled_prompts_per_step >= 0, "algo.unlabeled_prompts_per_step", "must be >= 0")
     total = a.labeled_prompts_per_step + a.unlabeled_prompts_per_step
     _check(total >= 1, "algo.labeled_prompts_per_step", "labeled + unlabeled prompts per step must be >= 1")
-    if a.mode in LABELED_ONLY:
+    if not rec.unlabeled_prompts:
         _check(a.labeled_prompts_per_step >= 1, "algo.labeled_prompts_per_step", f"mode {a.mode} trains on labeled prompts: must be >= 1")
         _check(a.unlabeled_prompts_per_step == 0, "algo.unlabeled_prompts_per_step",
                f"{a.unlabeled_prompts_per_step} contradicts algo.mode={a.mode}, which uses labeled prompts only "
                "(leave algo.unlabeled_prompts_per_step unset: the mode makes it 0)")
-    if a.mode in UNLABELED_ONLY:
+    if not rec.labeled_prompts:
         _check(a.unlabeled_prompts_per_step >= 1, "algo.unlabeled_prompts_per_step", f"mode {a.mode} trains on unlabeled prompts: must be >= 1")
         _check(a.labeled_prompts_per_step == 0, "algo.labeled_prompts_per_step",
                f"{a.labeled_prompts_per_step} contradicts algo.mode={a.mode}, which uses unlabeled prompts only "
                "(leave algo.labeled_prompts_per_step unset: the mode makes it 0)")
-    if a.mode == "tempo":
-        _check(a.unlabeled_prompts_per_step >= 1, "algo.unlabeled_prompts_per_step", "mode tempo needs unlabeled prompts: must be >= 1")
+    if rec.needs_unlabeled:
+        _check(a.unlabeled_prompts_per_step >= 1, "algo.unlabeled_prompts_per_step",
+               f"mode {a.mode} needs unlabeled prompts: must be >= 1")
     _check(a.mini_batch_prompts >= 1, "algo.mini_batch_prompts", f"must be >= 1, got {a.mini_batch_prompts}")
     _check(0 <= a.clip_low < 1, "algo.clip_low", f"must be in [0, 1), got {a.clip_low}")
     _check(a.clip_high >= 0, "algo.clip_high", f"must be >= 0, got {a.clip_high}")
@@ -280,9 +280,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(not d.train_files and not d.test_files, "data.source",
                "data.source=synthetic ignores data.train_files / data.test_files: use data.source=files")
     if d.uses_files:
-        _check(bool(d.train_files) or a.labeled_prompts_per_step == 0 or a.mode in ("ttrl", "empo"), "data.train_files",
+        _check(bool(d.train_files) or a.labeled_prompts_per_step == 0 or not rec.labeled_prompts, "data.train_files",
                f"no labeled files, but algo.labeled_prompts_per_step={a.labeled_prompts_per_step} needs labeled prompts")
-        _check(bool(d.test_files) or a.unlabeled_prompts_per_step == 0 or a.mode in ("rlvr", "supervised_continuation"),
+        _check(bool(d.test_files) or a.unlabeled_prompts_per_step == 0 or not rec.unlabeled_prompts,
                "data.test_files",
                f"no unlabeled files, but algo.unlabeled_prompts_per_step={a.unlabeled_prompts_per_step} needs unlabeled prompts")
     from tempo_mega.data.datasets import FIELD_MAPS
@@ -358,8 +358,7 @@ def derive_prompt_split(plain: dict[str, Any], explicit: set[str]) -> None:
     if not isinstance(algo, dict):
         return
     mode = algo.get("mode", AlgoConfig.mode)
-    unused = ("unlabeled_prompts_per_step" if mode in LABELED_ONLY
-              else "labeled_prompts_per_step" if mode in UNLABELED_ONLY else None)
+    unused = RECIPES[mode].unused_prompt_count() if mode in RECIPES else None
     if unused is not None and f"algo.{unused}" not in explicit:
         algo[unused] = 0
 

@@ -140,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         ov = [f"algo={mode}", *base, f"trainer.output_dir={d}", f"model.path={stage1 / 'hf' / 'actor'}",
               f"model.critic_path={stage1 / 'hf' / 'critic'}", "trainer.warm_start_steps=0",
               *stage_overrides(args.ttt_steps, "trainer.total_steps")]
-        if mode in ("ttrl", "empo"):
-            ov.append("algo.labeled_prompts_per_step=0")
         cfg = load_config(ov)
         print(f"[demo] test-time training: {mode} ({cfg.trainer.total_steps} steps)")
         run_training(cfg)

@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from tempo_mega.algo.recipes import recipe
 from tempo_mega.telemetry.flops import (
     PEAK_FLOPS,
     TransformerShape,
@@ -340,7 +341,7 @@ class Plan:
 def _vocab_size(cfg: Any) -> int:
     """The vocabulary of a model without a checkpoint config: the synthetic tokenizer's for a fresh model."""
     if cfg.model.path is None:
-        from tempo_mega.trainer import load_tokenizer
+        from tempo_mega.data.pool import load_tokenizer
 
         return len(load_tokenizer(cfg))
     return QWEN3_VOCAB_SIZE
@@ -496,7 +497,7 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
     step_s["logprob"] = train(step_tokens * (forward_flops_per_token(s, seq)
                                              + forward_flops_per_token(s, seq, include_lm_head=False))) * bubble
     critic_trains = al.e_step_every > 0 and al.critic.lr > 0
-    critic_tokens = step_tokens * (labeled_frac if al.mode in ("tempo", "supervised_continuation") else 1.0)
+    critic_tokens = step_tokens * (labeled_frac if recipe(al.mode).critic_rows == "labeled" else 1.0)
     if critic_trains:
         step_s["e_step"] = train(al.critic.epochs * critic_tokens * train_flops_per_token(s, seq, include_lm_head=False)
                                  * recompute_factor) * bubble

@@ -1,18 +1,22 @@
-"""The TEMPO math: pure torch, no I/O, no distributed code."""
+"""The TEMPO math: pure torch, no I/O, no distributed code; recipes.py says which of it each mode uses.
 
-from tempo_mega.algo.advantages import em_token_advantages, gae_advantages, masked_mean, masked_whiten
-from tempo_mega.algo.filters import GroupFilterResult, filter_groups
-from tempo_mega.algo.losses import agg_loss, critic_loss, gspo_policy_loss, ppo_policy_loss
+The names below load on first use, so that reading a recipe (config validation, ``tempo-mega plan``)
+does not import torch.
+"""
 
-__all__ = [
-    "GroupFilterResult",
-    "agg_loss",
-    "critic_loss",
-    "em_token_advantages",
-    "filter_groups",
-    "gae_advantages",
-    "gspo_policy_loss",
-    "masked_mean",
-    "masked_whiten",
-    "ppo_policy_loss",
-]
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    "em_token_advantages": "advantages", "gae_advantages": "advantages", "masked_mean": "advantages",
+    "masked_whiten": "advantages", "GroupFilterResult": "filters", "filter_groups": "filters",
+    "agg_loss": "losses", "critic_loss": "losses", "gspo_policy_loss": "losses", "ppo_policy_loss": "losses",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'tempo_mega.algo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"tempo_mega.algo.{_NAMES[name]}"), name)

@@ -63,6 +63,23 @@ def last_valid_index(response_mask: Tensor) -> Tensor:
     return torch.where(response_mask.bool(), cols, torch.zeros_like(cols)).max(dim=-1).values
 
 
+def critic_reward(values: Tensor, response_mask: Tensor) -> Tensor:
+    """TEMPO's reward of a response: the critic's value read before its last valid token (raw, no
+    sigmoid or clamp), [B]; 0 for a row without a valid token. The one place it is computed: the
+    advantages, the logged unlabeled reward and the reward-drift monitor all take it from here."""
+    last = last_valid_index(response_mask)
+    value = values.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+    return torch.where(response_mask.bool().any(-1), value, torch.zeros_like(value))
+
+
+def outcome_token_rewards(scores: Tensor, response_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[B, L] token rewards for GAE: each row's score on its last valid token, 0 elsewhere (RLVR)."""
+    rewards = torch.zeros(response_mask.shape, dtype=dtype, device=scores.device)
+    rows = torch.arange(response_mask.shape[0], device=scores.device)
+    rewards[rows, last_valid_index(response_mask)] = scores.to(rewards.dtype)
+    return rewards
+
+
 def em_token_advantages(
     values: Tensor,
     scores: Tensor,
@@ -96,9 +113,7 @@ def em_token_advantages(
     # computed on the valid tokens only (a batch of long-tailed responses is mostly padding), in row-major
     # order, and scattered back: the same whitening as masked_whiten, a third of the memory traffic
     mask = response_mask.bool()
-    last = last_valid_index(response_mask)
-    last_value = torch.where(mask.any(-1), values.gather(-1, last.unsqueeze(-1)).squeeze(-1), 0.0)
-    reward = torch.where(is_labeled.bool(), scores.to(values.dtype), last_value.to(values.dtype))
+    reward = torch.where(is_labeled.bool(), scores.to(values.dtype), critic_reward(values, response_mask).to(values.dtype))
     reward_tok = torch.repeat_interleave(reward, mask.sum(-1))
     raw = reward_tok - values[mask]
     n = raw.numel()

@@ -8,6 +8,9 @@ computed without gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
@@ -174,3 +177,18 @@ def ppo_policy_loss(
             "num_rows": float((response_mask.sum(-1) > 0).sum()),
         }
     return loss, metrics
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss as the controller asks for it: an algo/ loss ``fn(output, *fields, mask, **kw)`` over the
+    micro-batch fields named in ``fields``, how the backend weights micro-batches (``agg``: "seq" or
+    "token"), and the name of the packed tempo_mega.kernels loss that equals it (None: none does). The
+    backend fulfils it (``backends.base.bind_loss``): with the kernel where its ``use_kernels`` is on,
+    with ``fn`` on the padded micro-batch otherwise."""
+
+    fn: Callable
+    fields: tuple[str, ...]
+    agg: str = "seq"
+    kernel: str | None = None
+    kw: dict = field(default_factory=dict)

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from tempo_mega.algo.losses import LossSpec
 from tempo_mega.batch import RolloutBatch
 
 # A loss function maps the model's output on a micro-batch ([b, L] log-probs for the actor, [b, L]
@@ -23,18 +24,24 @@ LossFn = Callable[[Tensor, RolloutBatch], "tuple[Tensor, dict[str, float]]"]
 
 @runtime_checkable
 class TrainBackend(Protocol):
-    role: str  # "actor" | "critic"
+    """What the controller and the run layer call on a backend, and nothing more."""
 
-    def forward_logprobs(self, batch: RolloutBatch) -> Tensor:
-        """[B, L] log-probs of the response tokens (actor)."""
+    role: str  # "actor" | "critic"
+    device: torch.device  # where this rank's model lives
+    use_kernels: bool  # the heads and the losses from tempo_mega.kernels (kernels.enable)
+
+    def forward_logprobs(self, batch: RolloutBatch, temperature: float | None = None) -> Tensor:
+        """[B, L] log-probs of the response tokens (actor) at ``temperature`` (None: rollout.temperature,
+        the one the backend was built with)."""
         ...
 
     def forward_values(self, batch: RolloutBatch) -> Tensor:
         """[B, L] values V_t read before response token t (critic)."""
         ...
 
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer pass over ``batch``: mini-batches, micro-batches with accumulation, clipping."""
+    def train_step(self, batch: RolloutBatch, loss_fn: LossSpec | LossFn) -> dict[str, float]:
+        """One optimizer pass over ``batch``: mini-batches, micro-batches with accumulation, clipping.
+        A ``LossSpec`` is fulfilled by the backend (``bind_loss``: its packed kernel where ``use_kernels``)."""
         ...
 
     def export_weights(self, device: str | torch.device | None = "cpu") -> Iterator[tuple[str, Tensor]]:
@@ -42,9 +49,62 @@ class TrainBackend(Protocol):
         takes GPU tensors, SGLang's CUDA-IPC or NCCL sync, asks for them there: ``weights_device``)."""
         ...
 
-    def save(self, directory: str | Path) -> None: ...
+    def load_trunk_from(self, other: TrainBackend) -> None:
+        """The critic's trunk := ``other``'s (the actor's), through HF names; its value head is kept."""
+        ...
+
+    def lr_override(self, lr: float) -> contextlib.AbstractContextManager[None]:
+        """Train at ``lr`` inside the block (the warm start), the configured rate after."""
+        ...
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the optimizer's moments, keep the weights."""
+        ...
+
+    def save(self, directory: str | Path) -> None:
+        """Weights, optimizer and backend state into a checkpoint directory (a collective where sharded)."""
+        ...
 
     def load(self, directory: str | Path) -> None: ...
+
+    def export_hf(self, directory: str | Path) -> None:
+        """An HF-loadable directory of this role's model (rank 0 writes)."""
+        ...
+
+
+class BoundLoss:
+    """A ``LossSpec`` bound to the fields of a micro-batch (a ``LossFn``). With ``kernel`` (a packed
+    tempo_mega.kernels loss that equals ``spec.fn``), the loss and its gradient come from the kernel on
+    the packed valid tokens; the metrics still come from ``spec.fn``, without grad."""
+
+    def __init__(self, spec: LossSpec, kernel: Callable | None = None):
+        self.spec, self.kernel, self.agg = spec, kernel, spec.agg
+
+    def __call__(self, output: Tensor, mb: RolloutBatch):
+        s = self.spec
+        mask = mb.response_mask.to(output.device)
+        inputs = [output, *(getattr(mb, f).to(output.device) for f in s.fields)]
+        if self.kernel is None:
+            return s.fn(*inputs, mask, **s.kw)
+        from tempo_mega.kernels import pack_padded
+
+        with torch.no_grad():
+            _, metrics = s.fn(*(x.detach() for x in inputs), mask, **s.kw)
+        packed = [pack_padded(x, mask) for x in inputs]
+        return self.kernel(*(x for x, _ in packed), packed[0][1], **s.kw), metrics
+
+
+def bind_loss(loss: LossSpec | LossFn, use_kernels: bool) -> LossFn:
+    """What a backend's ``train_step`` trains with: a ``LossSpec`` bound to the micro-batch fields, through
+    its packed kernel where ``use_kernels`` is on and the spec names one; a plain ``LossFn`` as given."""
+    if not isinstance(loss, LossSpec):
+        return loss
+    kernel = None
+    if use_kernels and loss.kernel is not None:
+        import tempo_mega.kernels as kernels
+
+        kernel = getattr(kernels, loss.kernel)
+    return BoundLoss(loss, kernel)
 
 
 def weight_units(batch: RolloutBatch, agg: str) -> int:

@@ -31,7 +31,15 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tempo_mega.backends.base import LossFn, forward_in_micro_batches, lr_override, optimizer_passes
+from tempo_mega.algo.losses import LossSpec
+from tempo_mega.backends.base import (
+    LossFn,
+    TrainBackend,
+    bind_loss,
+    forward_in_micro_batches,
+    lr_override,
+    optimizer_passes,
+)
 from tempo_mega.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -200,12 +208,13 @@ class TorchBackend:
         self.num_train_steps = 0  # train_step calls, saved with the checkpoint
 
     # ------------------------------------------------------------------ forward
-    def forward_logprobs(self, batch: RolloutBatch) -> Tensor:
-        """[B, L] float32 log-probs of the response tokens under log_softmax(logits / temperature),
-        0 at masked positions. No gradient; micro-batched by ``max_tokens_per_micro_batch``."""
+    def forward_logprobs(self, batch: RolloutBatch, temperature: float | None = None) -> Tensor:
+        """[B, L] float32 log-probs of the response tokens under log_softmax(logits / temperature)
+        (None: the temperature the backend was built with, rollout.temperature), 0 at masked positions.
+        No gradient; micro-batched by ``max_tokens_per_micro_batch``."""
         if self.role != "actor":
             raise ValueError("forward_logprobs: this backend is the critic; use forward_values")
-        return self._forward_no_grad(batch)
+        return self._forward_no_grad(batch, temperature)
 
     def forward_values(self, batch: RolloutBatch) -> Tensor:
         """[B, L] float32 values V_t read before response token t (``values[:, -L-1:-1]`` over prompt +
@@ -214,13 +223,15 @@ class TorchBackend:
             raise ValueError("forward_values: this backend is the actor; use forward_logprobs")
         return self._forward_no_grad(batch)
 
-    def _forward_no_grad(self, batch: RolloutBatch) -> Tensor:
+    def _forward_no_grad(self, batch: RolloutBatch, temperature: float | None = None) -> Tensor:
         self.model.eval()
-        out = forward_in_micro_batches(batch, self._forward, self.optim.max_tokens_per_micro_batch)
+        forward = self._forward if temperature is None else lambda mb: self._forward(mb, temperature)
+        out = forward_in_micro_batches(batch, forward, self.optim.max_tokens_per_micro_batch)
         return out.to(batch.response_mask.device)
 
-    def _forward(self, batch: RolloutBatch) -> Tensor:
+    def _forward(self, batch: RolloutBatch, temperature: float | None = None) -> Tensor:
         """The role's output on one micro-batch, [b, L] float32, differentiable when grad is enabled."""
+        temperature = self.temperature if temperature is None else temperature
         mask = batch.response_mask.to(self.device).bool()
         targets = batch.response_ids.to(self.device)[mask]  # [N_resp]
         trunk = self.model.model
@@ -245,9 +256,9 @@ class TorchBackend:
             if self.role == "actor" and self.use_kernels:
                 from tempo_mega.kernels import fused_linear_logprob
 
-                vals = fused_linear_logprob(h, self.model.lm_head.weight, targets, temperature=self.temperature)
+                vals = fused_linear_logprob(h, self.model.lm_head.weight, targets, temperature=temperature)
             elif self.role == "actor":
-                logits = self.model.lm_head(h).float() / self.temperature  # [N_resp, V]
+                logits = self.model.lm_head(h).float() / temperature  # [N_resp, V]
                 vals = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
             elif self.use_kernels:
                 from tempo_mega.kernels import fused_value_head
@@ -274,7 +285,7 @@ class TorchBackend:
             ~allowed, torch.finfo(dtype).min)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, loss_fn: LossSpec | LossFn) -> dict[str, float]:
         """For each epoch, for each mini-batch of ``mini_batch_size`` rows (in order): accumulate the
         gradient over token-budget micro-batches, clip, AdamW step.
 
@@ -283,8 +294,10 @@ class TorchBackend:
         losses in algo/ average over such rows) or by valid tokens (``"token"``). Micro-batches with
         weight 0 are skipped, and so are mini-batches without a valid token (no step: AdamW would
         still move the weights). A non-finite grad norm skips the step with a warning.
-        Returns metrics averaged over mini-batches, namespaced ``{role}/...``.
+        Returns metrics averaged over mini-batches, namespaced ``{role}/...``. A ``LossSpec`` runs through
+        its packed kernel where ``use_kernels`` is on (``bind_loss``).
         """
+        loss_fn = bind_loss(loss_fn, self.use_kernels)
         o = self.optim
         devices = [self.device] if self.device.type == "cuda" else []
         self.model.train()
@@ -321,6 +334,13 @@ class TorchBackend:
     def reset_optimizer_state(self) -> None:
         """Forget the Adam moments (the next step starts them afresh), keep the weights."""
         self.optimizer.state.clear()
+
+    def load_trunk_from(self, other: TrainBackend) -> None:
+        """This critic's trunk := ``other``'s (the actor's, after the warm start), through the HF names
+        ``other.export_weights`` streams (``model.*``); the value head is kept."""
+        prefix = "model."
+        trunk = {n[len(prefix):]: t for n, t in other.export_weights(device=None) if n.startswith(prefix)}
+        self.model.model.load_state_dict(trunk)
 
     def export_weights(self, device: str | torch.device | None = "cpu") -> Iterator[tuple[str, Tensor]]:
         """(name, tensor) pairs, detached, contiguous, on ``device`` (None: the model's), in the model dtype;

@@ -318,7 +318,7 @@ def load_model_and_tokenizer(source: ModelSource, dtype: str = "auto"):
         m = _json(source.run_config).get("model", {})
         if m.get("path"):
             config = AutoConfig.from_pretrained(m["path"])
-        else:  # the fresh Qwen3 the trainer builds when model.path is None (trainer.build_models)
+        else:  # the fresh Qwen3 the trainer builds when model.path is None (build.build_models)
             config = fresh_qwen3_config(m, tok)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
     weights = source.weights / "model.safetensors"

@@ -62,6 +62,14 @@ class RolloutNeedsWeights(RuntimeError):
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """What the controller and the run layer call on a sampler. ``last_metrics``: what the engine
+    measured of its last call (fault counters of a generate, the post-sync probe of a weight update);
+    ``release_during_training``: the controller calls ``release_memory`` after the rollout and the
+    engine takes its memory back at the next weight update (colocated SGLang)."""
+
+    last_metrics: dict[str, float]
+    release_during_training: bool
+
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
         """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i."""
         ...

@@ -115,6 +115,10 @@ class HFRolloutEngine:
         # only the last position's logits are needed after the prefill
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._released = False
+        self.last_metrics: dict[str, float] = {}  # nothing to report: no servers, no faults, no probe
+
+    # the sampler is a second copy of the actor, not an allocator that shares the trainer's memory
+    release_during_training = False
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:

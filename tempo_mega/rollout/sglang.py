@@ -78,7 +78,6 @@ __all__ = [
     "build_sglang_engine",
     "bucket_named_tensors",
     "MEMORY_TAGS",
-    "logprob_mismatch",
     "redact_command",
     "sync_device",
 ]
@@ -204,16 +203,6 @@ def sync_device(cfg: SGLangConfig) -> str:
     """Where the trainer should export the weights for ``cfg.weight_sync``: on the GPU for the CUDA-IPC
     (tensor) and NCCL (distributed) hand-offs, on the CPU for disk (and wherever there is no GPU)."""
     return "cuda" if cfg.weight_sync in ("tensor", "distributed") and torch.cuda.is_available() else "cpu"
-
-
-def logprob_mismatch(rollout_lp: Tensor, trainer_lp: Tensor, mask: Tensor) -> dict[str, float]:
-    """rollout_lp, trainer_lp: [B, L] float; mask: [B, L] (1 = response token). Mean and max of
-    |rollout - trainer| over masked tokens, as ``rollout/logprob_diff_mean`` / ``_max``."""
-    m = mask.bool()
-    if not bool(m.any()):
-        return {"rollout/logprob_diff_mean": 0.0, "rollout/logprob_diff_max": 0.0}
-    diff = (rollout_lp.float() - trainer_lp.float()).abs()[m]
-    return {"rollout/logprob_diff_mean": float(diff.mean()), "rollout/logprob_diff_max": float(diff.max())}
 
 
 def bucket_named_tensors(

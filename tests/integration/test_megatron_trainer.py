@@ -212,8 +212,8 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
 
     from tempo_mega.rollout.base import SamplingParams
     from tempo_mega.rollout.hf import HFRolloutEngine
+    from tempo_mega.rollout.rank_zero import RankZeroRollout, RankZeroSGLang
     from tempo_mega.rollout.sglang import SGLangConfig
-    from tempo_mega.trainer import RankZeroRollout, RankZeroSGLang
 
     with megatron_on_cpu():
         dist.init_process_group("gloo")
@@ -305,8 +305,8 @@ def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
 
     from tempo_mega.rollout.base import SamplingParams
     from tempo_mega.rollout.fake_sglang import install_fake_serializer
+    from tempo_mega.rollout.rank_zero import RankZeroSGLang
     from tempo_mega.rollout.sglang import SGLangConfig
-    from tempo_mega.trainer import RankZeroSGLang
 
     install_fake_serializer()  # the client's tensor payloads, as the fake server reads them
     with megatron_on_cpu():

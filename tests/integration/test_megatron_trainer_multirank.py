@@ -76,13 +76,14 @@ STEP_METRICS = {"timing/step_s": 4.0, "timing/logprob_s": 0.5, "timing/e_step_s"
 def _check_per_gpu_metrics(perf: Path, cfg) -> None:
     """MFU and tokens/s per GPU count both GPUs of the 2-rank world: half of what one GPU doing the step's
     work would have; tokens per joule count the energy of both GPUs."""
+    from tempo_mega.algo.recipes import recipe
     from tempo_mega.telemetry.flops import phase_mfu
 
     got = [torch.load(perf / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert got[0]["num_gpus"] == got[1]["num_gpus"] == 2
     shape = got[0]["hf_config"]
     one_gpu = phase_mfu(STEP_METRICS, shape, shape, 1, cfg.trainer.gpu_peak, actor_epochs=cfg.algo.actor.epochs,
-                        critic_epochs=cfg.algo.critic.epochs, critic_labeled_only=cfg.algo.mode in ("tempo", "supervised_continuation"))
+                        critic_epochs=cfg.algo.critic.epochs, critic_labeled_only=recipe(cfg.algo.mode).critic_rows == "labeled")
     for g in got:
         out = g["perf"]
         assert {k for k in one_gpu if k.startswith("perf/mfu")} == {k for k in out if k.startswith("perf/mfu")}
@@ -105,7 +106,7 @@ if __name__ == "__main__":  # one rank of the torchrun world
         from megatron.core import parallel_state
 
         if os.environ.get("TEMPO_TEST_PERF_OUT"):  # the per-GPU arithmetic on this world, as on CUDA
-            from tempo_mega.trainer import throughput_metrics, trainer_num_gpus
+            from tempo_mega.telemetry.throughput import throughput_metrics, trainer_num_gpus
 
             me = dist.get_rank()
             step = {**STEP_METRICS, "gpu/energy_j": 100.0 + me}

@@ -19,7 +19,7 @@ CHILD = textwrap.dedent("""
     import multiprocessing as mp, sys
     from pathlib import Path
     from tempo_mega.checkpoint import atomic_checkpoint, save_json
-    from tempo_mega.trainer import PreemptionWatch
+    from tempo_mega.launch.preemption import PreemptionWatch
 
     root, grace = Path(sys.argv[1]), float(sys.argv[2])
     with atomic_checkpoint(root, 1) as d:
@@ -56,7 +56,7 @@ def _finish(proc: subprocess.Popen, within_s: float) -> tuple[str, str, float]:
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
 def test_second_signal_ends_a_hung_run_at_once(tmp_path, second):
     from tempo_mega.checkpoint import latest_checkpoint
-    from tempo_mega.trainer import PreemptionWatch
+    from tempo_mega.launch.preemption import PreemptionWatch
 
     proc = _start(tmp_path, grace_s=600.0)
     proc.send_signal(signal.SIGTERM)

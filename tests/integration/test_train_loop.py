@@ -288,13 +288,14 @@ def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
 
 
 def test_truncated_importance_sampling_weights():
-    from tempo_mega.controller import apply_truncated_is
+    from tempo_mega.algo.correction import truncated_is
 
     batch = RolloutBatch.from_samples([[1, 2]], [[3, 4, 5]], is_labeled=[True], group_ids=[0], pad_token_id=0,
                                       rollout_logprobs=[[-1.0, -2.0, -3.0]])
     batch.old_logprobs = torch.tensor([[-1.0, -1.0, -3.5]])
     batch.advantages = torch.tensor([[1.0, 1.0, 1.0]])
-    m = apply_truncated_is(batch, cap=2.0)
+    batch.advantages, m = truncated_is(batch.advantages, batch.old_logprobs, batch.rollout_logprobs,
+                                       batch.response_mask, cap=2.0)
     # weights exp(0) = 1, exp(1) = 2.718 -> capped at 2, exp(-0.5) = 0.607
     torch.testing.assert_close(batch.advantages, torch.tensor([[1.0, 2.0, math.exp(-0.5)]]))
     assert m["rollout/tis_clip_frac"] == pytest.approx(1 / 3)

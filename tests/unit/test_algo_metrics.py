@@ -82,12 +82,14 @@ def test_gspo_log_ratio_cap_at_extreme_ratios(lr_sign, adv_sign):
 
 # ----------------------------------------------------------------------------- defaults
 def test_ppo_dual_clip_default_is_3_as_the_controller_calls_it():
-    """Stage-1 PPO (algo.mode=rlvr) relies on clip_ratio_c's default: the controller never passes it."""
-    from tempo_mega.controller import TempoController
+    """Stage-1 PPO (algo.mode=rlvr) relies on clip_ratio_c's default: the rlvr recipe never passes it."""
+    from tempo_mega.algo.recipes import recipe
+    from tempo_mega.backends.base import bind_loss
 
-    algo = SimpleNamespace(mode="rlvr", ppo_clip_low=0.2, ppo_clip_high=0.28)
-    bound = TempoController.policy_loss(SimpleNamespace(cfg=SimpleNamespace(algo=algo)))
-    assert bound.fn is ppo_policy_loss and "clip_ratio_c" not in bound.kw
+    algo = SimpleNamespace(ppo_clip_low=0.2, ppo_clip_high=0.28)
+    spec = recipe("rlvr").policy_loss(algo)
+    assert spec.fn is ppo_policy_loss and spec.agg == "token" and "clip_ratio_c" not in spec.kw
+    bound = bind_loss(spec, use_kernels=False)
     # token 0: ratio 5 with A = -1 -> -A * r = 5, dual-clipped to 3; token 1: ratio 1, A = -1 -> 1
     logp = torch.tensor([[math.log(5.0), 0.0]], dtype=F64)
     mb = SimpleNamespace(old_logprobs=torch.zeros(1, 2, dtype=F64), advantages=-torch.ones(1, 2, dtype=F64),

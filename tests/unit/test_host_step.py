@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from tempo_mega.algo import em_token_advantages
+from tempo_mega.algo.correction import logprob_mismatch, truncated_is
 from tempo_mega.batch import RolloutBatch
-from tempo_mega.controller import TempoController, apply_truncated_is, logprob_mismatch
+from tempo_mega.controller import TempoController
 from tempo_mega.data.tokenizer import build_synthetic_tokenizer, decode_responses
 from tempo_mega.rewards import compute_score, empo_rewards, grade_responses, pseudo_rewards, ttrl_rewards
 from tempo_mega.rollout.base import Sample
@@ -247,10 +248,10 @@ def _phases(tokens_per_row: int):
     batch.values = torch.zeros_like(batch.rollout_logprobs)
 
     def advantages():
-        logprob_mismatch(batch)
+        logprob_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
         batch.advantages, batch.returns = em_token_advantages(batch.values, batch.scores, batch.response_mask,
                                                               batch.is_labeled)
-        apply_truncated_is(batch, 2.0)
+        truncated_is(batch.advantages, batch.old_logprobs, batch.rollout_logprobs, batch.response_mask, 2.0)
         TempoController.rollout_metrics(batch)
 
     return {

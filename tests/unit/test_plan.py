@@ -58,7 +58,8 @@ def _optimizer_bytes(optimizers) -> int:
 
 
 def test_tiny_model_bytes_equal_the_torch_backend(tmp_path):
-    from tempo_mega.trainer import build_models, load_tokenizer
+    from tempo_mega.build import build_models
+    from tempo_mega.data.pool import load_tokenizer
 
     cfg = load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}"])
     actor, critic = build_models(cfg, load_tokenizer(cfg), torch.device("cpu"))
@@ -82,7 +83,8 @@ def test_tiny_model_bytes_equal_the_megatron_backend(tmp_path, monkeypatch, over
     sys.path.insert(0, str(ROOT / "tests"))
     from megatron_cpu_support import one_process_world
 
-    from tempo_mega.trainer import build_models, load_tokenizer
+    from tempo_mega.build import build_models
+    from tempo_mega.data.pool import load_tokenizer
 
     cfg = load_config(["experiment=debug_cpu", "backend=megatron", f"trainer.output_dir={tmp_path}", *overrides])
     p = plan(cfg, nodes=1, gpus_per_node=1)

@@ -30,7 +30,6 @@ from tempo_mega.rollout.sglang import (
     _http,
     bucket_named_tensors,
     build_sglang_engine,
-    logprob_mismatch,
     redact_command,
 )
 
@@ -168,6 +167,8 @@ def test_helpers():
     a = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]])
     b = torch.tensor([[0.1, -1.0, -9.0], [-0.2, 0.0, 5.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    from tempo_mega.algo.correction import logprob_mismatch
+
     m = logprob_mismatch(a, b, mask)
     assert m["rollout/logprob_diff_max"] == pytest.approx(0.3)
     assert m["rollout/logprob_diff_mean"] == pytest.approx(0.1)

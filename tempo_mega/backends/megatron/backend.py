@@ -54,7 +54,8 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from tempo_mega.backends.base import LossFn, lr_override, optimizer_passes, weight_units
+from tempo_mega.algo.losses import LossSpec
+from tempo_mega.backends.base import LossFn, bind_loss, lr_override, optimizer_passes, weight_units
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, layer_offset, mcore_to_hf_tensors
 from tempo_mega.backends.megatron.dist_ckpt import save_sharded
@@ -109,6 +110,7 @@ class MegatronBackend:
         mc = megatron_config or MegatronConfig()
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
+        self._logprob_temperature = temperature  # forward_logprobs' own, for the one call that gives it
         init_parallel(mc, seed=seed)
         self.use_kernels = use_kernels
         # Megatron's random init runs even when starting weights overwrite it: megatron-core 0.16 sets the
@@ -258,7 +260,7 @@ class MegatronBackend:
         weight = kwargs.get("weight")
         if weight is None:
             weight = args[1] if len(args) > 1 and args[1] is not None else module.weight
-        lp = vocab_parallel_logprobs(hidden, weight, self._positions[1], self.temperature,
+        lp = vocab_parallel_logprobs(hidden, weight, self._positions[1], self._logprob_temperature,
                                      self.megatron_config.logprob_chunk_tokens)
         return lp[:, None, None], None
 
@@ -271,12 +273,17 @@ class MegatronBackend:
             self._positions = None
             self._selected = None
 
-    def forward_logprobs(self, batch: RolloutBatch) -> Tensor:
-        """[B, L] float32 log-probs of the response tokens under log_softmax(logits / temperature),
-        0 at masked positions. No gradient. A collective over all ranks."""
+    def forward_logprobs(self, batch: RolloutBatch, temperature: float | None = None) -> Tensor:
+        """[B, L] float32 log-probs of the response tokens under log_softmax(logits / temperature)
+        (None: the temperature the backend was built with, rollout.temperature), 0 at masked positions.
+        No gradient. A collective over all ranks."""
         if self.role != "actor":
             raise ValueError("forward_logprobs: this backend is the critic; use forward_values")
-        return self._forward_no_grad(batch)
+        self._logprob_temperature = self.temperature if temperature is None else temperature
+        try:
+            return self._forward_no_grad(batch)
+        finally:
+            self._logprob_temperature = self.temperature
 
     def forward_values(self, batch: RolloutBatch) -> Tensor:
         """[B, L] float32 values V_t read before response token t, 0 at masked positions. No gradient.
@@ -384,10 +391,11 @@ class MegatronBackend:
         return loss * micro.weight, one, {"filler": False, "result": (loss.detach(), metrics, micro.weight)}
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, loss_fn: LossSpec | LossFn) -> dict[str, float]:
         """Same rule as ``TorchBackend.train_step``: epochs x mini-batches, micro-batches weighted by
         rows or tokens (``loss_fn.agg``) over the whole mini-batch (all DP ranks), clip, step.
-        A collective over all ranks."""
+        A collective over all ranks. A ``LossSpec`` runs through its packed kernel where ``use_kernels``."""
+        loss_fn = bind_loss(loss_fn, self.use_kernels)
         o = self.optim
         for chunk in self.chunks:
             chunk.train()
@@ -508,6 +516,11 @@ class MegatronBackend:
                 inner.state.clear()
         self._init_optimizer_state()
         self.num_optimizer_steps = 0
+
+    def load_trunk_from(self, other) -> None:
+        """This critic's trunk := ``other``'s (the actor's, after the warm start), through HF names (a
+        collective: ``other.export_weights`` gathers over TP and PP); the value head is kept."""
+        self.load_hf_state_dict({n: t for n, t in other.export_weights(dtype=None) if n.startswith("model.")})
 
     def export_weights(self, dtype: torch.dtype | None = None,
                        device: str | torch.device | None = "cpu") -> Iterator[tuple[str, Tensor]]:
