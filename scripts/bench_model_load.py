@@ -73,7 +73,7 @@ def child(way: str, directory: str, dtype: str) -> None:
         else:
             from transformers import AutoModelForCausalLM
 
-            from tempo_mega.backends.torch import ValueHeadModel
+            from tempo_mega.models.critic import ValueHeadModel
 
             hf_actor = AutoModelForCausalLM.from_pretrained(directory, dtype=dt)
             hf_critic = ValueHeadModel.from_actor(hf_actor, seed=0)

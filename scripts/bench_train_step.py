@@ -327,7 +327,7 @@ def bench_role(kind: str, role: str, precision: str, ctx: dict[str, Any]) -> lis
     the later ones "not run"."""
     args, device, hf_config = ctx["args"], ctx["device"], ctx["hf_config"]
     rows = [Row(kind, role, precision, phase) for phase in args.phases]
-    from tempo_mega.backends.torch import OptimConfig
+    from tempo_mega.backends.base import OptimConfig
 
     optim = OptimConfig(lr=1e-6, mini_batch_size=args.seqs, max_tokens_per_micro_batch=args.micro_tokens)
     backend = batch = None
@@ -459,7 +459,7 @@ def value_check(ctx: dict[str, Any], comparisons: list[ValueStep]) -> list[Value
     todo = [c for c in comparisons if c.status == "ok"]
     if not todo:
         return comparisons
-    from tempo_mega.backends.torch import OptimConfig
+    from tempo_mega.backends.base import OptimConfig
 
     optim = OptimConfig(lr=args.value_lr, weight_decay=VALUE_WEIGHT_DECAY, grad_clip=VALUE_GRAD_CLIP,
                         mini_batch_size=args.seqs, max_tokens_per_micro_batch=args.micro_tokens)

@@ -46,6 +46,8 @@ TARGETS = {
     "tempo_mega/rewards/empo.py": ([T + "test_rewards_ttrl_empo.py"], None),
     "tempo_mega/rewards/ttrl.py": ([T + "test_rewards_ttrl_empo.py"], None),
     "tempo_mega/rewards/math.py": ([T + "test_rewards_math.py"], None),
+    "tempo_mega/rewards/answers.py": ([T + "test_rewards_math.py"], None),
+    "tempo_mega/rewards/comparisons.py": ([T + "test_rewards_math.py"], None),
     "kernels/_common.py": ([T + "test_kernels_value_head.py", T + "test_kernels_seq_losses.py", *NOT_TRITON],
                            {"resolve_impl", "interpreting"}),
     "kernels/value_head.py": ([T + "test_kernels_value_head.py"],

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from tempo_mega.backends.base import OptimConfig as BackendOptim
 from tempo_mega.backends.base import TrainBackend
-from tempo_mega.backends.torch import OptimConfig as BackendOptim
 from tempo_mega.backends.torch import build_actor, build_critic
-from tempo_mega.config import TrainConfig
+from tempo_mega.config import TrainConfig, sglang_config
 from tempo_mega.models import fresh_qwen3_config
 from tempo_mega.rollout.base import weights_device
 from tempo_mega.rollout.hf import HFRolloutEngine
@@ -91,8 +91,8 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
 
     from tempo_mega.backends.megatron.backend import MegatronBackend
     from tempo_mega.backends.megatron.model import init_parallel
-    from tempo_mega.backends.torch import ValueHeadModel, _load_causal_lm
     from tempo_mega.config import megatron_config
+    from tempo_mega.models.critic import ValueHeadModel, load_causal_lm
 
     m, seed = cfg.model, cfg.trainer.seed
     mc = megatron_config(cfg)
@@ -108,7 +108,7 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
                                    dtype=DTYPES[m.dtype])
     else:
         # a fresh config: the HF models exactly as the torch backend builds them (same init, same RNG use)
-        hf_actor = _load_causal_lm(source, DTYPES[m.dtype], "sdpa", seed)
+        hf_actor = load_causal_lm(source, DTYPES[m.dtype], "sdpa", seed)
         if m.critic_path is not None:
             hf_critic = ValueHeadModel.from_pretrained(m.critic_path, dtype=DTYPES[m.dtype], seed=seed)
         else:
@@ -170,12 +170,7 @@ def _hf_on_megatron(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, de
 
 
 def _sglang_config(cfg: TrainConfig):
-    from tempo_mega.rollout.sglang import SGLangConfig
-
-    try:
-        sg = SGLangConfig(**cfg.rollout.sglang)
-    except TypeError as e:
-        raise ValueError(f"config key 'rollout.sglang': {e}") from None
+    sg = sglang_config(cfg)
     # server logs under the run's output dir; the response budget checked against the servers' context
     where = {"log_dir": Path(cfg.trainer.output_dir) / "sglang_logs",
              "max_response_tokens": cfg.rollout.max_response_tokens}

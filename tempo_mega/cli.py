@@ -30,7 +30,7 @@ def _train_help() -> str:
     groups = "\n".join(f"  {g + '=':<{width}}{' | '.join(group_options(g))}" for g in GROUPS if g != "experiment")
     return f"""usage: tempo-mega train [GROUP=CHOICE ...] [KEY=VALUE ...]
 
-Hydra overrides of configs/train.yaml, checked against the dataclasses in tempo_mega/config.py before
+Hydra overrides of configs/train.yaml, checked against the dataclasses in tempo_mega/config/ before
 anything is built (an unknown key or an impossible value stops the run naming the key).
 
 presets (experiment=NAME):

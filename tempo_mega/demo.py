@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from tempo_mega.algo.recipes import RECIPES
 from tempo_mega.config import load_config
 from tempo_mega.trainer import run_training
 
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         ov = [f"algo={mode}", *base, f"trainer.output_dir={d}", f"model.path={stage1 / 'hf' / 'actor'}",
               f"model.critic_path={stage1 / 'hf' / 'critic'}", "trainer.warm_start_steps=0",
               *stage_overrides(args.ttt_steps, "trainer.total_steps")]
+        unused = RECIPES[mode].unused_prompt_count() if mode in RECIPES else None
+        if unused is not None:  # shared overrides may size a prompt kind this mode never draws
+            ov.append(f"algo.{unused}=0")
         cfg = load_config(ov)
         print(f"[demo] test-time training: {mode} ({cfg.trainer.total_steps} steps)")
         run_training(cfg)

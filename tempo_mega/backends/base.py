@@ -22,6 +22,28 @@ from tempo_mega.batch import RolloutBatch
 LossFn = Callable[[Tensor, RolloutBatch], "tuple[Tensor, dict[str, float]]"]
 
 
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and batching of one role. ``lr == 0`` means frozen: ``train_step`` computes the loss
+    (without gradients) for metrics and makes no update, e.g. the frozen-critic ablation."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max grad norm; <= 0 disables clipping (the norm is still logged)
+    mini_batch_size: int = 64  # rows per optimizer step
+    max_tokens_per_micro_batch: int = 16384  # real tokens per forward/backward
+    epochs: int = 1  # passes over the batch per train_step
+
+    def __post_init__(self) -> None:
+        for key in ("mini_batch_size", "max_tokens_per_micro_batch", "epochs"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"OptimConfig.{key} must be positive, got {getattr(self, key)}")
+        if self.lr < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError(f"OptimConfig: lr, weight_decay must be >= 0 and eps > 0, got {self}")
+
+
 @runtime_checkable
 class TrainBackend(Protocol):
     """What the controller and the run layer call on a backend, and nothing more."""

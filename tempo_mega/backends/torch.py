@@ -17,23 +17,22 @@ Layouts:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
-from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 from tempo_mega.algo.losses import LossSpec
 from tempo_mega.backends.base import (
     LossFn,
+    OptimConfig,
     TrainBackend,
     bind_loss,
     forward_in_micro_batches,
@@ -41,122 +40,15 @@ from tempo_mega.backends.base import (
     optimizer_passes,
 )
 from tempo_mega.batch import RolloutBatch
+from tempo_mega.models.critic import VALUE_HEAD_FILE, ValueHeadModel, init_value_head, load_causal_lm
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LAYOUTS", "ROLES", "VALUE_HEAD_FILE", "OptimConfig", "TorchBackend", "ValueHeadModel",
+           "build_actor", "build_critic", "init_value_head", "load_causal_lm"]
+
 ROLES = ("actor", "critic")
 LAYOUTS = ("padded", "packed")
-VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW and batching of one role. ``lr == 0`` means frozen: ``train_step`` computes the loss
-    (without gradients) for metrics and makes no update, e.g. the frozen-critic ablation."""
-
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max grad norm; <= 0 disables clipping (the norm is still logged)
-    mini_batch_size: int = 64  # rows per optimizer step
-    max_tokens_per_micro_batch: int = 16384  # real tokens per forward/backward
-    epochs: int = 1  # passes over the batch per train_step
-
-    def __post_init__(self) -> None:
-        for key in ("mini_batch_size", "max_tokens_per_micro_batch", "epochs"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"OptimConfig.{key} must be positive, got {getattr(self, key)}")
-        if self.lr < 0 or self.weight_decay < 0 or self.eps <= 0:
-            raise ValueError(f"OptimConfig: lr, weight_decay must be >= 0 and eps > 0, got {self}")
-
-
-def init_value_head(hidden_size: int, seed: int) -> dict[str, Tensor]:
-    """A fresh value head's ``weight`` [1, hidden] ~ N(0, 1/(hidden + 1)) from ``seed`` and ``bias`` [1] = 0
-    (float32; the RNG of the caller does not move)."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(1, hidden_size, generator=gen) / math.sqrt(hidden_size + 1)
-    return {"weight": weight, "bias": torch.zeros(1)}
-
-
-class ValueHeadModel(nn.Module):
-    """The critic: a decoder trunk (``Qwen3Model``) plus ``value_head = nn.Linear(hidden, 1)`` on the
-    final-normed hidden states. The head is kept in float32 and runs outside autocast; it is initialized
-    N(0, 1/(hidden + 1)) with bias 0 (small, not zero, so the trunk gets gradients from the first step).
-
-    ``save_pretrained(dir)`` layout: the trunk as an HF directory (``config.json`` +
-    ``model.safetensors``, names without the ``model.`` prefix, loadable by ``AutoModel``) and
-    ``value_head.safetensors`` with ``weight`` [1, hidden] and ``bias`` [1].
-    """
-
-    def __init__(self, trunk: PreTrainedModel, *, seed: int = 0):
-        super().__init__()
-        self.model = trunk
-        self.config = trunk.config
-        hidden = trunk.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32, device=trunk.device)
-        with torch.no_grad():
-            self.value_head.load_state_dict(init_value_head(hidden, seed))
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.norm
-
-    @contextlib.contextmanager
-    def trunk_without_final_norm(self) -> Iterator[None]:
-        """The trunk returns pre-norm hidden states inside this block, for the fused norm + value head.
-        The norm module stays registered, so parameter names and checkpoints do not change."""
-        norm = self.model.norm
-        self.model.norm = nn.Identity()
-        try:
-            yield
-        finally:
-            self.model.norm = norm
-
-    def score(self, hidden: Tensor) -> Tensor:
-        """hidden [..., H] -> values [...] float32."""
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.value_head(hidden.float()).squeeze(-1)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
-        """input_ids [B, T] -> values [B, T] float32 (one per position)."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.score(out.last_hidden_state)
-
-    @classmethod
-    def from_actor(cls, actor: PreTrainedModel, *, seed: int = 0) -> ValueHeadModel:
-        """A critic whose trunk is a deep copy of the actor's (``actor.model``), with a fresh head."""
-        return cls(copy.deepcopy(actor.model), seed=seed)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype | None = None,
-                        attn_implementation: str | None = "sdpa", seed: int = 0) -> ValueHeadModel:
-        """Load a ``save_pretrained`` directory. An actor (causal LM) directory also works: its trunk
-        is taken and the value head is freshly initialized (said in the log)."""
-        d = _existing_dir(directory)
-        trunk = AutoModel.from_pretrained(d, dtype=dtype, attn_implementation=attn_implementation)
-        model = cls(trunk, seed=seed)
-        if (d / VALUE_HEAD_FILE).is_file():
-            model.value_head.load_state_dict(load_file(d / VALUE_HEAD_FILE))
-        else:
-            log.info("ValueHeadModel.from_pretrained: no %s in %s, value head freshly initialized",
-                     VALUE_HEAD_FILE, d)
-        return model
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(d)
-        head = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-        save_file(head, d / VALUE_HEAD_FILE)
-
-
-def _existing_dir(directory: str | Path) -> Path:
-    d = Path(directory)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d}: not a model directory (no config.json)")
-    return d
 
 
 class TorchBackend:
@@ -394,25 +286,12 @@ class TorchBackend:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _load_causal_lm(source: str | Path | PretrainedConfig | nn.Module, dtype: torch.dtype | None,
-                    attn_implementation: str | None, seed: int) -> nn.Module:
-    if isinstance(source, nn.Module):
-        return source
-    if isinstance(source, PretrainedConfig):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(copy.deepcopy(source), dtype=dtype,
-                                                    attn_implementation=attn_implementation)
-    return AutoModelForCausalLM.from_pretrained(_existing_dir(source), dtype=dtype,
-                                                attn_implementation=attn_implementation)
-
-
 def build_actor(source: str | Path | PretrainedConfig | nn.Module, optim: OptimConfig | None = None, *,
                 dtype: torch.dtype = torch.float32, attn_implementation: str | None = "sdpa",
                 **backend_kwargs: Any) -> TorchBackend:
     """The actor backend from a local HF directory (safetensors), a config (weights initialized from
     ``seed``) or a causal-LM module. ``backend_kwargs`` go to ``TorchBackend``."""
-    model = _load_causal_lm(source, dtype, attn_implementation, backend_kwargs.get("seed", 0))
+    model = load_causal_lm(source, dtype, attn_implementation, backend_kwargs.get("seed", 0))
     return TorchBackend("actor", model, optim, **backend_kwargs)
 
 
@@ -427,7 +306,7 @@ def build_critic(source: str | Path | PretrainedConfig | nn.Module | TorchBacken
     if isinstance(source, ValueHeadModel):
         model = source
     elif isinstance(source, (nn.Module, PretrainedConfig)):
-        model = ValueHeadModel.from_actor(_load_causal_lm(source, dtype or torch.float32,
+        model = ValueHeadModel.from_actor(load_causal_lm(source, dtype or torch.float32,
                                                           attn_implementation, seed), seed=seed)
         if dtype is not None:
             model.model.to(dtype)

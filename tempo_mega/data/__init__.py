@@ -1,41 +1,26 @@
 """Data for a TEMPO run: prompt datasets and sampling, the prompt template, a local tokenizer, and a
-built-in verifiable arithmetic task (so a whole run needs no external data or hub download)."""
+built-in verifiable arithmetic task (so a whole run needs no external data or hub download).
 
-from tempo_mega.data.datasets import (
-    FIELD_MAPS,
-    FieldMap,
-    PromptRecord,
-    PromptSampler,
-    load_prompts,
-    write_jsonl,
-)
-from tempo_mega.data.synthetic import (
-    DIFFICULTIES,
-    FAMILIES,
-    TRAP_FAMILIES,
-    make_synthetic_task,
-    solution_text,
-)
-from tempo_mega.data.templates import PLAIN_SUFFIX, format_prompt, render_prompt, to_messages, with_suffix
-from tempo_mega.data.tokenizer import build_synthetic_tokenizer, decode_responses
+The names below load on first use, so that config validation (which reads ``datasets.FIELD_MAPS``)
+does not import transformers.
+"""
 
-__all__ = [
-    "DIFFICULTIES",
-    "FAMILIES",
-    "FIELD_MAPS",
-    "PLAIN_SUFFIX",
-    "TRAP_FAMILIES",
-    "FieldMap",
-    "PromptRecord",
-    "PromptSampler",
-    "build_synthetic_tokenizer",
-    "decode_responses",
-    "format_prompt",
-    "load_prompts",
-    "make_synthetic_task",
-    "render_prompt",
-    "solution_text",
-    "to_messages",
-    "with_suffix",
-    "write_jsonl",
-]
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    **dict.fromkeys(("FIELD_MAPS", "FieldMap", "PromptRecord", "PromptSampler", "load_prompts", "write_jsonl"),
+                    "datasets"),
+    **dict.fromkeys(("DIFFICULTIES", "FAMILIES", "TRAP_FAMILIES", "make_synthetic_task", "solution_text"),
+                    "synthetic"),
+    **dict.fromkeys(("PLAIN_SUFFIX", "format_prompt", "render_prompt", "to_messages", "with_suffix"), "templates"),
+    **dict.fromkeys(("build_synthetic_tokenizer", "decode_responses"), "tokenizer"),
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'tempo_mega.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"tempo_mega.data.{_NAMES[name]}"), name)

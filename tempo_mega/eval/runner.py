@@ -13,6 +13,10 @@ Two layers:
 
 Lenient grading (the published grader's tolerant numeric path, 2015 passes for 2016) inflates
 accuracy; it exists to reproduce published numbers, and every key and table row says which mode made it.
+
+This module is the run (``evaluate_checkpoint``: sample with the rollout engine, then grade) and the
+command line (``main``, ``format_table``). The first layer lives in ``eval.grading``, finding and loading
+the model in ``eval.model_source``; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -23,19 +27,13 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tempo_mega.eval.benchmarks import (
-    BenchmarkItem,
-    benchmark_spec,
-    extracted_answer,
-    grade_response,
-    load_benchmark,
-)
-from tempo_mega.eval.metrics import avg_at_k, distinct_answer_ratio, distinct_answers, pass_at_k_batch
-from tempo_mega.models import fresh_qwen3_config, stop_token_ids
+from tempo_mega.eval.benchmarks import benchmark_spec, load_benchmark
+from tempo_mega.eval.grading import MODE_NOTES, MODES, evaluate_generations, pass_at_k_values
+from tempo_mega.eval.model_source import DTYPES, ModelSource, load_model_and_tokenizer, resolve_model
+from tempo_mega.models import stop_token_ids
 
 __all__ = [
     "ENGINES",
@@ -53,281 +51,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENGINES = ("hf",)  # "sglang" joins when the SGLang engine lands
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-MODES = ("strict", "lenient")
-MODE_NOTES = {
-    "strict": "strict = exact symbolic/numeric equivalence (math-verify)",
-    "lenient": "lenient = strict, or numbers within 2e-3 relative (the published grader; inflates scores)",
-}
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def pass_at_k_values(n: int) -> list[int]:
-    """The k of the pass@k a run of n samples per prompt reports: powers of two up to n, and n."""
-    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
-    return ks if ks[-1] == n else [*ks, n]
-
-
-def _check_table(name: str, table: Sequence[Sequence[Any]], num_items: int, n: int) -> None:
-    if len(table) != num_items:
-        raise ValueError(f"evaluate_generations: {name} has {len(table)} rows for {num_items} items")
-    for p, row in enumerate(table):
-        if isinstance(row, str) or len(row) != n:
-            raise ValueError(f"evaluate_generations: {name}[{p}] must hold {n} entries (one per generation)")
-
-
-def evaluate_generations(
-    items: Sequence[BenchmarkItem],
-    generations: Sequence[Sequence[str]],
-    *,
-    lenient: bool = False,
-    token_counts: Sequence[Sequence[int]] | None = None,
-    finish_reasons: Sequence[Sequence[str]] | None = None,
-) -> dict[str, Any]:
-    """Grade recorded responses. ``generations``: [P, n] response texts, row p answering ``items[p]``;
-    every row has the same n >= 1. ``token_counts``: [P, n] response lengths in tokens (else lengths
-    are counted in characters); ``finish_reasons``: [P, n] ``"stop"`` | ``"length"``.
-
-    Returns ``{"grading": "strict"|"lenient", "n", "num_prompts", "response_len_unit": "tokens"|"chars",
-    "metrics": {...}, "per_prompt": [...]}``. ``metrics``:
-
-    - ``avg@n``: mean over prompts of the fraction of correct responses;
-    - ``pass@k`` for k in ``pass_at_k_values(n)``: mean over prompts of 1 - C(n-c, k) / C(n, k);
-    - ``diversity/distinct_answers``: mean over prompts of the number of distinct extracted answers
-      (normalized strings for math, letters for choice; a response without an answer is not counted);
-      ``diversity/distinct_ratio``: the same divided by n;
-    - ``answer_missing_rate``: share of responses with no extractable answer;
-    - ``response_len_mean``: mean response length (``response_len_unit``);
-    - ``truncation_rate``: share of responses that hit the length limit (only with ``finish_reasons``).
-
-    ``per_prompt``: ``{"id", "gold", "num_correct", "correct": [n bools], "answers": [n str|None]}``.
-    """
-    if not items:
-        raise ValueError("evaluate_generations: no items")
-    n = len(generations[0]) if len(generations) else 0
-    if n < 1:
-        raise ValueError("evaluate_generations: need at least one generation per item")
-    _check_table("generations", generations, len(items), n)
-    if token_counts is not None:
-        _check_table("token_counts", token_counts, len(items), n)
-    if finish_reasons is not None:
-        _check_table("finish_reasons", finish_reasons, len(items), n)
-
-    correct = [[grade_response(item, text, lenient=lenient) for text in row] for item, row in zip(items, generations)]
-    answers = [[extracted_answer(item, text) for text in row] for item, row in zip(items, generations)]
-    metrics: dict[str, float] = {f"avg@{n}": avg_at_k(correct)}
-    for k in pass_at_k_values(n):
-        metrics[f"pass@{k}"] = pass_at_k_batch(correct, k)
-    metrics["diversity/distinct_answers"] = distinct_answers(answers)
-    metrics["diversity/distinct_ratio"] = distinct_answer_ratio(answers)
-    metrics["answer_missing_rate"] = sum(a is None for row in answers for a in row) / (len(items) * n)
-    if token_counts is not None:
-        lengths, unit = [int(c) for row in token_counts for c in row], "tokens"
-    else:
-        lengths, unit = [len(text) for row in generations for text in row], "chars"
-    metrics["response_len_mean"] = sum(lengths) / len(lengths)
-    if finish_reasons is not None:
-        metrics["truncation_rate"] = sum(r == "length" for row in finish_reasons for r in row) / (len(items) * n)
-    per_prompt = [
-        {"id": item.id, "gold": item.gold, "num_correct": sum(row), "correct": row, "answers": ans}
-        for item, row, ans in zip(items, correct, answers)
-    ]
-    return {
-        "grading": "lenient" if lenient else "strict",
-        "n": n,
-        "num_prompts": len(items),
-        "response_len_unit": unit,
-        "metrics": metrics,
-        "per_prompt": per_prompt,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """What ``resolve_model`` found. ``weights``: an HF directory (``kind="hf"``) or a checkpoint's
-    ``actor`` directory (``kind="checkpoint"``: ``model.safetensors`` without a ``config.json``).
-    For a checkpoint, the architecture comes from ``config_dir`` (the run's ``hf/actor``) when there is
-    one, else from the run's ``config.json`` (``run_config``). ``tokenizer``: a tokenizer directory, or
-    None for the built-in synthetic tokenizer (a run trained with it)."""
-
-    weights: Path
-    kind: str
-    tokenizer: Path | None
-    config_dir: Path | None = None
-    run_config: Path | None = None
-
-    def describe(self) -> str:
-        tok = str(self.tokenizer) if self.tokenizer is not None else "built-in synthetic tokenizer"
-        return f"{self.weights} ({self.kind}; tokenizer: {tok})"
-
-
-def _json(path: Path) -> Any:
-    from tempo_mega.checkpoint import load_json
-
-    return load_json(path)
-
-
-def _is_hf_dir(d: Path) -> bool:
-    cfg = d / "config.json"
-    return cfg.is_file() and isinstance(data := _json(cfg), dict) and "model_type" in data
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
-def _checkpoint_source(actor: Path, run_dir: Path, tokenizer: Path | None) -> ModelSource:
-    state_file = actor / "backend_state.json"
-    if state_file.is_file() and _json(state_file).get("role", "actor") != "actor":
-        raise ValueError(f"{actor}: a {_json(state_file)['role']} checkpoint, not the actor")
-    if not (actor / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{actor}: no model.safetensors (an incomplete checkpoint?)")
-    export = run_dir / "hf" / "actor"
-    config_dir = export if _is_hf_dir(export) else None
-    run_config = next((p for p in (actor.parent / "config.json", run_dir / "config.json") if p.is_file()), None)
-    if config_dir is None and run_config is None:
-        raise FileNotFoundError(
-            f"{actor}: a checkpoint, but neither {export}/config.json nor the run's config.json says "
-            "which model it holds"
-        )
-    if tokenizer is None:
-        if config_dir is not None and _has_tokenizer(config_dir):
-            tokenizer = config_dir
-        else:  # as the trainer chose it: model.tokenizer_path, model.path, or the synthetic tokenizer
-            model_cfg = _json(run_config).get("model", {}) if run_config is not None else {}
-            chosen = model_cfg.get("tokenizer_path") or model_cfg.get("path")
-            if chosen is not None and not Path(chosen).is_dir():
-                raise FileNotFoundError(
-                    f"{run_config}: the run's tokenizer {chosen} is not a directory here; pass --tokenizer"
-                )
-            tokenizer = Path(chosen) if chosen is not None else None
-    return ModelSource(actor, "checkpoint", tokenizer, config_dir, run_config)
-
-
-def _pick_run_checkpoint(run_dir: Path, checkpoint: str) -> tuple[str, Path]:
-    from tempo_mega.checkpoint import COMPLETE_MARKER, list_checkpoints
-
-    export = run_dir / "hf" / "actor"
-    has_export = _is_hf_dir(export)
-    steps = list_checkpoints(run_dir / "checkpoints")
-    if checkpoint == "hf":
-        if not has_export:
-            raise FileNotFoundError(f"{run_dir}: no HF export at {export} (the run has not finished?)")
-        return "hf", export
-    if checkpoint == "latest":
-        if not steps:
-            raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
-        return "checkpoint", steps[-1][1] / "actor"
-    if checkpoint != "auto":
-        digits = checkpoint.removeprefix("step_")
-        if not digits.isdigit():
-            raise ValueError(f"checkpoint must be auto, hf, latest or a step number, got {checkpoint!r}")
-        found = [p for s, p in steps if s == int(digits)]
-        if not found:
-            raise FileNotFoundError(
-                f"{run_dir}: no complete checkpoint of step {int(digits)} (have: {[s for s, _ in steps]})"
-            )
-        return "checkpoint", found[0] / "actor"
-    # auto: the export of a finished run, unless a checkpoint was written after it (a resumed run)
-    if has_export and (
-        not steps
-        or (export / "config.json").stat().st_mtime >= (steps[-1][1] / COMPLETE_MARKER).stat().st_mtime
-    ):
-        return "hf", export
-    if steps:
-        return "checkpoint", steps[-1][1] / "actor"
-    raise FileNotFoundError(f"{run_dir}: a run directory without hf/actor or a complete checkpoint")
-
-
-def resolve_model(path: str | Path, *, checkpoint: str = "auto", tokenizer: str | Path | None = None) -> ModelSource:
-    """Find the weights, architecture and tokenizer to evaluate at ``path``:
-
-    - an HF directory (a ``config.json`` with a ``model_type``): itself, tokenizer included;
-    - a checkpoint's ``step_*/actor`` directory or its ``step_*`` directory;
-    - a run directory (``hf/actor`` and/or ``checkpoints/``), by ``checkpoint``: ``"auto"`` (the ``hf/actor``
-      export, unless the newest complete checkpoint is newer than it), ``"hf"``, ``"latest"``, or a step
-      number (``"120"`` / ``"step_00000120"``).
-
-    A checkpoint takes its architecture from the run's ``hf/actor`` (else the run's ``config.json``), and
-    its tokenizer from ``hf/actor`` (else the tokenizer the run's config names, else the synthetic one).
-    ``tokenizer`` overrides the tokenizer directory in every case.
-    """
-    p = Path(path)
-    tok = Path(tokenizer) if tokenizer is not None else None
-    if tok is not None and not _has_tokenizer(tok):
-        raise FileNotFoundError(f"--tokenizer {tok}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    if not p.exists():
-        raise FileNotFoundError(f"model path {p} does not exist")
-    if _is_hf_dir(p):
-        if tok is None and not _has_tokenizer(p):
-            raise FileNotFoundError(f"{p}: an HF model directory without a tokenizer; pass --tokenizer DIR")
-        return ModelSource(p, "hf", tok or p)
-    if (p / "backend_state.json").is_file() or (p / "model.safetensors").is_file():  # step_*/actor
-        return _checkpoint_source(p, p.parent.parent.parent, tok)
-    if (p / "actor" / "model.safetensors").is_file():  # step_*
-        return _checkpoint_source(p / "actor", p.parent.parent, tok)
-    if (p / "hf" / "actor").is_dir() or (p / "checkpoints").is_dir():
-        kind, weights = _pick_run_checkpoint(p, checkpoint)
-        if kind == "hf":
-            return resolve_model(weights, tokenizer=tok)
-        return _checkpoint_source(weights, p, tok)
-    raise FileNotFoundError(
-        f"{p}: not an HF model directory (config.json with model_type), a checkpoint (step_*/actor) "
-        "or a run directory (hf/actor, checkpoints/)"
-    )
-
-
-def _torch_dtype(name: str, source: ModelSource):
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    if name == "auto":
-        if source.kind == "hf":
-            return "auto"  # what the directory's config.json says
-        if source.config_dir is not None:
-            name = _json(source.config_dir / "config.json").get("dtype") or "float32"
-        else:
-            name = _json(source.run_config).get("model", {}).get("dtype", "float32")
-    return getattr(torch, name)
-
-
-def load_model_and_tokenizer(source: ModelSource, dtype: str = "auto"):
-    """(causal LM in eval mode, tokenizer) for a ``ModelSource``."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from tempo_mega.data.tokenizer import build_synthetic_tokenizer
-
-    hf_logging.disable_progress_bar()
-
-    tok = AutoTokenizer.from_pretrained(source.tokenizer) if source.tokenizer else build_synthetic_tokenizer()
-    torch_dtype = _torch_dtype(dtype, source)
-    if source.kind == "hf":
-        model = AutoModelForCausalLM.from_pretrained(source.weights, dtype=torch_dtype, attn_implementation="sdpa")
-        return model.eval(), tok
-    if source.config_dir is not None:
-        config = AutoConfig.from_pretrained(source.config_dir)
-    else:
-        m = _json(source.run_config).get("model", {})
-        if m.get("path"):
-            config = AutoConfig.from_pretrained(m["path"])
-        else:  # the fresh Qwen3 the trainer builds when model.path is None (build.build_models)
-            config = fresh_qwen3_config(m, tok)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-    weights = source.weights / "model.safetensors"
-    try:
-        load_model(model, str(weights), strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{weights}: does not fit the model described by "
-                         f"{source.config_dir or source.run_config}: {str(e).splitlines()[0]}") from None
-    return model.eval(), tok
 
 
 # ---------------------------------------------------------------------------------------------- the run

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from tempo_mega.backends.torch import ValueHeadModel
 from tempo_mega.cli import main
+from tempo_mega.models.critic import ValueHeadModel
 
 
 def tiny(tied: bool) -> Qwen3ForCausalLM:

@@ -61,7 +61,7 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
     assert (ckpt / "COMPLETE").exists() and (ckpt / "actor" / "backend_state.json").exists()
     from transformers import AutoModelForCausalLM
 
-    from tempo_mega.backends.torch import ValueHeadModel
+    from tempo_mega.models.critic import ValueHeadModel
 
     hf = AutoModelForCausalLM.from_pretrained(out / "hf" / "actor")
     exported = dict(run.actor.export_weights())
@@ -90,7 +90,7 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
 def test_megatron_backend_from_checkpoint_dirs_trains_like_torch(tmp_path, megatron_world, critic_from):
     """model.path (and model.critic_path): every rank reads its stage's tensors from the safetensors files
     on demand (sharded here, with an index); the run equals the torch backend's from the same dirs."""
-    from tempo_mega.backends.torch import ValueHeadModel
+    from tempo_mega.models.critic import ValueHeadModel
 
     common = ["experiment=debug_cpu", "trainer.total_steps=2"]
     run_training(load_config([*common, "trainer.total_steps=1", f"trainer.output_dir={tmp_path / 'base'}"]))

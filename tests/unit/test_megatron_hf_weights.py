@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tempo_mega.backends.megatron.hf_weights import CriticWeights, SafetensorsWeights, critic_weights
-from tempo_mega.backends.torch import ValueHeadModel
+from tempo_mega.models.critic import ValueHeadModel
 
 
 def tiny(tied: bool = False) -> Qwen3ForCausalLM:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tempo_mega.rewards import grading_pool
 from tempo_mega.rewards import math as grading
 from tempo_mega.rewards.math import compute_score, extract_answer, is_equivalent, normalize_answer
 
@@ -285,7 +286,7 @@ def test_is_equivalent_in_a_thread(fresh_cache):
     assert not thread.is_alive()
     assert results["pairs"] == [expected for _, _, expected in THREAD_PAIRS]
     assert results["tower"] is False
-    assert results["tower_s"] < 0.3 + grading._WORKER_GRACE_S + SLACK_S
+    assert results["tower_s"] < 0.3 + grading_pool._WORKER_GRACE_S + SLACK_S
     assert results["lenient"] is True
 
 
@@ -308,12 +309,12 @@ def test_worker_that_overruns_is_killed(fresh_cache, monkeypatch):
     def work():
         box["warm"] = is_equivalent("\\frac{1}{4}", "0.25")  # starts a worker
         workers_before = set(grading._POOL._all)
-        monkeypatch.setattr(grading, "_WORKER_GRACE_S", -0.9)  # caller deadline: 0.1 s of 1.0
+        monkeypatch.setattr(grading_pool, "_WORKER_GRACE_S", -0.9)  # caller deadline: 0.1 s of 1.0
         start = time.monotonic()
         box["stuck"] = is_equivalent(SLOW_ANSWER, "3", timeout_s=1.0)
         box["stuck_s"] = time.monotonic() - start
         box["killed"] = [w.proc.poll() is not None for w in workers_before]
-        monkeypatch.setattr(grading, "_WORKER_GRACE_S", 1.0)
+        monkeypatch.setattr(grading_pool, "_WORKER_GRACE_S", 1.0)
         box["after"] = is_equivalent("\\frac{1}{5}", "0.2")
 
     thread = threading.Thread(target=work)
@@ -351,7 +352,7 @@ def test_dead_idle_worker_is_replaced(fresh_cache):
 
 def test_pool_that_cannot_start_a_worker_fails_fast(monkeypatch):
     pool = grading._WorkerPool(1)
-    monkeypatch.setattr(grading.sys, "executable", "/nonexistent/python")
+    monkeypatch.setattr(grading_pool.sys, "executable", "/nonexistent/python")
     with pytest.raises(grading._WorkerUnavailable):
         pool.compare("strict", "1", "2", 1.0)
     start = time.monotonic()

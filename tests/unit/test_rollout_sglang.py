@@ -27,11 +27,11 @@ from tempo_mega.rollout.sglang import (
     SGLangConfig,
     SGLangRolloutEngine,
     SGLangServerError,
-    _http,
     bucket_named_tensors,
     build_sglang_engine,
     redact_command,
 )
+from tempo_mega.rollout.sglang.transport import _http
 
 VOCAB = 64
 PAD = 0
@@ -574,7 +574,7 @@ def test_failed_tensor_update_closes_the_session_and_the_next_push_succeeds(fake
 def test_failed_distributed_update_closes_the_session_and_the_next_push_succeeds(fake, monkeypatch):
     """The NCCL side needs GPUs: the group and the broadcast are stood in for; the HTTP side (group init,
     session, one update per bucket) runs against the fake, which refuses updates outside a session."""
-    import tempo_mega.rollout.sglang as sglang_mod
+    import tempo_mega.rollout.sglang.weights as sglang_mod
 
     monkeypatch.setattr(sglang_mod, "_init_weight_group", lambda *a: None)
     broadcast: list[str] = []

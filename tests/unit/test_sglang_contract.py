@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+
+def _client_source() -> str:
+    """The source of every module of the SGLang client package."""
+    return "\n".join(p.read_text() for p in sorted(Path(sglang_mod.__file__).parent.glob("*.py")))
+
 def _load(name: str, path: Path):
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
@@ -62,6 +67,8 @@ from test_rollout_sglang import (  # noqa: E402  (the fake server, the tiny mode
 )
 
 import tempo_mega.rollout.sglang as sglang_mod  # noqa: E402
+import tempo_mega.rollout.sglang.transport as sglang_transport  # noqa: E402
+import tempo_mega.rollout.sglang.weights as sglang_weights  # noqa: E402
 from tempo_mega.rollout.sglang import SGLangRolloutEngine, build_sglang_engine  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,13 +182,13 @@ def test_source_reading_finds_what_the_client_relies_on(sglang_types):
 def wire(monkeypatch):
     """(method, path, body) of every request the client's transport sends."""
     sent: list[tuple[str, str, dict | None]] = []
-    real = sglang_mod._Transport.call
+    real = sglang_transport._Transport.call
 
     def call(self, url, path, body, timeout_s, method="POST"):
         sent.append((method, path, body))
         return real(self, url, path, body, timeout_s, method=method)
 
-    monkeypatch.setattr(sglang_mod._Transport, "call", call)
+    monkeypatch.setattr(sglang_transport._Transport, "call", call)
     return sent
 
 
@@ -210,7 +217,7 @@ def check_request(types, method: str, path: str, body: dict | None) -> list[str]
 def test_every_http_request_matches_sglang_types(fake, wire, sglang_types, tensor_sync, monkeypatch):  # noqa: F811
     """Generation, the probe, every weight-sync mode (disk, tensor, distributed, each with its session
     and cache flush), memory release and resume and abort, against a fake that refuses unknown fields."""
-    monkeypatch.setattr(sglang_mod, "_init_weight_group", lambda *a: None)  # the NCCL side needs GPUs
+    monkeypatch.setattr(sglang_weights, "_init_weight_group", lambda *a: None)  # the NCCL side needs GPUs
     monkeypatch.setattr(SGLangRolloutEngine, "_broadcast_bucket", lambda self, bucket: None)
     server = fake(request_fields=request_fields(sglang_types))
     new = tiny_qwen3(1)
@@ -239,7 +246,7 @@ def test_every_http_request_matches_sglang_types(fake, wire, sglang_types, tenso
 def test_client_paths_are_all_covered(sglang_types):
     """Every route literal in the client's source is an SGLang route: a request added to the client but not
     to the test above still has its path checked."""
-    tree = ast.parse(Path(sglang_mod.__file__).read_text())
+    tree = ast.parse(_client_source())
     literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
                 and n.value.startswith("/") and n.value[1:].replace("_", "").isalpha()}
     literals -= {"/get_server_info"}  # the deprecated route of servers older than 0.5.23, tried second
@@ -261,7 +268,7 @@ def test_checker_catches_a_renamed_or_missing_field(sglang_types):
 
 
 def test_fake_server_refuses_unknown_fields(fake, sglang_types):  # noqa: F811
-    from tempo_mega.rollout.sglang import SGLangServerError, _http
+    from tempo_mega.rollout.sglang.transport import SGLangServerError, _http
 
     server = fake(request_fields=request_fields(sglang_types))
     with pytest.raises(SGLangServerError, match="unknown field.*abort_everything"):
@@ -298,7 +305,7 @@ def test_engine_mode_calls_match_sglang_engine_signatures(monkeypatch, sglang_ty
     """mode=engine: each call's keyword arguments are parameters of SGLang's ``Engine`` method of that name."""
     rec = _RecordingEngine()
     monkeypatch.setattr(SGLangRolloutEngine, "_make_inprocess_engine", lambda self: rec)
-    monkeypatch.setattr(sglang_mod, "_init_weight_group", lambda *a: None)
+    monkeypatch.setattr(sglang_weights, "_init_weight_group", lambda *a: None)
     monkeypatch.setattr(SGLangRolloutEngine, "_broadcast_bucket", lambda self, bucket: None)
     weights = [("w", torch.zeros(2))]
     for mode in ("tensor", "distributed"):
@@ -326,4 +333,4 @@ def test_tensor_serializer_call_matches_sglang():
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiprocessingSerializer"]
     (ser,) = [f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "serialize"]
     assert [a.arg for a in ser.args.args] == ["obj", "output_str"]
-    assert "MultiprocessingSerializer.serialize(bucket, output_str=True)" in Path(sglang_mod.__file__).read_text()
+    assert "MultiprocessingSerializer.serialize(bucket, output_str=True)" in _client_source()

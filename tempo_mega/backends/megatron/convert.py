@@ -356,7 +356,7 @@ def _read_hf_dir(src: Path, critic: bool) -> Mapping[str, Tensor]:
     from safetensors.torch import load_file
 
     from tempo_mega.backends.megatron.hf_weights import CriticWeights, SafetensorsWeights, trunk_weights
-    from tempo_mega.backends.torch import VALUE_HEAD_FILE
+    from tempo_mega.models.critic import VALUE_HEAD_FILE
 
     if not critic:
         return SafetensorsWeights(src)
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    from tempo_mega.backends.torch import VALUE_HEAD_FILE
+    from tempo_mega.models.critic import VALUE_HEAD_FILE
 
     parser = argparse.ArgumentParser(prog="tempo-mega convert")
     sub = parser.add_subparsers(dest="direction", required=True)

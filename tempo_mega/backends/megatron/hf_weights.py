@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tempo_mega.backends.torch import VALUE_HEAD_FILE, init_value_head
+from tempo_mega.models.critic import VALUE_HEAD_FILE, init_value_head
 
 __all__ = ["CriticWeights", "SafetensorsWeights", "critic_weights", "trunk_weights"]
 

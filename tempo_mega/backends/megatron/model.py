@@ -135,7 +135,7 @@ class ValueHead(nn.Module):
     def __init__(self, hidden_size: int, *, seed: int = 0, norm_weight: nn.Parameter | None = None,
                  eps: float = 1e-6, impl: str = "torch"):
         super().__init__()
-        from tempo_mega.backends.torch import init_value_head
+        from tempo_mega.models.critic import init_value_head
 
         head = init_value_head(hidden_size, seed)  # the torch backend's ValueHeadModel init
         self.weight, self.bias = nn.Parameter(head["weight"]), nn.Parameter(head["bias"])

@@ -23,6 +23,10 @@ also holds a colocated SGLang engine):
   step reads (weights once, each sequence's KV cache) over HBM bandwidth at an assumed efficiency.
 
 Sizes are printed in GiB (2^30 bytes); cards' capacities are what ``nvidia-smi`` reports as total memory.
+
+The parts: ``plan.cards`` (the cards and the assumptions), ``plan.memory`` (the byte arithmetic),
+``plan.report`` (the ``Plan`` record and its printing); ``plan`` below puts them together for a config
+and estimates the step time. Their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -33,10 +37,21 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 from tempo_mega.algo.recipes import recipe
+from tempo_mega.plan.cards import CARDS, GIB, MIB, Assumptions, Card, card_for_device_name
+from tempo_mega.plan.memory import (
+    RoleMemory,
+    activation_bytes,
+    kv_bytes_per_token,
+    layer_activation_bytes_per_token,
+    logit_bytes,
+    megatron_role_memory,
+    sglang_weight_bytes,
+    torch_role_memory,
+)
+from tempo_mega.plan.report import Plan
 from tempo_mega.telemetry.flops import (
     PEAK_FLOPS,
     TransformerShape,
@@ -46,296 +61,32 @@ from tempo_mega.telemetry.flops import (
     train_flops_per_token,
 )
 
-GIB = 2**30
+__all__ = [
+    "CARDS",
+    "GIB",
+    "MIB",
+    "NO_CHECKPOINT",
+    "QWEN3_VOCAB_SIZE",
+    "Assumptions",
+    "Card",
+    "Plan",
+    "RoleMemory",
+    "activation_bytes",
+    "card_for_device_name",
+    "headline_for_run",
+    "kv_bytes_per_token",
+    "layer_activation_bytes_per_token",
+    "logit_bytes",
+    "main",
+    "megatron_role_memory",
+    "model_shape",
+    "plan",
+    "sglang_weight_bytes",
+    "torch_role_memory",
+]
+
 QWEN3_VOCAB_SIZE = 151_936  # every Qwen3 checkpoint's config.json
 NO_CHECKPOINT = "PLAN_WITHOUT_CHECKPOINT"  # model.path when planning without one: shape from configs/model
-
-
-@dataclass(frozen=True)
-class Card:
-    name: str
-    memory_bytes: int  # total memory as nvidia-smi reports it
-    hbm_bytes_per_s: float  # datasheet peak HBM bandwidth
-    peak_key: str  # dense BF16 tensor peak, a key of telemetry.flops.PEAK_FLOPS
-
-
-MIB = 2**20
-CARDS: dict[str, Card] = {
-    # H100 SXM5 80 GB: 81,559 MiB, 3.35 TB/s; H200 SXM 141 GB: 143,771 MiB, 4.8 TB/s; A100 SXM 80 GB:
-    # 81,920 MiB, 2.04 TB/s; B200: 183,359 MiB, 8 TB/s (NVIDIA datasheets; nvidia-smi totals)
-    "h100-80gb": Card("h100-80gb", 81_559 * MIB, 3.35e12, "h100_sxm_bf16"),
-    "h200-141gb": Card("h200-141gb", 143_771 * MIB, 4.8e12, "h200_bf16"),
-    "a100-80gb": Card("a100-80gb", 81_920 * MIB, 2.039e12, "a100_bf16"),
-    "b200": Card("b200", 183_359 * MIB, 8.0e12, "b200_bf16"),
-}
-
-
-def card_for_device_name(name: str, default: str = "h100-80gb") -> str:
-    """The CARDS key for a ``torch.cuda.get_device_name()`` string ("NVIDIA H200" -> "h200-141gb"),
-    ``default`` for a card the table does not hold."""
-    name = name.lower()
-    return next((k for k, key in (("h200-141gb", "h200"), ("a100-80gb", "a100"), ("b200", "b200"),
-                                  ("h100-80gb", "h100")) if key in name), default)
-
-
-@dataclass(frozen=True)
-class Assumptions:
-    """What the estimates assume (each a ``tempo-mega plan`` option)."""
-
-    mfu: float = 0.4  # train phases: model FLOPs utilization
-    hbm_efficiency: float = 0.7  # decode: share of peak HBM bandwidth achieved
-    prompt_tokens: int = 256  # mean prompt length
-    mean_response_tokens: int | None = None  # None: half of rollout.max_response_tokens
-    concurrency: int | None = None  # sequences decoding at once per engine; None: the engine's share of a step
-    reserve_gib: float = 2.0  # CUDA context, NCCL buffers, allocator slack per GPU
-    sglang_placement: str = "colocated"  # colocated | separate
-    sglang_nodes: int = 1  # separate placement: nodes given to SGLang
-    gen_batches: float = 1.0  # generation batches per step (group-filter refills make it more)
-
-
-# --------------------------------------------------------------------------------------------
-# The model's parameters as each backend holds them
-# --------------------------------------------------------------------------------------------
-
-
-def _megatron_chunk_params(s: TransformerShape, role: str, tp: int, layers: int, first: bool, last: bool,
-                           pp: int) -> list[tuple[int, bool]]:
-    """(numel, float32 regardless of the model dtype) of one model chunk's parameters on one TP rank, in
-    megatron's parameter order (embedding, per layer: input norm, qkv, q/k norm, proj, MLP norm, fc1, fc2;
-    final norm, output layer)."""
-    h, q, kv, f = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, \
-        s.intermediate_size
-    out: list[tuple[int, bool]] = []
-    if first:
-        out.append((s.vocab_size // tp * h, False))
-    for _ in range(layers):
-        out += [(h, False), ((q + 2 * kv) // tp * h, False), (s.head_dim, False), (s.head_dim, False),
-                (h * (q // tp), False), (h, False), (2 * f // tp * h, False), (h * (f // tp), False)]
-    if last:
-        out.append((h, False))  # final norm
-        if role == "critic":
-            out += [(h, True), (1, True)]  # value head, float32
-        elif not s.tie_word_embeddings or pp > 1:  # tied at PP > 1: the last stage keeps its own copy
-            out.append((s.vocab_size // tp * h, False))
-    return out
-
-
-def _ceil(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-@dataclass
-class RoleMemory:
-    """Bytes of one role on one GPU (exact), and the parameters it holds."""
-
-    params: int  # parameters held on this GPU (its shard)
-    weights: int
-    grads: int
-    optimizer: int  # master weights + moments + step scalars
-
-    @property
-    def state(self) -> int:
-        return self.weights + self.grads + self.optimizer
-
-
-def megatron_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int, tp: int, pp: int, vpp: int,
-                         dp: int, distributed_optimizer: bool, pp_rank: int = 0, dp_rank: int = 0) -> RoleMemory:
-    """Exact bytes of ``MegatronBackend`` (megatron-core 0.16.1, overlap_grad_reduce off: one bucket per
-    buffer) for one role on the GPU at (pp_rank, dp_rank)."""
-    per_chunk = s.num_hidden_layers // (pp * vpp)
-    params = weights = grads = masters = moments = steps = 0
-    for v in range(vpp):
-        chunk = _megatron_chunk_params(s, role, tp, per_chunk, first=pp_rank == 0 and v == 0,
-                                       last=pp_rank == pp - 1 and v == vpp - 1, pp=pp)
-        buffers: dict[int, list[int]] = {}  # one DDP buffer per parameter dtype in each chunk, in order
-        for n, is32 in chunk:
-            buffers.setdefault(4 if is32 else dtype_bytes, []).append(n)
-        for pbytes, numels in buffers.items():
-            params += sum(numels)
-            if not distributed_optimizer:
-                weights += sum(numels) * pbytes
-                grads += sum(numels) * 4
-                local = numels
-            else:
-                # megatron lays the buffer out in reverse parameter order, each start padded to 64
-                ranges, start = [], 0
-                for n in reversed(numels):
-                    start = _ceil(start, 64)
-                    ranges.append((start, start + n))
-                    start += n
-                size = _ceil(start, math.lcm(dp, 128))
-                weights += size * pbytes
-                grads += size * 4
-                shard = size // dp
-                lo, hi = dp_rank * shard, (dp_rank + 1) * shard
-                local = [min(b, hi) - max(a, lo) for a, b in ranges if min(b, hi) > max(a, lo)]
-            if pbytes < 4:
-                masters += sum(local) * 4
-            moments += sum(local) * 8
-            steps += len(local) * 4
-    return RoleMemory(params=params, weights=weights, grads=grads, optimizer=masters + moments + steps)
-
-
-def torch_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int) -> RoleMemory:
-    """Exact bytes of ``TorchBackend`` (HF modules, torch AdamW): weights, gradients and both moments in the
-    parameter dtype, one fp32 step scalar per parameter tensor."""
-    counts = param_counts(s)
-    trunk = counts["layers_matmul"] + counts["embedding"] + counts["norms"]
-    tensors = 1 + s.num_hidden_layers * 11 + 1  # embedding; q k v o, q/k norm, gate up down, 2 norms; final
-    if role == "critic":
-        head = s.hidden_size + 1
-        model_bytes = trunk * dtype_bytes + head * 4
-        n, tensors = trunk + head, tensors + 2
-    else:
-        n = counts["total"]
-        model_bytes = n * dtype_bytes
-        tensors += 0 if s.tie_word_embeddings else 1
-    return RoleMemory(params=n, weights=model_bytes, grads=model_bytes, optimizer=2 * model_bytes + 4 * tensors)
-
-
-# --------------------------------------------------------------------------------------------
-# Estimates: activations, logits, SGLang
-# --------------------------------------------------------------------------------------------
-
-
-def layer_activation_bytes_per_token(s: TransformerShape, tp: int) -> float:
-    """Estimate: bytes one layer keeps per token for its backward without recompute (bf16, flash
-    attention: no [T, T] scores): the two norm inputs and outputs (4 h, split over TP by sequence
-    parallel), q/k/v before and after their norms and RoPE (2 (2q + 3kv)), the attention output and
-    the projection input (4q), fc1's output and fc2's input (6 f), TP-sharded."""
-    h, q, kv, f = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, \
-        s.intermediate_size
-    return (2 * (4 * h) + 2 * (2 * q + 3 * kv) + 2 * (2 * q) + 2 * 3 * f) / tp
-
-
-def activation_bytes(s: TransformerShape, recompute: str, tokens: int, tp: int, layers_per_rank: int,
-                     in_flight: int) -> float:
-    """Estimate for one role: ``in_flight`` micro-batches of ``tokens`` tokens on a rank holding
-    ``layers_per_rank`` layers. recompute=full keeps each layer's bf16 input (2 h bytes per token,
-    sequence parallel over TP) and one layer's full set while it is recomputed; none and selective
-    (core attention only, which flash attention already does not keep) keep every layer's full set."""
-    full_set = layer_activation_bytes_per_token(s, tp) * tokens
-    if recompute == "full":
-        return in_flight * layers_per_rank * 2 * s.hidden_size * tokens / tp + full_set
-    return in_flight * layers_per_rank * full_set
-
-
-def logit_bytes(s: TransformerShape, chunk_tokens: int, tokens: int, tp: int) -> float:
-    """Estimate: one chunk of vocab-parallel logits ([chunk, V / TP]: the bf16 product, its float32 copy,
-    the scaled copy and the softmax kept for the backward: 14 B per element) plus the sequence-gathered
-    hidden states the output layer reads ([tokens, h] bf16)."""
-    return min(chunk_tokens, tokens) * (s.vocab_size / tp) * 14 + tokens * s.hidden_size * 2
-
-
-def kv_bytes_per_token(s: TransformerShape, sglang_tp: int, kv_dtype_bytes: int) -> int:
-    """KV cache bytes of one token on one GPU of a TP engine (KV heads split over TP, replicated past it)."""
-    heads = max(1, s.num_key_value_heads // sglang_tp)
-    return s.num_hidden_layers * 2 * heads * s.head_dim * kv_dtype_bytes
-
-
-def sglang_weight_bytes(s: TransformerShape, sglang_tp: int) -> float:
-    """bf16 weights of one GPU of a TP engine (the embedding and LM head vocab-parallel, norms replicated)."""
-    return param_counts(s)["total"] * 2 / sglang_tp
-
-
-# --------------------------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    experiment: str
-    card: Card
-    nodes: int
-    gpus_per_node: int
-    world: int
-    layout: dict[str, int | bool | str]
-    params_total: int
-    memory: dict[str, float]  # bytes per GPU, by item
-    exact_keys: tuple[str, ...]
-    fits: dict[str, bool]
-    headroom: dict[str, float]
-    sglang: dict[str, Any]
-    step_s: dict[str, float]
-    assumptions: Assumptions
-    notes: list[str] = field(default_factory=list)
-
-    def numbers(self) -> dict[str, Any]:
-        """Flat machine-checkable numbers (what the presets' ``plan:`` comment lines quote), GiB to 0.1."""
-        g = {k: round(v / GIB, 1) for k, v in self.memory.items()}
-        return {
-            "params_b": round(self.params_total / 1e9, 2),
-            "dp": self.layout["dp"],
-            "trainer_state_gib": g["trainer_state"],
-            "train_peak_gib": g["train_peak"],
-            "activations_gib": g["activations"],
-            "logits_gib": g["logits"],
-            "sglang_weights_gib": g["sglang_weights"],
-            "sglang_kv_gib": g["sglang_kv"],
-            "kv_tokens_per_engine": int(round(self.sglang["kv_tokens_per_engine"], -3)),
-            "longest_response": int(self.sglang["longest_response"]),
-            "fits": "yes" if all(self.fits.values()) else "no",
-        }
-
-    def headline(self) -> str:
-        n = self.numbers()
-        fit = "fits" if n["fits"] == "yes" else "DOES NOT FIT"
-        worst = self.headroom["training"] / GIB
-        kv = (f", SGLang KV {n['sglang_kv_gib']} GiB ({n['kv_tokens_per_engine']:,} tokens per engine)"
-              if self.sglang["engine"] == "sglang" else "")
-        return (f"plan ({self.card.name} x {self.world}, DP {n['dp']}): trainer state {n['trainer_state_gib']} GiB "
-                f"+ activations/logits {n['activations_gib'] + n['logits_gib']:.1f} GiB per GPU{kv}; {fit}, "
-                f"training headroom {worst:.1f} GiB; step ~{self.step_s['total']:.0f} s (estimate)")
-
-    def table(self) -> str:
-        L, g = self.layout, lambda b: f"{b / GIB:8.2f}"
-        a = self.assumptions
-        lines = [
-            f"tempo-mega plan: {self.experiment} on {self.nodes} node(s) x {self.gpus_per_node} {self.card.name} "
-            f"({self.card.memory_bytes / GIB:.1f} GiB each, {self.world} GPUs)",
-            f"layout: backend {L['backend']}, TP {L['tp']}, PP {L['pp']} (virtual {L['vpp']}), CP {L['cp']}, "
-            f"DP {L['dp']}, recompute {L['recompute']}, distributed optimizer {L['distributed_optimizer']}; "
-            f"model {self.params_total:,} parameters",
-            "",
-            "per GPU (the busiest: fuller pipeline stage, DP rank 0, rank 0's node)         GiB",
-        ]
-        labels = {
-            "actor_weights": "actor weights", "actor_grads": "actor gradient buffer",
-            "actor_optimizer": "actor optimizer (fp32 master + Adam moments, DP-sharded)",
-            "critic_weights": "critic weights", "critic_grads": "critic gradient buffer",
-            "critic_optimizer": "critic optimizer", "trainer_state": "= trainer state (both roles)",
-            "activations": "activations, one micro-batch (estimate)",
-            "logits": "log-prob logits chunk + gathered hidden (estimate)",
-            "reserve": "reserved: CUDA context, NCCL, allocator (assumed)",
-            "train_peak": "= training peak",
-            "sglang_weights": f"SGLang weights (TP {self.sglang['tp']})",
-            "sglang_kv": f"SGLang KV cache (mem_fraction_static {self.sglang['mem_fraction_static']})",
-            "sglang_rest": "SGLang's own activations and graphs (1 - mem_fraction_static)",
-        }
-        for key, label in labels.items():
-            if key in self.memory:
-                lines.append(f"  {label:<76}{g(self.memory[key])}")
-        lines.append("")
-        for phase, ok in self.fits.items():
-            room = "headroom" if phase == "training" else "KV cache beside the weights in SGLang's share:"
-            lines.append(f"{phase}: {'fits' if ok else 'DOES NOT FIT'}, {room} {self.headroom[phase] / GIB:.2f} GiB")
-        sg = self.sglang
-        lines += [
-            f"SGLang ({sg['placement']}): {sg['engines']} engine(s) x TP {sg['tp']}, KV {sg['kv_bytes_per_token']:,} "
-            f"B/token/GPU ({sg['kv_cache_dtype']}): {sg['kv_tokens_per_engine']:,.0f} tokens per engine",
-            f"  concurrency {sg['concurrency']} sequences per engine: longest response that fits "
-            f"{sg['longest_response']:,} tokens (prompt {a.prompt_tokens}); "
-            f"{sg['full_length_at_once']} responses of max_response_tokens at once",
-            "",
-            f"step time (estimate: MFU {a.mfu:.0%} of {PEAK_FLOPS[self.card.peak_key] / 1e12:.0f} TFLOP/s, HBM at "
-            f"{a.hbm_efficiency:.0%} of {self.card.hbm_bytes_per_s / 1e12:.2f} TB/s; {sg['samples']} samples of "
-            f"{a.prompt_tokens} + {sg['mean_response']} tokens)",
-        ]
-        for phase, sec in self.step_s.items():
-            lines.append(f"  {phase:<12}{sec:10.1f} s")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 def _vocab_size(cfg: Any) -> int:
@@ -427,7 +178,7 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
 
     # SGLang
     sg_raw = dict(r.sglang)
-    from tempo_mega.rollout.sglang import SGLangConfig
+    from tempo_mega.rollout.sglang.config import SGLangConfig
 
     sg_defaults = {f.name: f.default for f in dataclasses.fields(SGLangConfig)}
     get = lambda k: sg_raw.get(k, sg_defaults[k])  # noqa: E731

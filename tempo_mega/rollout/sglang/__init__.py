@@ -1,0 +1,31 @@
+"""The RolloutEngine over SGLang, in parts:
+
+- ``config``: ``SGLangConfig`` (what ``rollout.sglang.*`` may say), ``MEMORY_TAGS``, ``sync_device``;
+  standard library only, read by the run's config before any engine is built.
+- ``transport``: JSON over HTTP with the job's API key, daemon request threads, the error types.
+- ``servers``: each server's state, the hang watchdog, launch / connect / restart, memory release.
+- ``weights``: weight sync by disk, tensor or NCCL broadcast, the re-push to servers that came back,
+  the post-sync log-prob probe.
+- ``engine``: ``SGLangRolloutEngine`` (generation, routing, retries, abort) and ``build_sglang_engine``.
+
+The names below load on first use, so that ``tempo_mega.rollout.sglang.config`` imports without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    "MEMORY_TAGS": "config", "SGLangConfig": "config", "sync_device": "config",
+    "SGLangServerError": "transport",
+    "redact_command": "servers", "server_process_kwargs": "servers",
+    "bucket_named_tensors": "weights",
+    "SGLangRolloutEngine": "engine", "build_sglang_engine": "engine",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'tempo_mega.rollout.sglang' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"tempo_mega.rollout.sglang.{_NAMES[name]}"), name)
