@@ -14,9 +14,8 @@ from tempo_mega.backends.base import TrainBackend
 from tempo_mega.backends.torch import build_actor, build_critic
 from tempo_mega.config import TrainConfig, sglang_config
 from tempo_mega.models import fresh_qwen3_config
-from tempo_mega.rollout.base import weights_device
 from tempo_mega.rollout.hf import HFRolloutEngine
-from tempo_mega.rollout.rank_zero import RankZeroRollout, RankZeroSGLang, probe_logprobs
+from tempo_mega.rollout.rank_zero import RankZeroRollout, RankZeroSGLang
 
 log = logging.getLogger("tempo_mega")
 
@@ -134,25 +133,16 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
     return actor, critic
 
 
-def push_weights(actor, rollout) -> None:
-    """The actor's weights into the rollout engine, exported where the engine takes them."""
-    rollout.update_weights(actor.export_weights(device=weights_device(rollout)))
-
-
 def build_rollout(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
-    """The sampler for ``rollout.engine`` on ``backend``, started from the actor's weights: the HF engine
-    (a copy of the actor) or SGLang (rollout.sglang.*), which is given the trainer's log-probs for its
-    post-sync probe and the actor's weights to re-sync a restarted server. backend=megatron wraps either
-    in ``RankZeroRollout`` (rank 0 samples for every rank; every rank takes part in the collective weight
-    export, and in the probe forward for SGLang)."""
+    """The sampler for ``rollout.engine`` on ``backend``: the HF engine (a copy of the actor) or SGLang
+    (rollout.sglang.*, serving model.path until the controller's first ``sync_weights``). backend=megatron
+    wraps either in ``RankZeroRollout`` (rank 0 samples for every rank). Engines are given no model or
+    closure of the trainer's: the controller pushes weights and runs the probe."""
     key = (cfg.rollout.engine, cfg.backend)
     if key not in ROLLOUT_BUILDERS:
         raise ValueError(f"config keys 'rollout.engine' / 'backend': no rollout engine {key[0]!r} for backend "
                          f"{key[1]!r} (known: {sorted(ROLLOUT_BUILDERS)})")
-    engine = ROLLOUT_BUILDERS[key](cfg, actor, pad_token_id, device)
-    if cfg.rollout.engine == "sglang":
-        push_weights(actor, engine)  # the servers start from the trainer's weights
-    return engine
+    return ROLLOUT_BUILDERS[key](cfg, actor, pad_token_id, device)
 
 
 def _hf_on_torch(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
@@ -164,9 +154,9 @@ def _hf_on_megatron(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, de
     # an HF model from the actor's HF-named weights (hf_module is a collective), held and sampled from by
     # rank 0 alone
     model = actor.hf_module(rank0_only=True)
-    return RankZeroRollout(lambda _: HFRolloutEngine(model, pad_token_id=pad_token_id, device=device,
-                                                     max_batch_size=cfg.rollout.max_batch_size),
-                           actor, pad_token_id=pad_token_id, weights_device=device)
+    return RankZeroRollout(lambda: HFRolloutEngine(model, pad_token_id=pad_token_id, device=device,
+                                                   max_batch_size=cfg.rollout.max_batch_size),
+                           weights_device=device)
 
 
 def _sglang_config(cfg: TrainConfig):
@@ -178,17 +168,15 @@ def _sglang_config(cfg: TrainConfig):
 
 
 def _sglang_on_torch(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
-    from tempo_mega.rollout.sglang import build_sglang_engine, sync_device
+    from tempo_mega.rollout.sglang import build_sglang_engine
 
     sg, where = _sglang_config(cfg)
-    return build_sglang_engine(sg, pad_token_id=pad_token_id,
-                               trainer_logprob_fn=lambda ids: probe_logprobs(actor, ids, pad_token_id),
-                               weights_source=lambda: actor.export_weights(device=sync_device(sg)), **where)
+    return build_sglang_engine(sg, pad_token_id=pad_token_id, **where)
 
 
 def _sglang_on_megatron(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
     sg, where = _sglang_config(cfg)
-    return RankZeroSGLang(sg, actor, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype], **where)
+    return RankZeroSGLang(sg, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype], **where)
 
 
 # the builders, keyed by name: backend, and (rollout.engine, backend)

@@ -27,9 +27,10 @@ from tempo_mega.config import TrainConfig
 from tempo_mega.data.pool import PromptSource
 from tempo_mega.distributed import broadcast_object
 from tempo_mega.rewards import default_grading_workers, grade_responses, start_grading_workers
-from tempo_mega.rollout.base import RolloutEngine, SamplingParams, weights_device
+from tempo_mega.rollout.base import RolloutEngine, SamplingParams
 from tempo_mega.rollout.parts import SampledPart
 from tempo_mega.telemetry.timing import PhaseTimer
+from tempo_mega.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 # failed, weight re-syncs of restarted servers), summed over a step's generate calls
 ENGINE_COUNTERS = ("rollout/retried_requests", "rollout/weight_resyncs", "rollout/server_aborts",
                    "rollout/clamped_requests")
-# what an engine reports of a weight sync (SGLang's post-sync probe of the trainer's log-probs)
-SYNC_METRICS = ("rollout/probe_logprob_diff_max",)
 
 
 class TempoController:
@@ -46,6 +45,7 @@ class TempoController:
                  prompts: PromptSource, timer: PhaseTimer | None = None):
         self.cfg, self.actor, self.critic, self.rollout, self.prompts = cfg, actor, critic, rollout, prompts
         self.recipe = recipe(cfg.algo.mode)
+        self.weights = WeightSync(actor, rollout, prompts.pad_token_id)
         self.timer = timer or PhaseTimer()
         self.grading_workers = cfg.algo.grading_workers or default_grading_workers()
         if self.grading_workers > 1:  # started beside the model set-up, not in the first step
@@ -89,10 +89,9 @@ class TempoController:
         return m
 
     def sync_weights(self) -> dict[str, float]:
-        """The actor's weights into the sampler, exported where it takes them; what the engine measured of
-        the sync (the post-sync probe of the trainer's log-probs, where it runs one)."""
-        self.rollout.update_weights(self.actor.export_weights(device=weights_device(self.rollout)))
-        return {k: v for k, v in self.rollout.last_metrics.items() if k in SYNC_METRICS}
+        """The actor's weights into the sampler, then the probe: the engine's log-probs of its probe ids
+        against the actor's (RuntimeError past the engine's tolerance); what was measured."""
+        return self.weights.push()
 
     # ------------------------------------------------------------------ rollout + reward + filter
     def sampling(self, seed: int, temperature: float | None = None) -> SamplingParams:
@@ -111,11 +110,12 @@ class TempoController:
         """``generate``'s samples, texts and scores, before any tensor is built."""
         n = n or self.cfg.algo.num_samples_per_prompt
         t0 = time.perf_counter()
-        samples = self.rollout.generate([p for p, _ in prompts], n, self.sampling(seed, temperature))
+        # a restarted server without the weights is re-synced and the call generated again (WeightSync)
+        samples, engine = self.weights.generate([p for p, _ in prompts], n, self.sampling(seed, temperature))
         self._gen["seconds"] += time.perf_counter() - t0
         self._gen["tokens"] += sum(len(s.response_ids) for s in samples)
         for key in ENGINE_COUNTERS:  # SGLang's fault counters, where it reports them
-            self._gen[key] += float(self.rollout.last_metrics.get(key, 0.0))
+            self._gen[key] += float(engine.get(key, 0.0))
         texts = self.prompts.decode_many([s.response_ids for s in samples])
         answers = [prompts[s.prompt_index][1] for s in samples]
         a = self.cfg.algo

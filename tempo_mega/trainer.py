@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tempo_mega.backends.torch import TorchBackend
-from tempo_mega.build import build_models, build_rollout, push_weights, resolve_device
+from tempo_mega.build import build_models, build_rollout, resolve_device
 from tempo_mega.checkpoint import (
     atomic_checkpoint,
     has_checkpoint,
@@ -179,7 +179,6 @@ def setup(cfg: TrainConfig) -> Run:
         pool.load_state_dict(state["samplers"])
         own_rng = ckpt / f"rng_rank{rank()}.pt"
         set_rng_state(torch.load(own_rng, weights_only=True) if rank() > 0 and own_rng.is_file() else state["rng"])
-        push_weights(actor, rollout)
         run.start_step = done_steps
         if is_rank0():
             left = "" if done_steps < t.total_steps else f"; trainer.total_steps={t.total_steps} already reached"
@@ -188,7 +187,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.first_line = warm_start(cfg, actor, pool)
         if t.warm_start_steps > 0:  # the critic starts from the warmed-up actor, as Stage 1 prescribes
             critic.load_trunk_from(actor)
-            push_weights(actor, rollout)
+    ctrl.sync_weights()  # the sampler starts from the trainer's weights (fresh, resumed or warmed up), probed
     return run
 
 

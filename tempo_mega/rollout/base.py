@@ -62,13 +62,27 @@ class RolloutNeedsWeights(RuntimeError):
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the controller and the run layer call on a sampler. ``last_metrics``: what the engine
-    measured of its last call (fault counters of a generate, the post-sync probe of a weight update);
-    ``release_during_training``: the controller calls ``release_memory`` after the rollout and the
-    engine takes its memory back at the next weight update (colocated SGLang)."""
+    """What the controller and the run layer call on a sampler. Engines are one-way: told weights and
+    prompts, asked for samples and log-probs; none holds a model of the trainer's or a closure into it.
+
+    - ``last_metrics``: what the engine measured of its last call (fault counters of a generate, the
+      time of a weight push).
+    - ``release_during_training``: the controller calls ``release_memory`` after the rollout, and the
+      engine takes its memory back at the next weight update (colocated SGLang).
+    - ``weights_device``: where ``update_weights`` wants its tensors; the trainer exports them there.
+    - ``probe_ids`` / ``probe_tolerance``: the token ids whose ``prompt_logprobs`` the controller compares
+      with the trainer's after each weight push, and the largest difference allowed (None: no probe,
+      for an engine that is a copy of the actor).
+    - ``max_resyncs``: how often one ``generate`` may raise ``RolloutNeedsWeights`` and be retried after
+      ``resync_stale``.
+    """
 
     last_metrics: dict[str, float]
     release_during_training: bool
+    weights_device: str | torch.device
+    probe_ids: tuple[int, ...] | None
+    probe_tolerance: float
+    max_resyncs: int
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
         """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i."""
@@ -78,14 +92,17 @@ class RolloutEngine(Protocol):
         """Load HF-named tensors (streamed) into the sampler's model."""
         ...
 
+    def resync_stale(self, named_tensors: Iterable[tuple[str, Tensor]]) -> list[str]:
+        """Push the weights last given to ``update_weights`` to what came back without them (after
+        ``generate`` raised ``RolloutNeedsWeights``); returns what was re-synced ([] for none)."""
+        ...
+
+    def prompt_logprobs(self, ids: Sequence[int]) -> list[list[float]]:
+        """Log-probs of ``ids[1:]``, each after its prefix, at temperature 1: one list per replica (server)."""
+        ...
+
     def release_memory(self) -> None: ...
 
     def resume_memory(self) -> None: ...
 
     def shutdown(self) -> None: ...
-
-
-def weights_device(engine: RolloutEngine) -> str | torch.device:
-    """Where ``engine.update_weights`` wants its tensors (its ``weights_device``; "cpu" if it names none):
-    the trainer exports them there (``TrainBackend.export_weights(device=...)``)."""
-    return getattr(engine, "weights_device", "cpu")

@@ -119,6 +119,10 @@ class HFRolloutEngine:
 
     # the sampler is a second copy of the actor, not an allocator that shares the trainer's memory
     release_during_training = False
+    # one model in this process, updated only by update_weights: nothing to probe, nothing ever restarts
+    probe_ids = None
+    probe_tolerance = 0.0
+    max_resyncs = 0
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
@@ -252,6 +256,18 @@ class HFRolloutEngine:
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
                 loaded += 1
         return loaded
+
+    def resync_stale(self, named_tensors: Iterable[tuple[str, Tensor]]) -> list[str]:
+        """Nothing of this engine restarts without its weights: [] (the stream is not read)."""
+        return []
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: Sequence[int]) -> list[list[float]]:
+        """[len(ids) - 1] log-probs of ``ids[1:]`` at temperature 1, for the one model (a one-item list)."""
+        model = self._live_model("prompt_logprobs")
+        x = torch.tensor([list(ids)], device=self.device)
+        logits = model(input_ids=x).logits[0, :-1].float()
+        return [torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1).tolist()]
 
     def release_memory(self) -> None:
         """Move the model off the accelerator (a no-op move on CPU); ``generate`` refuses until resumed."""

@@ -3,80 +3,54 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from tempo_mega.batch import RolloutBatch
 from tempo_mega.rollout.base import RolloutNeedsWeights
 from tempo_mega.rollout.samples import broadcast_samples
 
 log = logging.getLogger("tempo_mega")
 
 
-
-
-def probe_logprobs(actor, ids: list[int], pad_token_id: int) -> list[float]:
-    """[len(ids) - 1] log-probs of ``ids[1:]``, each after its prefix, under the actor's current weights
-    at temperature 1, through the backend seam: ``forward_logprobs`` on a one-row batch (prompt
-    ``ids[:1]``, response ``ids[1:]``); a collective on a multi-rank MegatronBackend.
-
-    Temperature 1 because that is what the probe compares against: ``SGLangRolloutEngine.probe`` asks
-    each server for the ``input_token_logprobs`` of ``ids`` in a request sent with temperature 1.0 (the
-    fake server computes them at temperature 1 whatever the request says). ``forward_logprobs`` divides
-    the logits by the temperature the backend was built with (rollout.temperature), and log-probs at
-    temperature T cannot be rescaled to temperature 1 from the chosen tokens alone (the normaliser
-    changes), so this one forward is asked for temperature 1."""
-    batch = RolloutBatch.from_samples([ids[:1]], [ids[1:]], is_labeled=[False], group_ids=[0],
-                                      pad_token_id=pad_token_id)
-    return actor.forward_logprobs(batch, temperature=1.0)[0, : len(ids) - 1].tolist()
-
-
 class RankZeroRollout:
     """A rollout engine for backend=megatron, as every rank of the run sees it (a RolloutEngine): one
-    engine, on rank 0, samples for the whole run.
+    engine, on rank 0, samples for the whole run. It is told things and asked things, as any engine; it
+    holds no model of the trainer's.
 
-    ``build(self)`` makes the engine; it runs on rank 0 alone (it may use ``self._trainer_logprobs`` as the
-    engine's probe). Every rank
-    - iterates each weight stream it is given to its end: ``MegatronBackend.export_weights`` is a
-      collective (TP shards are gathered, PP stages broadcast over the pipeline); rank 0 drains the
-      rest of the stream after a failed push too, so that no rank is left waiting in a collective;
-    - with ``probe_ids``, computes the probe's trainer log-probs (``probe_logprobs``, a collective
-      forward) before each push, which rank 0's engine compares its own against;
-    - gets rank 0's samples, metrics and outcome by broadcast (``broadcast_object_list``), so all ranks
-      train on the same batch and an error on rank 0 raises on every rank.
+    ``build()`` makes the engine; it runs on rank 0 alone. Every rank
+    - iterates each weight stream it is given (``update_weights``, ``resync_stale``) to its end:
+      ``MegatronBackend.export_weights`` is a collective (TP shards are gathered, PP stages broadcast
+      over the pipeline); rank 0 drains the rest of the stream after a failed push too, so that no rank
+      is left waiting in a collective;
+    - gets rank 0's samples, probe log-probs, metrics and outcome by broadcast (``broadcast_object_list``),
+      so all ranks train on the same batch and an error on rank 0 raises on every rank, as the same type
+      where the caller acts on it (``RolloutNeedsWeights``: every rank exports the weights again).
 
     ``weights_dtype``: the engine gets the tensors in this dtype (cast here where megatron.params_dtype
-    differs); None passes them as exported.
+    differs); None passes them as exported. ``weights_device``, ``release_during_training``,
+    ``probe_ids``, ``probe_tolerance`` and ``max_resyncs`` are the engine's, given on every rank.
 
     The samples travel from rank 0 as flat tensors (``rollout.samples.broadcast_samples``: 33.5M tokens
     at the paper's shape are 270 MB, with no Python work per token), and the process group's timeout
-    must cover rank 0's longest generate. In a one-process world it is the engine (plus the
-    probe and the cast)."""
+    must cover rank 0's longest generate. In a one-process world it is the engine (plus the cast)."""
 
-    def __init__(self, build, actor, *, pad_token_id: int, weights_dtype: torch.dtype | None = None,
-                 probe_ids: list[int] | None = None, max_resyncs: int = 2,
-                 weights_device: str | torch.device = "cpu", release_during_training: bool = False):
+    def __init__(self, build: Callable[[], object], *, weights_dtype: torch.dtype | None = None,
+                 weights_device: str | torch.device = "cpu", release_during_training: bool = False,
+                 probe_ids: Sequence[int] | None = None, probe_tolerance: float = 0.0, max_resyncs: int = 0):
         import torch.distributed as dist
 
         up = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if up else (0, 1)
-        self.actor, self.pad_token_id, self.weights_dtype = actor, pad_token_id, weights_dtype
-        self.probe_ids = list(probe_ids) if probe_ids is not None else None
-        self.max_resyncs = max_resyncs
+        self.weights_dtype = weights_dtype
         self.weights_device = weights_device  # the same on every rank: each one exports there
-        self._release_during_training = release_during_training  # the same on every rank too
+        self.release_during_training = release_during_training  # the same on every rank too
+        self.probe_ids = tuple(probe_ids) if probe_ids is not None else None
+        self.probe_tolerance, self.max_resyncs = probe_tolerance, max_resyncs
         self.last_metrics: dict[str, float] = {}
-        self._want: list[float] | None = None
         self._samples: list | None = None
         self.engine = None
-        self._on_rank0(lambda: setattr(self, "engine", build(self)))
-
-    def _trainer_logprobs(self, ids: list[int]) -> list[float]:
-        """What ``probe_logprobs`` gave on every rank before this push (rank 0 alone cannot run it)."""
-        if self._want is None or list(ids) != self.probe_ids:
-            raise RuntimeError("RankZeroRollout: the probe asked for log-probs that were not computed before the push")
-        return self._want
+        self._on_rank0(lambda: setattr(self, "engine", build()))
 
     def _cast(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         want = self.weights_dtype
@@ -96,55 +70,44 @@ class RankZeroRollout:
             if self.engine is not None:
                 self.last_metrics = dict(self.engine.last_metrics)
         if self.world_size > 1:
-            box = [(result, None if error is None else f"{type(error).__name__}: {error}", self.last_metrics)]
+            message = None if error is None else f"{type(error).__name__}: {error}"
+            box = [(result, message, isinstance(error, RolloutNeedsWeights), self.last_metrics)]
             dist.broadcast_object_list(box, src=0)
-            result, message, self.last_metrics = box[0]
+            result, message, needs_weights, self.last_metrics = box[0]
             if message is not None and error is None:
-                raise RuntimeError(f"rollout failed on rank 0: {message}")
+                kind = RolloutNeedsWeights if needs_weights else RuntimeError
+                raise kind(f"rollout failed on rank 0: {message}")
         if error is not None:
             raise error
         return result
 
     def generate(self, prompt_ids, n: int, sampling) -> list:
-        """Rank 0's samples on every rank. When rank 0's engine lost the weights (a restarted server that
-        it cannot re-sync alone: ``RolloutNeedsWeights``), every rank takes part in exporting them again,
-        rank 0 pushes them to what was restarted, and the whole call is generated again (at most
-        ``max_resyncs`` times)."""
-        def attempt():
-            try:
-                self._samples = self.engine.generate(prompt_ids, n, sampling)
-                return "samples", None  # the samples travel as flat tensors, below
-            except RolloutNeedsWeights as e:
-                return "needs_weights", str(e)
+        """Rank 0's samples on every rank. ``RolloutNeedsWeights`` on rank 0 (a restarted server it cannot
+        restore alone) is raised on every rank: every rank then exports the weights for ``resync_stale``."""
+        def attempt() -> None:
+            self._samples = self.engine.generate(prompt_ids, n, sampling)  # they travel as flat tensors, below
 
-        resynced: dict[str, float] = {}
-        for k in range(self.max_resyncs + 1):
-            kind, value = self._on_rank0(attempt)
-            if kind == "samples":
-                samples, self._samples = broadcast_samples(self._samples if self.rank == 0 else None), None
-                self.last_metrics.update(resynced)  # the generate's own metrics replaced the re-sync's
-                return samples
-            log.warning("rollout: %s; re-sending the weights", value)
-            self._push_weights(self.actor.export_weights(device=self.weights_device), "resync_stale")
-            keep = ("rollout/probe_logprob_diff_max", "timing/weight_resync_s")
-            resynced = {key: self.last_metrics[key] for key in keep if key in self.last_metrics}
-            resynced["rollout/weight_resyncs"] = float(k + 1)
-        raise RuntimeError(f"rollout: the engine lost its weights again after {self.max_resyncs} re-syncs: {value}")
+        self._on_rank0(attempt)
+        samples, self._samples = broadcast_samples(self._samples if self.rank == 0 else None), None
+        return samples
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self.probe_ids is not None:
-            self._want = probe_logprobs(self.actor, self.probe_ids, self.pad_token_id)
         self._push_weights(named_tensors, "update_weights")
 
-    def _push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], method: str) -> None:
+    def resync_stale(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        return self._push_weights(named_tensors, "resync_stale")
+
+    def prompt_logprobs(self, ids: Sequence[int]) -> list[list[float]]:
+        """Rank 0's engine's log-probs of ``ids[1:]`` (one list per server), on every rank."""
+        return self._on_rank0(lambda: [[float(x) for x in lp] for lp in self.engine.prompt_logprobs(ids)])
+
+    def _push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], method: str):
         """Rank 0's ``engine.<method>(stream)``, every rank iterating the stream to its end."""
         stream = self._cast(named_tensors)
 
-        def push() -> None:
+        def push():
             try:
-                getattr(self.engine, method)(stream)
-                if method == "resync_stale" and self.probe_ids is not None:
-                    self.engine.last_metrics["rollout/probe_logprob_diff_max"] = self.engine.probe()
+                return getattr(self.engine, method)(stream)
             finally:
                 for _ in stream:  # the export is a collective: finish it whatever the push did
                     pass
@@ -152,11 +115,7 @@ class RankZeroRollout:
         if self.rank != 0:
             for _ in stream:
                 pass
-        self._on_rank0(push)
-
-    @property
-    def release_during_training(self) -> bool:
-        return self._release_during_training
+        return self._on_rank0(push)
 
     def release_memory(self, tags=None) -> None:
         # tags only where given: the HF engine's methods take none; an error reaches every rank
@@ -171,22 +130,20 @@ class RankZeroRollout:
 
 
 class RankZeroSGLang(RankZeroRollout):
-    """SGLang for backend=megatron: rank 0 drives the servers (launch, generate, weight push, probe).
+    """SGLang for backend=megatron: rank 0 drives the servers (launch, generate, weight push, probe
+    requests).
 
     SGLang gets the tensors in ``weights_dtype`` (model.dtype: what the torch backend exports, bf16 in
-    the Qwen3 presets). The process group's timeout must also cover rank 0's server launch. With world
-    size > 1 and tensor sync, a restarted server is re-synced by every rank exporting the weights again
-    (``RankZeroRollout.generate``); disk sync re-syncs from its last copy; distributed (NCCL) sync cannot
-    take a restarted server back into its weight group, which is an error."""
+    the Qwen3 presets). The process group's timeout must also cover rank 0's server launch. With tensor
+    sync, a restarted server is re-synced by every rank exporting the weights again (the controller's
+    ``WeightSync.generate``); disk sync re-syncs from its last copy; distributed (NCCL) sync cannot take a
+    restarted server back into its weight group, which is an error."""
 
-    def __init__(self, cfg, actor, *, pad_token_id: int, weights_dtype: torch.dtype, **engine_kw):
+    def __init__(self, cfg, *, pad_token_id: int, weights_dtype: torch.dtype, **engine_kw):
         from tempo_mega.rollout.sglang import build_sglang_engine, sync_device
 
-        def build(me: RankZeroRollout):
-            source = (lambda: me._cast(actor.export_weights(device=me.weights_device))) if me.world_size == 1 else None
-            return build_sglang_engine(cfg, pad_token_id=pad_token_id, weights_source=source,
-                                       trainer_logprob_fn=me._trainer_logprobs if cfg.probe else None, **engine_kw)
-
-        super().__init__(build, actor, pad_token_id=pad_token_id, weights_dtype=weights_dtype,
-                         probe_ids=list(cfg.probe_ids) if cfg.probe else None, max_resyncs=cfg.max_retries,
-                         weights_device=sync_device(cfg), release_during_training=cfg.release_during_training)
+        super().__init__(lambda: build_sglang_engine(cfg, pad_token_id=pad_token_id, **engine_kw),
+                         weights_dtype=weights_dtype, weights_device=sync_device(cfg),
+                         release_during_training=cfg.release_during_training,
+                         probe_ids=cfg.probe_ids if cfg.probe else None, probe_tolerance=cfg.probe_tolerance,
+                         max_resyncs=cfg.max_retries)

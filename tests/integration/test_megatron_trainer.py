@@ -162,8 +162,8 @@ def _tiny_qwen3():
 
 def test_two_ranks_one_sglang_driver(tmp_path):
     """RankZeroSGLang in a 2-rank world (TP=2: the export gathers shards, the probe forward is a collective):
-    rank 0 alone talks to the server, both ranks get the same samples and metrics, and a push the probe
-    rejects raises on both ranks (no rank is left waiting in a collective)."""
+    rank 0 alone talks to the server, both ranks get the same samples, metrics and probe log-probs, and
+    a push the probe rejects raises on both ranks (no rank is left waiting in a collective)."""
     from transformers import Qwen3ForCausalLM
 
     from tempo_mega.rollout.fake_sglang import FakeSGLangServer
@@ -185,7 +185,7 @@ def test_two_ranks_one_sglang_driver(tmp_path):
     assert r0["probe"] < 1e-4 and r1["probe"] == r0["probe"]  # the probe's outcome reaches rank 1 too
     assert r0["samples"] and r1["samples"] == r0["samples"]
     assert [s[0] for s in r0["samples"]] == [0, 0, 1, 1]
-    assert "probe failed" in r0["error"] and "failed on rank 0" in r1["error"] and "probe failed" in r1["error"]
+    assert "probe failed" in r0["error"] and r1["error"] == r0["error"]  # each rank compares rank 0's answer
     # rank 0 only: two pushes, and per push one probe request; two prompts (n=2 in one request each)
     assert counts["/update_weights_from_disk"] == 2 and counts["/generate"] == 4
     # backend=megatron with the HF engine: rank 0 alone holds and samples from it
@@ -214,20 +214,22 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
     from tempo_mega.rollout.hf import HFRolloutEngine
     from tempo_mega.rollout.rank_zero import RankZeroRollout, RankZeroSGLang
     from tempo_mega.rollout.sglang import SGLangConfig
+    from tempo_mega.weight_sync import WeightSync
 
     with megatron_on_cpu():
         dist.init_process_group("gloo")
         rank = dist.get_rank()
         actor = _tp2_actor(seed=0)
         sg = SGLangConfig(urls=(url,), weight_sync="disk", disk_dir=sync_dir)
-        rollout = RankZeroSGLang(sg, actor, pad_token_id=0, weights_dtype=torch.float32)
+        rollout = RankZeroSGLang(sg, pad_token_id=0, weights_dtype=torch.float32)
+        sync = WeightSync(actor, rollout, pad_token_id=0)
         res = {"drives": rollout.engine is not None}
-        rollout.update_weights(actor.export_weights())
-        res["probe"] = rollout.last_metrics["rollout/probe_logprob_diff_max"]
-        samples = rollout.generate([[1, 2, 3], [4, 5]], 2, SamplingParams(temperature=0.7, max_response_tokens=4))
+        res["probe"] = sync.push()["rollout/probe_logprob_diff_max"]
+        samples, _ = sync.generate([[1, 2, 3], [4, 5]], 2, SamplingParams(temperature=0.7, max_response_tokens=4))
         res["samples"] = [(s.prompt_index, s.response_ids, s.logprobs) for s in samples]
         try:  # weights the server gets but the trainer does not have: the probe rejects them
             rollout.update_weights((n, t + 0.05) for n, t in actor.export_weights())
+            sync.probe()
         except RuntimeError as e:
             res["error"] = str(e)
         dist.barrier()  # the collectives still line up after the error
@@ -236,7 +238,7 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
         # the HF engine the same way: one copy, on rank 0, samples for both ranks
         hf_model = actor.hf_module(rank0_only=True)  # a collective
         res["hf_module_on_rank"] = hf_model is not None
-        hf_rollout = RankZeroRollout(lambda _: HFRolloutEngine(hf_model, pad_token_id=0), actor, pad_token_id=0)
+        hf_rollout = RankZeroRollout(lambda: HFRolloutEngine(hf_model, pad_token_id=0))
         res["drives_hf"] = hf_rollout.engine is not None
         with torch.no_grad():  # a change only a weight sync brings to rank 0's copy
             for p in actor.chunks[0].parameters():
@@ -307,6 +309,7 @@ def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
     from tempo_mega.rollout.fake_sglang import install_fake_serializer
     from tempo_mega.rollout.rank_zero import RankZeroSGLang
     from tempo_mega.rollout.sglang import SGLangConfig
+    from tempo_mega.weight_sync import WeightSync
 
     install_fake_serializer()  # the client's tensor payloads, as the fake server reads them
     with megatron_on_cpu():
@@ -317,15 +320,16 @@ def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
         extra = ("--slow-s", "0.3", "--crash-after-requests", "2", "--crash-once-file", f"{out_dir}/crashed")
         sg = SGLangConfig(model_path=served, launch_module="tempo_mega.rollout.fake_sglang", base_port=int(port),
                           extra_args=extra, weight_sync="tensor", request_timeout_s=20.0, health_timeout_s=60.0)
-        rollout = RankZeroSGLang(sg, actor, pad_token_id=0, weights_dtype=torch.float32)
-        rollout.update_weights(actor.export_weights())
+        rollout = RankZeroSGLang(sg, pad_token_id=0, weights_dtype=torch.float32)
+        sync = WeightSync(actor, rollout, pad_token_id=0)
+        sync.push()
         sampling = SamplingParams(temperature=0.7, max_response_tokens=4)
-        got = rollout.generate([[1, 2, 3], [4, 5]], 2, sampling)
+        got, metrics = sync.generate([[1, 2, 3], [4, 5]], 2, sampling)
         res = {"samples": [(s.prompt_index, s.response_ids, s.logprobs) for s in got],
-               "probe": rollout.last_metrics["rollout/probe_logprob_diff_max"],
+               "probe": metrics["rollout/probe_logprob_diff_max"],
                "restarts": rollout.engine.servers[0].restarts if rank == 0 else None,
-               "resyncs": rollout.last_metrics.get("rollout/weight_resyncs")}
-        again = rollout.generate([[1, 2, 3], [4, 5]], 2, sampling)  # no crash this time: the same draws
+               "resyncs": metrics.get("rollout/weight_resyncs")}
+        again, _ = sync.generate([[1, 2, 3], [4, 5]], 2, sampling)  # no crash this time: the same draws
         res["again"] = [(s.prompt_index, s.response_ids, s.logprobs) for s in again]
         torch.save(res, Path(out_dir) / f"resync_rank{rank}.pt")
         rollout.shutdown()

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from tempo_mega.backends.torch import build_actor
 from tempo_mega.rollout.base import RolloutEngine, RolloutNeedsWeights, SamplingParams
 from tempo_mega.rollout.fake_sglang import (
     FakeSGLangServer,
@@ -32,6 +33,7 @@ from tempo_mega.rollout.sglang import (
     redact_command,
 )
 from tempo_mega.rollout.sglang.transport import _http
+from tempo_mega.weight_sync import WeightSync
 
 VOCAB = 64
 PAD = 0
@@ -81,13 +83,10 @@ def fake(model_dir):
         s.stop()
 
 
-def trainer_logprob_fn(model):
-    @torch.inference_mode()
-    def fn(ids: list[int]) -> torch.Tensor:
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
-
-    return fn
+def probe_gap(eng, model) -> float:
+    """What the controller's post-sync probe measures (``WeightSync.probe``): the largest |engine - trainer|
+    log-prob of the engine's probe ids, ``model`` standing for the trainer; raises past the tolerance."""
+    return WeightSync(build_actor(model), eng, PAD).probe()["rollout/probe_logprob_diff_max"]
 
 
 def url_cfg(*urls: str, **kw) -> SGLangConfig:
@@ -175,7 +174,6 @@ def test_helpers():
 
 
 def test_weights_are_exported_where_the_sync_takes_them(monkeypatch):
-    from tempo_mega.rollout.base import weights_device
     from tempo_mega.rollout.sglang import sync_device
 
     cfg = {mode: url_cfg("http://x", weight_sync=mode) for mode in ("tensor", "distributed", "disk")}
@@ -183,7 +181,6 @@ def test_weights_are_exported_where_the_sync_takes_them(monkeypatch):
     assert [sync_device(c) for c in cfg.values()] == ["cuda", "cuda", "cpu"]  # IPC / NCCL take GPU tensors
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert {sync_device(c) for c in cfg.values()} == {"cpu"}
-    assert weights_device(object()) == "cpu"  # an engine that names none
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -251,11 +248,11 @@ def test_finish_reasons_mapped(fake):
 def test_disk_sync_changes_outputs_and_probe_passes(fake, model_dir):
     s = fake()
     new = tiny_qwen3(1)
-    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
     before = eng.generate(PROMPTS, 2, SAMPLING)
     eng.update_weights(new.state_dict().items())
     assert eng.last_metrics["timing/weight_sync_s"] > 0
-    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    assert probe_gap(eng, new) < 1e-4
     after = eng.generate(PROMPTS, 2, SAMPLING)
     assert [x.response_ids for x in after] != [x.response_ids for x in before]
     for x in after:
@@ -267,15 +264,25 @@ def test_disk_sync_changes_outputs_and_probe_passes(fake, model_dir):
 
 
 def test_probe_catches_a_wrong_weight(fake):
+    """The controller's probe after a push: the engine answers its probe ids' log-probs, the trainer's
+    are compared with them, and a push that did not give the server the trainer's weights is caught."""
     s = fake()
     good = tiny_qwen3(1)
-    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(good))
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
+    sync = WeightSync(build_actor(good), eng, PAD)
+    assert eng.probe_ids == (1, 2, 3, 4, 5, 6, 7, 8) and eng.probe_tolerance == 1e-2
+    assert sync.push()["rollout/probe_logprob_diff_max"] < 1e-4  # the trainer's own weights pass
     corrupted = dict(good.state_dict())
     name = "model.layers.0.mlp.down_proj.weight"
     corrupted[name] = corrupted[name] * -3.0
+    eng.update_weights(corrupted.items())
     with pytest.raises(RuntimeError, match=r"probe failed: max \|engine - trainer\| log-prob = "):
-        eng.update_weights(corrupted.items())
+        sync.probe()
+    assert len(eng.prompt_logprobs([1, 2, 3])) == 1 and len(eng.prompt_logprobs([1, 2, 3])[0]) == 2
     eng.shutdown()
+    no_probe = build_sglang_engine(url_cfg(s.url, probe=False), pad_token_id=PAD)
+    assert no_probe.probe_ids is None and WeightSync(build_actor(good), no_probe, PAD).probe() == {}
+    no_probe.shutdown()
 
 
 def test_release_resume_tracks_tags_as_sglang_does(fake):
@@ -283,7 +290,7 @@ def test_release_resume_tracks_tags_as_sglang_does(fake):
     and resumed only if released; generate and the weight push take back what they need themselves."""
     s = fake()
     new = tiny_qwen3(1)
-    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
     eng.release_memory()
     assert stats(s.url)["released"] == ["cuda_graph", "kv_cache", "weights"]
     eng.release_memory(tags=["kv_cache"])  # already released: no request
@@ -294,7 +301,7 @@ def test_release_resume_tracks_tags_as_sglang_does(fake):
     assert counts["/release_memory_occupation"] == 1 and counts["/resume_memory_occupation"] == 1
     # the push resumes the weights (the fake refuses a push into released weights), then the rest, then probes
     eng.update_weights(new.state_dict().items())
-    assert stats(s.url)["released"] == [] and eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    assert stats(s.url)["released"] == [] and probe_gap(eng, new) < 1e-4
     eng.release_memory()
     assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)) == 2  # generate takes its memory back
     with pytest.raises(ValueError, match="unknown memory tags"):
@@ -362,13 +369,12 @@ def test_server_dying_during_weight_push_is_recovered(fake):
     new = tiny_qwen3(1)
     eng = build_sglang_engine(
         url_cfg(a.url, b.url, request_timeout_s=5.0),
-        pad_token_id=PAD,
-        trainer_logprob_fn=trainer_logprob_fn(new),
+        pad_token_id=PAD
     )
     b.stop()  # still marked healthy: the push to it fails, it is marked down, the live one is (re)synced
     eng.update_weights(new.state_dict().items())
     assert not eng.servers[1].healthy and eng.servers[0].healthy
-    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    assert probe_gap(eng, new) < 1e-4
     eng.shutdown()
 
 
@@ -412,7 +418,7 @@ def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tm
     new = tiny_qwen3(1)
     expected, cfg = reference_and_crashing_cfg(fake, model_dir, tmp_path, new)
     marker = tmp_path / "crashed"
-    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(cfg, pad_token_id=PAD)
     first_pid = eng.pids[0]
     eng.update_weights(new.state_dict().items())
     # 1 request was the probe; the 3rd generate request kills the process while others are in flight
@@ -425,7 +431,7 @@ def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tm
         (x.prompt_index, x.response_ids) for x in expected
     ]
     assert eng.last_metrics["rollout/retried_requests"] >= 1
-    assert eng.probe() < 1e-4
+    assert probe_gap(eng, new) < 1e-4
     eng.shutdown()
 
 
@@ -440,10 +446,9 @@ def tensor_sync():
 def test_tensor_sync_buckets_reach_the_server(fake, tensor_sync):
     server = fake()
     new = tiny_qwen3(1)
-    eng = build_sglang_engine(url_cfg(server.url, weight_sync="tensor", bucket_bytes=4096), pad_token_id=PAD,
-                              trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(url_cfg(server.url, weight_sync="tensor", bucket_bytes=4096), pad_token_id=PAD)
     eng.update_weights(new.state_dict().items())
-    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    assert probe_gap(eng, new) < 1e-4
     for name, t in new.state_dict().items():
         torch.testing.assert_close(server.state.model.state_dict()[name], t, msg=name)
     counts = server.state.counts
@@ -453,13 +458,13 @@ def test_tensor_sync_buckets_reach_the_server(fake, tensor_sync):
 
 
 def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp_path, tensor_sync):
-    """tensor sync without weights_source (a multi-rank trainer's case): the restarted server is not used,
+    """tensor sync keeps no copy of the weights: the restarted server is not used,
     generate raises RolloutNeedsWeights, resync_stale pushes to it alone, and the retried call gives what a
     run without the crash gives."""
     new = tiny_qwen3(1)
     expected, cfg = reference_and_crashing_cfg(fake, model_dir, tmp_path, new, weight_sync="tensor")
     marker = tmp_path / "crashed"
-    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(cfg, pad_token_id=PAD)
     eng.update_weights(new.state_dict().items())
     with pytest.raises(RolloutNeedsWeights, match="resync_stale"):
         eng.generate(PROMPTS, 2, SAMPLING)
@@ -468,7 +473,25 @@ def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp
     assert eng.resync_stale(iter(())) == []  # nothing waits any more
     samples = eng.generate(PROMPTS, 2, SAMPLING)
     assert [(x.prompt_index, x.response_ids) for x in samples] == [(x.prompt_index, x.response_ids) for x in expected]
-    assert eng.probe() < 1e-4
+    assert probe_gap(eng, new) < 1e-4
+    eng.shutdown()
+
+
+def test_weight_sync_resyncs_a_restarted_server_and_generates_again(fake, model_dir, tmp_path, tensor_sync, caplog):
+    """The controller's side of the same fault (``WeightSync.generate``): the engine asks for the weights,
+    the trainer's are streamed to the restarted server, probed, and the whole call generated again; the
+    samples are those of a run without the crash, and the re-sync is counted."""
+    new = tiny_qwen3(1)
+    expected, cfg = reference_and_crashing_cfg(fake, model_dir, tmp_path, new, weight_sync="tensor")
+    eng = build_sglang_engine(cfg, pad_token_id=PAD)
+    sync = WeightSync(build_actor(new), eng, PAD)
+    assert sync.push()["rollout/probe_logprob_diff_max"] < 1e-4  # the first generate request: the probe
+    with caplog.at_level("WARNING", logger="tempo_mega.weight_sync"):
+        samples, metrics = sync.generate(PROMPTS, 2, SAMPLING)
+    assert (tmp_path / "crashed").exists() and eng.servers[0].restarts == 1
+    assert [(x.prompt_index, x.response_ids) for x in samples] == [(x.prompt_index, x.response_ids) for x in expected]
+    assert metrics["rollout/weight_resyncs"] == 1.0 and metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    assert metrics["timing/weight_resync_s"] > 0 and "re-sending the weights" in caplog.text
     eng.shutdown()
 
 
@@ -552,14 +575,13 @@ def test_failed_tensor_update_closes_the_session_and_the_next_push_succeeds(fake
     session must still end it, or every later push fails; a session whose end was lost is ended first."""
     server = fake(fail_updates=1)
     new = tiny_qwen3(1)
-    eng = build_sglang_engine(url_cfg(server.url, weight_sync="tensor", bucket_bytes=4096), pad_token_id=PAD,
-                              trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(url_cfg(server.url, weight_sync="tensor", bucket_bytes=4096), pad_token_id=PAD)
     with pytest.raises(SGLangServerError, match=r"fake fault.*session was closed"):
         eng.update_weights(new.state_dict().items())
     assert not stats(server.url)["session_open"] and not eng.servers[0].session_open
     assert eng.servers[0].weights_stale  # part of a push landed: no request before the weights are whole again
     eng.update_weights(new.state_dict().items())  # the next step's push
-    assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 1e-4
+    assert probe_gap(eng, new) < 1e-4
     # an end that never reached the server (a dropped connection): the next push ends that session first
     assert _http(server.url, "/begin_weight_update", {}, 5.0)["success"]
     eng.servers[0].session_open = True
@@ -646,8 +668,7 @@ def test_url_server_that_restarts_is_waited_for_and_resynced(fake):
     ref.update_weights(new.state_dict().items())
     expected = ref.generate(PROMPTS, 2, SAMPLING)
     s = fake()
-    eng = build_sglang_engine(url_cfg(s.url, restart_wait_s=60.0), pad_token_id=PAD,
-                              trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(url_cfg(s.url, restart_wait_s=60.0), pad_token_id=PAD)
     eng.update_weights(new.state_dict().items())
     back = s.restart(down_s=1.5)  # a preempted node, an OOM restart: refused, then a fresh server
     out = eng.generate(PROMPTS, 2, SAMPLING)
@@ -655,7 +676,7 @@ def test_url_server_that_restarts_is_waited_for_and_resynced(fake):
     # the new process started from the original weights; it was given the last ones before any prompt
     assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in expected]
     assert stats(s.url)["counts"]["/update_weights_from_disk"] == 1
-    assert eng.probe() < 1e-4
+    assert probe_gap(eng, new) < 1e-4
     s.stop()  # and one that never comes back: a named error after restart_wait_s
     eng2 = dataclasses.replace(eng.cfg, restart_wait_s=1.0)
     eng.cfg = eng2
@@ -803,7 +824,7 @@ def test_inprocess_engine_and_tensor_sync(tmp_path):  # pragma: no cover - needs
     model.save_pretrained(tmp_path)
     new = tiny_qwen3(1)
     cfg = SGLangConfig(mode="engine", model_path=str(tmp_path), weight_sync="tensor", probe_tolerance=5e-2)
-    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(cfg, pad_token_id=PAD)
     eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
     samples = eng.generate(PROMPTS, 2, SAMPLING)
     assert [x.prompt_index for x in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
@@ -819,7 +840,7 @@ def test_server_distributed_sync(tmp_path):  # pragma: no cover - needs sglang +
     cfg = SGLangConfig(
         model_path=str(tmp_path), weight_sync="distributed", base_port=free_port(), probe_tolerance=5e-2
     )
-    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(cfg, pad_token_id=PAD)
     eng.update_weights(new.state_dict().items())
     eng.shutdown()
 
@@ -833,13 +854,13 @@ def test_server_tensor_sync_after_release_and_resume(tmp_path):  # pragma: no co
     new = tiny_qwen3(1)
     cfg = SGLangConfig(model_path=str(tmp_path), weight_sync="tensor", base_port=free_port(), probe_tolerance=5e-2,
                        mem_fraction_static=0.3, bucket_bytes=2**16)
-    eng = build_sglang_engine(cfg, pad_token_id=PAD, trainer_logprob_fn=trainer_logprob_fn(new))
+    eng = build_sglang_engine(cfg, pad_token_id=PAD)
     try:
         eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
-        assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 5e-2
+        assert probe_gap(eng, new) < 5e-2
         eng.release_memory()  # as the controller does after each rollout
         eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())  # weights back, push, the rest
-        assert eng.last_metrics["rollout/probe_logprob_diff_max"] < 5e-2
+        assert probe_gap(eng, new) < 5e-2
         eng.release_memory()
         samples = eng.generate(PROMPTS, 2, SAMPLING)  # takes its memory back itself
         assert [x.prompt_index for x in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]

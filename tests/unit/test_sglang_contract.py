@@ -59,10 +59,10 @@ from test_rollout_sglang import (  # noqa: E402  (the fake server, the tiny mode
     SAMPLING,
     fake,  # noqa: F401  (fixture)
     model_dir,  # noqa: F401  (fixture)
+    probe_gap,
     stats,
     tensor_sync,  # noqa: F401  (fixture)
     tiny_qwen3,
-    trainer_logprob_fn,
     url_cfg,
 )
 
@@ -222,12 +222,12 @@ def test_every_http_request_matches_sglang_types(fake, wire, sglang_types, tenso
     server = fake(request_fields=request_fields(sglang_types))
     new = tiny_qwen3(1)
     for mode in ("disk", "tensor", "distributed"):
-        eng = build_sglang_engine(url_cfg(server.url, weight_sync=mode, bucket_bytes=4096), pad_token_id=PAD,
-                                  trainer_logprob_fn=trainer_logprob_fn(new))
+        eng = build_sglang_engine(url_cfg(server.url, weight_sync=mode, bucket_bytes=4096), pad_token_id=PAD)
         assert len(eng.generate(PROMPTS, 2, SAMPLING)) == 2 * len(PROMPTS)
         eng.release_memory()
         eng.resume_memory()
-        eng.update_weights(new.state_dict().items())  # probe included
+        eng.update_weights(new.state_dict().items())
+        assert probe_gap(eng, new) < 1e-4  # the probe's request
         if mode == "distributed":  # the fake, like SGLang, aborts whatever comes next too: last
             eng.abort()
         eng.shutdown()

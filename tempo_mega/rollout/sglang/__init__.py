@@ -5,7 +5,7 @@
 - ``transport``: JSON over HTTP with the job's API key, daemon request threads, the error types.
 - ``servers``: each server's state, the hang watchdog, launch / connect / restart, memory release.
 - ``weights``: weight sync by disk, tensor or NCCL broadcast, the re-push to servers that came back,
-  the post-sync log-prob probe.
+  the log-probs of the post-sync probe.
 - ``engine``: ``SGLangRolloutEngine`` (generation, routing, retries, abort) and ``build_sglang_engine``.
 
 The names below load on first use, so that ``tempo_mega.rollout.sglang.config`` imports without torch.

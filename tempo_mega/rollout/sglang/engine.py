@@ -18,6 +18,10 @@ rollout (the controller calls ``release_memory`` where ``release_during_training
 takes the weights back before the push and the rest after it, ``generate`` whatever is still released.
 Released tags are tracked per server because SGLang fails a resume of a tag it has not released.
 
+Probe: ``prompt_logprobs(ids)`` asks every server for the ``input_token_logprobs`` of ``ids`` at
+temperature 1; the caller compares them with the trainer's after a weight push (``probe_ids``,
+``probe_tolerance``: rollout.sglang.probe*).
+
 Log-probs: SGLang returns ``log(probs)`` after temperature and before top-p/top-k truncation (the same
 contract as ``Sample.logprobs`` and the HF engine). ``SamplingParams.seed`` is not sent (SGLang's
 per-request seed needs deterministic inference mode); this is said once in the log.
@@ -26,12 +30,11 @@ Faults: a request that times out, a refused/reset connection or an HTTP 5xx mark
 so does a watchdog that, while requests run, checks each busy server's ``/health_generate`` (a hung
 server is found in about ``watchdog_interval_s x watchdog_failures``, not after ``request_timeout_s``). A
 server we launched is restarted (its pid terminated, then killed), a server given by URL is marked down
-until ``/health`` answers again; either gets the last weights again (last disk checkpoint, or
-``weights_source()``) before it serves. The failed prompts are resubmitted, at most ``max_retries`` times
-each; then a RuntimeError names the prompts and the last error. Where the engine has neither (tensor or
-distributed sync without ``weights_source``: a multi-rank trainer, whose weight export is a collective),
-``generate`` raises ``RolloutNeedsWeights`` and the caller streams the weights with ``resync_stale``;
-a server without the current weights is never given a request. When no server is healthy, given ones are
+until ``/health`` answers again; with disk sync either gets the last weights again (the last disk copy)
+before it serves, and the failed prompts are resubmitted, at most ``max_retries`` times each; then a
+RuntimeError names the prompts and the last error. Tensor and distributed sync keep no copy: ``generate``
+raises ``RolloutNeedsWeights`` and the caller streams the weights with ``resync_stale`` (the engine holds
+no closure into the trainer); a server without the current weights is never given a request. When no server is healthy, given ones are
 waited for (``restart_wait_s``). A request SGLang aborted itself (finish_reason abort) is resubmitted after
 a backoff, never returned. A weight-update session is ended on every exit path. Calls given up (a hung
 server) and all calls at ``shutdown`` have their sockets closed, and run on daemon threads, so a failed run
@@ -48,12 +51,10 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from torch import Tensor
 
 from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args
 from tempo_mega.rollout.sglang.config import SGLangConfig, sync_device
@@ -91,16 +92,12 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         cfg: SGLangConfig,
         *,
         pad_token_id: int,
-        trainer_logprob_fn: Callable[[list[int]], Sequence[float] | Tensor] | None = None,
-        weights_source: Callable[[], Iterable[tuple[str, Tensor]]] | None = None,
         start: bool = True,
         log_dir: str | Path | None = None,
         max_response_tokens: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.pad_token_id = pad_token_id
-        self.trainer_logprob_fn = trainer_logprob_fn
-        self.weights_source = weights_source
         self.servers: list[_Server] = []
         self.pids: list[int] = []  # every process we started, for shutdown and for the record
         self.last_metrics: dict[str, float] = {}
@@ -146,6 +143,18 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
     @property
     def weights_device(self) -> str:
         return sync_device(self.cfg)
+
+    @property
+    def probe_ids(self) -> tuple[int, ...] | None:
+        return tuple(self.cfg.probe_ids) if self.cfg.probe else None
+
+    @property
+    def probe_tolerance(self) -> float:
+        return self.cfg.probe_tolerance
+
+    @property
+    def max_resyncs(self) -> int:
+        return self.cfg.max_retries
 
     # ------------------------------------------------------------------ routing and transport
     def _pick(self) -> _Server:
@@ -431,18 +440,12 @@ def build_sglang_engine(
     cfg: SGLangConfig,
     *,
     pad_token_id: int,
-    trainer_logprob_fn: Callable[[list[int]], Sequence[float] | Tensor] | None = None,
-    weights_source: Callable[[], Iterable[tuple[str, Tensor]]] | None = None,
     log_dir: str | Path | None = None,
     max_response_tokens: int | None = None,
 ) -> SGLangRolloutEngine:
-    """Launch or connect, wait until healthy. ``trainer_logprob_fn(ids) -> [len(ids)-1]`` log-probs of
-    ``ids[1:]`` under the trainer's current weights (temperature 1) enables the post-sync probe;
-    ``weights_source()`` re-streams the current weights when a restarted server needs them and the sync
-    mode keeps no disk copy. ``log_dir``: where launched servers write their logs (the run's output dir;
+    """Launch or connect, wait until healthy. ``log_dir``: where launched servers write their logs (the run's output dir;
     None: a temp dir removed at shutdown). ``max_response_tokens`` (rollout.max_response_tokens) is checked
     against the servers' context length at once."""
     return SGLangRolloutEngine(
-        cfg, pad_token_id=pad_token_id, trainer_logprob_fn=trainer_logprob_fn, weights_source=weights_source,
-        log_dir=log_dir, max_response_tokens=max_response_tokens,
+        cfg, pad_token_id=pad_token_id, log_dir=log_dir, max_response_tokens=max_response_tokens,
     )

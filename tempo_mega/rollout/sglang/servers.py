@@ -409,13 +409,10 @@ class _ServerFleet:
             _check_success(resp, f"{s.url}/update_weights_from_disk")
         elif not self._synced:
             pass  # never synced: the server runs the weights it started with
-        elif self.weights_source is not None:
-            self._push(self.weights_source(), only=[s])
         else:
             raise RolloutNeedsWeights(
                 f"SGLangRolloutEngine: {s.url} came back without the last weights, and weight_sync="
-                f"{self.cfg.weight_sync!r} keeps no copy: stream them with resync_stale() (or pass "
-                "weights_source= to build_sglang_engine)"
+                f"{self.cfg.weight_sync!r} keeps no copy: stream them with resync_stale()"
             )
         self._http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
         s.weights_stale = False

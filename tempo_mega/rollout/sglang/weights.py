@@ -1,7 +1,7 @@
 """Weight sync of ``SGLangRolloutEngine`` (``_WeightSync``, a mixin: the state is the engine's): the push
 of HF-named tensors by disk, tensor (``/update_weights_from_tensor``) or distributed NCCL broadcast, each
 inside a ``/begin_weight_update`` ... ``/end_weight_update`` session, the re-push to servers that came
-back (``resync_stale``) and the post-sync log-prob probe. ``bucket_named_tensors`` groups the stream;
+back (``resync_stale``) and the log-probs the caller probes them with (``prompt_logprobs``). ``bucket_named_tensors`` groups the stream;
 ``_init_weight_group`` is this process's side of SGLang's weight-update process group."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,11 +61,11 @@ def _init_weight_group(master_address: str, master_port: int, world_size: int):
 
 
 class _WeightSync:
-    """Weight sync and the probe of ``SGLangRolloutEngine`` (a mixin: the state is the engine's)."""
+    """Weight sync and the probe log-probs of ``SGLangRolloutEngine`` (a mixin: the state is the engine's)."""
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Push HF-named tensors (streamed) to every server, flush its cache, then probe."""
+        """Push HF-named tensors (streamed) to every server and flush its cache."""
         t0 = time.perf_counter()
         if self._engine is None:
             self._recover(resync=False)  # the push below brings a restarted server up to date too
@@ -80,12 +79,11 @@ class _WeightSync:
             for s in self.servers:
                 s.weights_stale = True
             self._synced = True
-            if self._last_disk_dir is None and self.weights_source is None:
+            if self._last_disk_dir is None:
                 # no copy here: the next generate raises RolloutNeedsWeights, and the caller re-streams them
                 log.warning("SGLang server failed during the weight push (%s); the weights must be pushed "
                             "again (resync_stale) before the next generate", e)
                 self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
-                self.last_metrics.pop("rollout/probe_logprob_diff_max", None)
                 return
             log.warning("SGLang server failed during the weight push (%s); recovering", e)
             self._recover()
@@ -108,8 +106,6 @@ class _WeightSync:
         self.resume_memory()
         self._call("/flush_cache", {})
         self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
-        if self.cfg.probe and self.trainer_logprob_fn is not None:
-            self.last_metrics["rollout/probe_logprob_diff_max"] = self.probe()
 
     def resync_stale(self, named_tensors: Iterable[tuple[str, Tensor]]) -> list[str]:
         """Push ``named_tensors`` (the weights last given to ``update_weights``) to the servers that came
@@ -319,34 +315,19 @@ class _WeightSync:
         for _, t in bucket:
             torch.distributed.broadcast(t.detach().cuda().contiguous(), src=0, group=self._group)
 
-    def probe(self) -> float:
-        """Engine vs trainer log-probs of ``cfg.probe_ids`` on every server; raises RuntimeError past
-        ``probe_tolerance``. Returns the max |difference|."""
-        if self.trainer_logprob_fn is None:
-            raise RuntimeError("SGLangRolloutEngine.probe: no trainer_logprob_fn was given")
-        ids = list(self.cfg.probe_ids)
-        want = torch.as_tensor(self.trainer_logprob_fn(ids), dtype=torch.float64).flatten()
-        if want.numel() != len(ids) - 1:
-            raise ValueError(
-                f"trainer_logprob_fn returned {want.numel()} log-probs for {len(ids)} ids (want len-1)"
-            )
+    def prompt_logprobs(self, ids: Sequence[int]) -> list[list[float]]:
+        """Each server's log-probs of ``ids[1:]`` (``input_token_logprobs`` of a request at temperature 1),
+        for the caller's post-sync probe."""
+        ids = list(ids)
         body = {
             "input_ids": ids,
             "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
             "return_logprob": True,
             "logprob_start_len": 0,
         }
-        worst = 0.0
+        out = []
         for resp in self._call("/generate", body):
-            out = resp[0] if isinstance(resp, list) else resp
-            entries = out["meta_info"]["input_token_logprobs"]
-            got = torch.tensor([e[0] for e in entries[-(len(ids) - 1) :]], dtype=torch.float64)
-            diff = float((got - want).abs().max())
-            worst = max(worst, diff if math.isfinite(diff) else math.inf)
-        if worst > self.cfg.probe_tolerance:
-            raise RuntimeError(
-                f"SGLang weight-sync probe failed: max |engine - trainer| log-prob = {worst:.4g} on "
-                f"{len(ids)} probe tokens, over rollout.sglang.probe_tolerance={self.cfg.probe_tolerance}; "
-                "the rollout engine is not running the trainer's weights"
-            )
-        return worst
+            first = resp[0] if isinstance(resp, list) else resp
+            entries = first["meta_info"]["input_token_logprobs"]
+            out.append([float(e[0]) for e in entries[-(len(ids) - 1):]])
+        return out
