@@ -16,7 +16,7 @@ saved once to a temporary directory in ``--dtype``.
     python scripts/bench_model_load.py --hidden 4096 --layers 8 --vocab 151936 --dtype bfloat16
 
 On CPU, megatron-core's hard-coded CUDA calls are redirected by the test suite's shim
-(``tests/megatron_cpu_support.py``), as the CPU tests do; the numbers are host memory either way.
+(``tests/support/megatron_cpu.py``, on ``PYTHONPATH=tests``), as the CPU tests do; the numbers are host memory either way.
 """
 
 from __future__ import annotations
@@ -49,8 +49,12 @@ def child(way: str, directory: str, dtype: str) -> None:
 
     cpu = not torch.cuda.is_available()
     if cpu:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from megatron_cpu_support import free_port, megatron_on_cpu
+        try:  # megatron-core on the CPU is test support (tests/support), on PYTHONPATH where tests run this
+            from support.megatron_cpu import megatron_on_cpu
+            from support.net import free_port
+        except ImportError as e:
+            raise SystemExit("bench_model_load.py: megatron-core runs on the CPU only through the test support: "
+                             "PYTHONPATH=tests python scripts/bench_model_load.py ... (or run it on a GPU)") from e
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")

@@ -58,7 +58,7 @@ run-to-run noise floor that FP8's numbers are to be read against. Without FP8 th
 
 ``--device cpu`` runs the same path at toy shapes as a wiring check (no MFU; CPU seconds are not GPU
 numbers). megatron-core itself needs CUDA: on CPU its rows only run inside the test suite, which
-redirects megatron's CUDA calls (tests/megatron_cpu_support.py); elsewhere they report the error.
+redirects megatron's CUDA calls (tests/support/megatron_cpu.py); elsewhere they report the error.
 """
 
 from __future__ import annotations

@@ -1,12 +1,19 @@
-"""Suite-wide setup: Triton's CPU interpreter on machines without CUDA, and `gpu` tests skipped there;
-fixtures shared by several modules."""
+"""Suite-wide setup: Triton's CPU interpreter on machines without CUDA, `gpu` tests skipped there and
+tests/integration marked `slow`; tests/support on the path of the processes tests start; the fixtures
+shared by several modules (the SGLang fakes come from tests/support/sglang.py)."""
 
 import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
+
+# tests/support for the processes tests start (torchrun workers, scripts): pytest itself has it on sys.path
+# through [tool.pytest.ini_options] pythonpath
+TESTS = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([TESTS, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -14,12 +21,15 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+from support.sglang import fake, model_dir, tensor_sync  # noqa: E402, F401  (fixtures of the SGLang tests)
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "integration" in Path(str(item.fspath)).parts:  # multi-process worlds and whole runs: slow as a whole
+            item.add_marker(pytest.mark.slow)
+        if not HAS_CUDA and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))  # tests/megatron_cpu_support.py
 
-from megatron_cpu_support import one_process_world  # noqa: E402
+from support.megatron_cpu import one_process_world  # noqa: E402
 
 from tempo_mega.telemetry.flops import forward_flops_per_token, train_flops_per_token  # noqa: E402
 

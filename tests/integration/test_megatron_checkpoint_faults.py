@@ -6,17 +6,14 @@ wait, and the run, going forever."""
 from __future__ import annotations
 
 import functools
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/megatron_cpu_support.py
 
-from megatron_cpu_support import one_process_world  # noqa: E402
+from support.megatron_cpu import one_process_world  # noqa: E402
 
 
 def _tiny_actor():

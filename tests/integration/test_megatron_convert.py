@@ -3,17 +3,15 @@ logits of the converted GPTModel equal HF's, the weight round trip is bit-exact,
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/megatron_cpu_support.py
 
-from megatron_cpu_support import free_port, megatron_on_cpu  # noqa: E402
-from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from support.megatron_cpu import megatron_on_cpu  # noqa: E402
+from support.models import hf_model  # noqa: E402
+from support.models import megatron_tiny_config as tiny_config  # noqa: E402
+from support.net import free_port  # noqa: E402
 
 from tempo_mega.backends.megatron import MegatronConfig  # noqa: E402
 from tempo_mega.backends.megatron.convert import (  # noqa: E402
@@ -24,22 +22,6 @@ from tempo_mega.backends.megatron.convert import (  # noqa: E402
 )
 
 FP32 = MegatronConfig(params_dtype="float32")
-
-
-def tiny_config(tied: bool, layers: int = 2) -> Qwen3Config:
-    return Qwen3Config(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, vocab_size=128, intermediate_size=96, max_position_embeddings=64,
-                       tie_word_embeddings=tied, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
-
-
-def hf_model(cfg: Qwen3Config, seed: int = 0) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms at 1 would hide a swapped norm; make every tensor distinct
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,12 @@ bf16 on the critic's values. Run them with ``pytest -m gpu tests/integration/tes
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_cpu_support import one_process_world  # noqa: E402
+from support.megatron_cpu import one_process_world  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

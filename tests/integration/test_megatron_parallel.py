@@ -17,7 +17,6 @@ import torch
 pytest.importorskip("megatron.core")
 
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parents[1]))  # tests/megatron_cpu_support.py
 
 # name -> (world size, megatron config keys)
 LAYOUTS = {
@@ -38,7 +37,7 @@ ROLES = ("actor", "tied", "critic")
 
 def run_world(tmp: Path, layout: str, mode: str, ckpt: Path | None = None, timeout_s: int = 300) -> dict:
     """This file as a torchrun script in the world of ``layout``."""
-    from megatron_cpu_support import free_port
+    from support.net import free_port
 
     out = tmp / f"out_{mode}_{layout}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={LAYOUTS[layout][0]}",
@@ -111,8 +110,9 @@ _value_loss.agg = "token"
 
 def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
     import torch.distributed as dist
-    from megatron_cpu_support import megatron_on_cpu
-    from test_megatron_convert import hf_model, tiny_config
+    from support.megatron_cpu import megatron_on_cpu
+    from support.models import hf_model
+    from support.models import megatron_tiny_config as tiny_config
 
     from tempo_mega.backends.megatron import MegatronConfig
     from tempo_mega.backends.megatron.backend import MegatronBackend
@@ -181,5 +181,4 @@ def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent))
     _worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])

@@ -9,7 +9,6 @@ held by rank 0 alone in the same way."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import subprocess
 import sys
@@ -19,16 +18,14 @@ import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/megatron_cpu_support.py
 
-from megatron_cpu_support import free_port, megatron_on_cpu, one_process_world  # noqa: E402
+from support.megatron_cpu import megatron_on_cpu, one_process_world  # noqa: E402
+from support.models import tiny_qwen3_config
+from support.net import free_port  # noqa: E402
+from support.runs import read_metrics
 
 from tempo_mega.config import load_config  # noqa: E402
 from tempo_mega.trainer import run_training  # noqa: E402
-
-
-def lines(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -47,7 +44,7 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
     assert type(run.actor).__name__ == "MegatronBackend" and type(run.critic).__name__ == "MegatronBackend"
     assert type(run.rollout).__name__ == "RankZeroRollout" and type(run.rollout.engine).__name__ == "HFRolloutEngine"
 
-    meg, ref = lines(out), lines(tmp_path / "torch")
+    meg, ref = read_metrics(out), read_metrics(tmp_path / "torch")
     assert [x["step"] for x in meg] == [1, 2]
     for line in meg:
         assert math.isfinite(line["actor/loss"]) and math.isfinite(line["critic/loss"])
@@ -80,7 +77,7 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
     # resume from the dist-checkpoint (weights, AdamW moments, samplers, RNG): step 3 as uninterrupted
     run_training(load_config([*common, "backend=megatron", f"trainer.output_dir={out}", "trainer.total_steps=3",
                               "trainer.resume=true"]))
-    meg = lines(out)
+    meg = read_metrics(out)
     assert [x["step"] for x in meg] == [1, 2, 3]
     for key in ("actor/loss", "critic/loss"):
         assert meg[2][key] == pytest.approx(ref[2][key], abs=1e-4), (3, key)
@@ -106,7 +103,7 @@ def test_megatron_backend_from_checkpoint_dirs_trains_like_torch(tmp_path, megat
     src = [f"model.path={actor_dir}"] + ([f"model.critic_path={critic_dir}"] if critic_from == "critic_dir" else [])
     run_training(load_config([*common, *src, f"trainer.output_dir={tmp_path / 'torch'}"]))
     run = run_training(load_config([*common, *src, "backend=megatron", f"trainer.output_dir={tmp_path / 'meg'}"]))
-    meg, ref = lines(tmp_path / "meg"), lines(tmp_path / "torch")
+    meg, ref = read_metrics(tmp_path / "meg"), read_metrics(tmp_path / "torch")
     for step in (0, 1):
         for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm"):
             assert meg[step][key] == pytest.approx(ref[step][key], abs=1e-4), (step + 1, key)
@@ -137,7 +134,7 @@ def test_megatron_backend_with_sglang_rollouts(tmp_path, megatron_world):
         run = run_training(load_config([*overrides, f'rollout.sglang.urls=["{url}"]']))
         assert type(run.rollout).__name__ == "RankZeroSGLang"
         assert type(run.rollout.engine).__name__ == "SGLangRolloutEngine"
-        got = lines(tmp_path / "run")
+        got = read_metrics(tmp_path / "run")
         assert [x["step"] for x in got] == [1, 2]
         for line in got:
             assert math.isfinite(line["actor/loss"]) and math.isfinite(line["critic/loss"])
@@ -154,10 +151,7 @@ def test_megatron_backend_with_sglang_rollouts(tmp_path, megatron_world):
 
 
 def _tiny_qwen3():
-    from transformers import Qwen3Config
-
-    return Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       vocab_size=128, intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+    return tiny_qwen3_config(intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=False)
 
 
 def test_two_ranks_one_sglang_driver(tmp_path):
@@ -400,7 +394,7 @@ def test_kernels_enable_routes_both_backends_losses_through_the_packed_kernels(t
             out = tmp_path / enable
             run_training(load_config(["experiment=debug_cpu", f"backend={backend}", f"kernels.enable={enable}",
                                       "trainer.total_steps=1", f"trainer.output_dir={out}"]))
-            runs[enable] = (lines(out)[0], set(calls))
+            runs[enable] = (read_metrics(out)[0], set(calls))
             if backend == "megatron":  # the next run brings the process group up again
                 import torch.distributed as dist
                 from megatron.core import parallel_state

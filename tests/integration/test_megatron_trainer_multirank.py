@@ -7,7 +7,6 @@ with every rank's shards in it."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,23 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import read_metrics
 
 pytest.importorskip("megatron.core")
 
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parents[1]))  # tests/megatron_cpu_support.py
 
 COMMON = ["experiment=debug_cpu", "trainer.save_every=1", "trainer.keep_last=2"]
 MEGATRON = ["backend=megatron", "megatron.pipeline_parallel_size=2"]
 
 
-def lines(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_world(overrides: list[str], timeout_s: int = 400, perf_out: Path | None = None) -> None:
     """``perf_out``: each rank also writes what ``throughput_metrics`` makes of a step's metrics there."""
-    from megatron_cpu_support import free_port
+    from support.net import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            str(HERE), *overrides]
@@ -48,7 +45,7 @@ def test_two_rank_pipeline_run_trains_like_torch_and_resumes(tmp_path):
     run_training(load_config([*COMMON, "trainer.total_steps=3", f"trainer.output_dir={ref_out}"]))
     out = tmp_path / "megatron_pp2"
     run_world([*COMMON, *MEGATRON, "trainer.total_steps=2", f"trainer.output_dir={out}"])
-    assert [x["step"] for x in lines(out)] == [1, 2]  # one writer: no line twice
+    assert [x["step"] for x in read_metrics(out)] == [1, 2]  # one writer: no line twice
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]  # no .tmp-* left
     step2 = ckpts / "step_00000002"
@@ -58,7 +55,7 @@ def test_two_rank_pipeline_run_trains_like_torch_and_resumes(tmp_path):
 
     resumed = [*COMMON, *MEGATRON, "trainer.total_steps=3", f"trainer.output_dir={out}", "trainer.resume=true"]
     run_world(resumed, perf_out=tmp_path / "perf")
-    meg, ref = lines(out), lines(ref_out)
+    meg, ref = read_metrics(out), read_metrics(ref_out)
     assert [x["step"] for x in meg] == [1, 2, 3]
     for step in range(3):
         for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm", "rollout/score_mean"):
@@ -95,7 +92,7 @@ def _check_per_gpu_metrics(perf: Path, cfg) -> None:
 
 
 if __name__ == "__main__":  # one rank of the torchrun world
-    from megatron_cpu_support import megatron_on_cpu
+    from support.megatron_cpu import megatron_on_cpu
 
     from tempo_mega.config import load_config
     from tempo_mega.trainer import run_training

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import read_metrics
 
 from tempo_mega.checkpoint import COMPLETE_MARKER, checksum_manifest, save_json
 from tempo_mega.config import load_config
 from tempo_mega.trainer import run_training
-
-
-def lines(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def train(out: Path, *overrides: str):
@@ -35,14 +32,14 @@ def test_fresh_run_into_a_used_folder_errors_auto_resumes_overwrite_replaces(tmp
         train(out, "trainer.total_steps=1", "trainer.resume=false")
     for part in (str(out), "trainer.resume=true", "trainer.output_dir", "trainer.overwrite=true"):
         assert part in str(e.value), part
-    assert [x["step"] for x in lines(out)] == [1, 2]  # the old run is untouched
+    assert [x["step"] for x in read_metrics(out)] == [1, 2]  # the old run is untouched
     capsys.readouterr()
     run = train(out, "trainer.total_steps=3")  # trainer.resume=auto, the default
     assert run.start_step == 2
     assert f"resumed from step 2 ({out / 'checkpoints' / 'step_00000002'})" in capsys.readouterr().out
-    assert [x["step"] for x in lines(out)] == [1, 2, 3]
+    assert [x["step"] for x in read_metrics(out)] == [1, 2, 3]
     train(out, "trainer.total_steps=1", "trainer.overwrite=true")
-    assert [x["step"] for x in lines(out)] == [1] and steps(out) == ["step_00000001"]
+    assert [x["step"] for x in read_metrics(out)] == [1] and steps(out) == ["step_00000001"]
 
 
 def test_resume_true_with_nothing_to_resume_is_an_error(tmp_path):
@@ -87,7 +84,7 @@ def test_corrupt_checkpoint_falls_back_and_resume_files_are_weights_only(tmp_pat
     assert run.start_step == 1
     warnings = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
     assert len(warnings) == 1 and str(bad) in warnings[0], warnings
-    assert [x["step"] for x in lines(out)] == [1, 2, 3]
+    assert [x["step"] for x in read_metrics(out)] == [1, 2, 3]
     assert any(p.name.startswith("corrupt-step_00000002") for p in ckpts.iterdir())
 
     # every checkpoint corrupt: an error naming the file, no traceback from safetensors

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import read_metrics
 
 from tempo_mega.batch import RolloutBatch
 from tempo_mega.config import load_config
@@ -19,8 +20,6 @@ REQUIRED = ("step", "actor/loss", "critic/loss", "rollout/score_mean", "perf/tok
             "rollout/tokens_per_s", "rollout/generated_tokens")
 
 
-def lines(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def train(tmp: Path, *overrides: str):
@@ -37,7 +36,7 @@ def test_cli_debug_run_then_resume(tmp_path):
     out = tmp_path / "run"
     r = cli("train", "experiment=debug_cpu", "trainer.total_steps=2", f"trainer.output_dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    got = lines(out)
+    got = read_metrics(out)
     assert [x["step"] for x in got] == [1, 2]
     for line in got:
         missing = [k for k in REQUIRED if k not in line]
@@ -51,7 +50,7 @@ def test_cli_debug_run_then_resume(tmp_path):
     r = cli("train", "experiment=debug_cpu", "trainer.total_steps=3", f"trainer.output_dir={out}",
             "trainer.resume=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert [x["step"] for x in lines(out)] == [1, 2, 3]
+    assert [x["step"] for x in read_metrics(out)] == [1, 2, 3]
     # the HF export loads with plain transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,7 +67,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     resumed = train(tmp_path / "cut", "trainer.total_steps=3", "trainer.resume=true")
     assert resumed.start_step == 2 and not (ckpts / ".tmp-step_00000002-99999").exists()
     keys = ("actor/loss", "critic/loss", "rollout/response_len_mean", "actor/grad_norm")
-    a, b = lines(tmp_path / "full"), lines(tmp_path / "cut")
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [x["step"] for x in b] == [1, 2, 3]
     for x, y in zip(a, b):
         assert {k: x[k] for k in keys} == {k: y[k] for k in keys}
@@ -98,7 +97,7 @@ GOLDEN = {
 
 def test_golden_losses(tmp_path):
     train(tmp_path, "trainer.total_steps=2")
-    for line in lines(tmp_path):
+    for line in read_metrics(tmp_path):
         for key, want in GOLDEN[line["step"]].items():
             assert line[key] == pytest.approx(want, rel=1e-4, abs=2e-6), (line["step"], key)
 
@@ -108,7 +107,7 @@ def test_every_mode_runs(tmp_path, mode):
     """`experiment=debug_cpu algo=<mode>` and nothing else: each mode's recipe sets its prompt split over
     the preset's counts (the half a mode does not use becomes 0)."""
     run = train(tmp_path, f"algo={mode}")
-    got = lines(tmp_path)
+    got = read_metrics(tmp_path)
     assert len(got) == 2
     for line in got:
         assert math.isfinite(line["actor/loss"]) and line["actor/num_optimizer_steps"] >= 1
@@ -126,15 +125,15 @@ def test_frozen_critic_and_periodic_e_step(tmp_path):
     frozen = train(tmp_path / "frozen", "algo.e_step_every=0")
     for p0, p1 in zip(before.model.parameters(), frozen.critic.model.parameters()):
         assert torch.equal(p0, p1)
-    assert [x["critic/updated"] for x in lines(tmp_path / "frozen")] == [0.0, 0.0]
+    assert [x["critic/updated"] for x in read_metrics(tmp_path / "frozen")] == [0.0, 0.0]
     train(tmp_path / "every2", "algo.e_step_every=2", "trainer.total_steps=3")
-    assert [x["critic/updated"] for x in lines(tmp_path / "every2")] == [1.0, 0.0, 1.0]
+    assert [x["critic/updated"] for x in read_metrics(tmp_path / "every2")] == [1.0, 0.0, 1.0]
 
 
 def test_padded_and_packed_layouts_train_alike(tmp_path):
     train(tmp_path / "padded", "trainer.layout=padded")
     train(tmp_path / "packed", "trainer.layout=packed")
-    for x, y in zip(lines(tmp_path / "padded"), lines(tmp_path / "packed")):
+    for x, y in zip(read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "packed")):
         for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-5), key
 
@@ -154,7 +153,7 @@ def test_user_files_jsonl_and_parquet(tmp_path):
                 "trainer.total_steps=1")
     assert len(run.pool.train) == 40 and len(run.pool.test) == 8
     assert all(r.answer is None and r.hidden_answer for r in run.pool.test)  # test answers only for evaluation
-    assert lines(tmp_path / "out")[0]["rollout/labeled_frac"] > 0
+    assert read_metrics(tmp_path / "out")[0]["rollout/labeled_frac"] > 0
 
 
 def test_bad_data_row_and_bad_config_fail_before_building(tmp_path):
@@ -219,13 +218,13 @@ def test_preemption_signal_checkpoints_then_resume_finishes(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 85, stdout + stderr
-    done = [x["step"] for x in lines(out)]
+    done = [x["step"] for x in read_metrics(out)]
     assert 1 <= len(done) < 40 and done == list(range(1, len(done) + 1))
     assert (out / "checkpoints" / f"step_{len(done):08d}" / "COMPLETE").exists()
     r = cli("train", "experiment=debug_cpu", f"trainer.total_steps={len(done) + 2}", f"trainer.output_dir={out}",
             "trainer.resume=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert [x["step"] for x in lines(out)] == list(range(1, len(done) + 3))
+    assert [x["step"] for x in read_metrics(out)] == list(range(1, len(done) + 3))
 
 
 def test_profiler_trace_for_listed_steps(tmp_path):
@@ -241,7 +240,7 @@ def test_kernels_enabled_train_like_plain_torch(tmp_path):
     plain = train(tmp_path / "plain", "kernels.enable=false")
     fused = train(tmp_path / "fused", "kernels.enable=true")
     assert fused.actor.use_kernels and fused.critic.use_kernels and not plain.actor.use_kernels
-    for x, y in zip(lines(tmp_path / "plain"), lines(tmp_path / "fused")):
+    for x, y in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fused")):
         for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm", "critic/value_mse"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
 
@@ -254,7 +253,7 @@ def test_study_script_tiny(tmp_path):
     table = (tmp_path / "study.md").read_text()
     for method in METHODS:
         assert f"| {method} |" in table
-        assert len(lines(tmp_path / method / "seed0")) == 2
+        assert len(read_metrics(tmp_path / method / "seed0")) == 2
     assert (tmp_path / "study_curves.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "study.json").read_text())
     assert set(summary) == set(METHODS)
@@ -273,7 +272,7 @@ def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
         run = train(tmp_path / "sg", "trainer.total_steps=2", "rollout.engine=sglang", f"model.path={actor_dir}",
                     f"model.critic_path={tmp_path / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
                     "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}")
-        got = lines(tmp_path / "sg")
+        got = read_metrics(tmp_path / "sg")
         assert [x["step"] for x in got] == [1, 2]
         for line in got:  # the sampler's log-probs are the trainer's, through HTTP and disk sync
             assert line["rollout/logprob_diff_max"] < 1e-3
@@ -304,6 +303,6 @@ def test_truncated_importance_sampling_weights():
 def test_tis_run_matches_plain_when_sampler_equals_trainer(tmp_path):
     train(tmp_path / "plain")
     train(tmp_path / "tis", "algo.tis_cap=2.0")
-    for x, y in zip(lines(tmp_path / "plain"), lines(tmp_path / "tis")):
+    for x, y in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tis")):
         assert y["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-5)
         assert x["actor/loss"] == pytest.approx(y["actor/loss"], rel=1e-3, abs=1e-5)

@@ -85,6 +85,7 @@ def test_config_imports_no_engine(module):
     assert not bad, f"{module} imports {bad}"
 
 
+@pytest.mark.slow
 def test_loading_a_config_imports_no_torch():
     """A run's config is composed and validated (every rollout.sglang.* and megatron.* key included)
     without torch: the package facades load their names on first use."""

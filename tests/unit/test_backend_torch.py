@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from support.models import tiny_qwen3_config
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tempo_mega.backends.base import TrainBackend
@@ -25,8 +26,7 @@ TEMPERATURE = 0.7
 
 
 def tiny_config() -> Qwen3Config:
-    return Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    return tiny_qwen3_config(vocab_size=VOCAB, intermediate_size=128, tie_word_embeddings=True)
 
 
 def tiny_actor(seed: int = 0) -> Qwen3ForCausalLM:

@@ -180,6 +180,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert "| kernel" in res.stdout and "n_regs" in res.stdout
 
 
+@pytest.mark.slow
 def test_quick_compile_all_targets(tmp_path):
     """--quick: one config per kernel for sm_90, sm_80 and sm_100 (about 15 s on 2 cores), all clean."""
     res, rows = _compile(tmp_path, "--quick", "--jobs", "2")

@@ -6,11 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+from support.net import free_port
 
-from megatron_cpu_support import free_port  # noqa: E402
-
-from tempo_mega import distributed  # noqa: E402
+from tempo_mega import distributed
 
 
 def test_one_process_answers():
@@ -37,6 +36,7 @@ def _worker(out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_agree(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            str(Path(__file__).resolve()), str(tmp_path)]

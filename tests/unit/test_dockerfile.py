@@ -142,6 +142,7 @@ def test_constraints_pin_what_the_code_is_tested_against():
     assert not set(pins) & CONTAINER_STACK
 
 
+@pytest.mark.slow
 def test_run_commands_are_valid_bash():
     bash = shutil.which("bash")
     if bash is None:
@@ -179,6 +180,7 @@ def sglang_site(tmp_path: Path, kernel_version: str = "0.4.10") -> Path:
     return site
 
 
+@pytest.mark.slow
 def test_sglang_requirements_drop_the_torch_stack_and_the_no_deps_packages(tmp_path):
     pytest.importorskip("packaging")
     out = run_helper(sglang_site(tmp_path))
@@ -187,6 +189,7 @@ def test_sglang_requirements_drop_the_torch_stack_and_the_no_deps_packages(tmp_p
                                   "transformers==5.19.0"]
 
 
+@pytest.mark.slow
 def test_sglang_requirements_refuse_kernels_sglang_did_not_ask_for(tmp_path):
     pytest.importorskip("packaging")
     out = run_helper(sglang_site(tmp_path, kernel_version="0.4.9"))

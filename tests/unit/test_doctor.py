@@ -47,6 +47,7 @@ def test_cpu_machine_reports_no_gpu_and_what_is_missing(report):
     assert any("compute capability >= 8.9" in m for m in report["features"]["fp8"]["missing"])
 
 
+@pytest.mark.slow
 def test_text_report_through_the_script():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_env.py")], capture_output=True,
                          text=True, timeout=120)
@@ -74,6 +75,7 @@ def test_require_exits_1_for_a_missing_feature_and_2_for_an_unknown_one(report, 
     assert "unknown feature(s) warp_drive" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_importing_the_module_pulls_nothing_heavy(tmp_path):
     code = ("import sys, tempo_mega.doctor; "
             "print([m for m in ('torch', 'megatron', 'transformer_engine', 'sglang', 'triton', 'pynvml', 'wandb') "

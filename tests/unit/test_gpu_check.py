@@ -36,6 +36,7 @@ def summary(out: Path) -> dict[str, dict[str, str]]:
     return {r["part"]: r for r in rows}
 
 
+@pytest.mark.slow
 def test_shellcheck_clean():
     assert subprocess.run([BASH, "-n", str(SCRIPT)], capture_output=True).returncode == 0
     shellcheck = shutil.which("shellcheck")
@@ -80,6 +81,7 @@ def test_cpu_parts_run_gpu_parts_skip_and_a_failure_is_reported(tmp_path):
     assert len(files) <= 8 and all(p.parent == out for p in files), files  # what a lent machine hands back
 
 
+@pytest.mark.slow
 def test_no_time_left_is_not_run_and_fails(tmp_path):
     """A budget too small for anything: every part is recorded as not run (never skipped or passed) and the
     exit status says the check did not happen."""
@@ -94,6 +96,7 @@ def test_no_time_left_is_not_run_and_fails(tmp_path):
         assert row["status"] == "not_run" and "no time left" in row["note"], row
 
 
+@pytest.mark.slow
 def test_download_wheels_names_what_the_gpu_side_lacks(tmp_path, monkeypatch):
     """--download-wheels asks pip for cp312 manylinux wheels of megatron-core and the pure-Python needs, with
     no dependencies; checked with a stand-in python that prints its arguments (no download here)."""

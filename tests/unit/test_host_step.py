@@ -170,6 +170,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_broadcast_samples_over_gloo(tmp_path):
     import socket
     import subprocess

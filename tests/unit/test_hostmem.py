@@ -30,6 +30,7 @@ def _probe(mode: str) -> tuple[bool, int, int]:
     return took == "True", int(held), int(after)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm and glibc: Linux")
 def test_retain_keeps_a_freed_buffer_and_system_returns_it():
     took, held, after = _probe("retain")

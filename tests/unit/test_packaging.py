@@ -20,11 +20,13 @@ WHERE_KERNELS = ("import importlib.util, os; s = importlib.util.find_spec('kerne
                  "print('ours' if s and os.path.dirname(os.path.abspath(s.origin)) == {ours!r} else 'not ours')")
 
 
+@pytest.mark.slow
 def test_kernels_is_a_subpackage_only(tmp_path):
     code = "import tempo_mega.kernels as k; print(k.__name__); " + WHERE_KERNELS.format(ours=str(ROOT / "kernels"))
     assert run_py(code, tmp_path).split() == ["tempo_mega.kernels", "not", "ours"]
 
 
+@pytest.mark.slow
 def test_checkout_root_does_not_shadow_the_kernels_package():
     """Started from the checkout's top, Python puts it first on sys.path, where kernels/ would shadow
     the `kernels` package transformers imports: importing tempo_mega takes the folder off the path."""
@@ -33,6 +35,7 @@ def test_checkout_root_does_not_shadow_the_kernels_package():
     assert run_py("import tempo_mega; " + where, ROOT) == "not ours"
 
 
+@pytest.mark.slow
 def test_launched_server_does_not_see_the_checkout_root(tmp_path):
     """An SGLang server is `python -m sglang.launch_server` started from wherever the trainer runs:
     from the checkout's top its sys.path must not begin with it (tempo_mega is not imported there)."""
@@ -48,6 +51,7 @@ def test_launched_server_does_not_see_the_checkout_root(tmp_path):
         assert Path(out.stdout.strip() or ".").resolve() != ROOT
 
 
+@pytest.mark.slow
 def test_import_pulls_no_heavy_or_cuda_module(tmp_path):
     code = (
         "import sys, tempo_mega, tempo_mega.algo, tempo_mega.rewards, tempo_mega.eval, tempo_mega.batch, "
@@ -73,6 +77,7 @@ def test_every_package_folder_is_listed_in_pyproject():
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
 
 
+@pytest.mark.slow
 def test_console_script_selfcheck(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tempo_mega.cli", "selfcheck"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)

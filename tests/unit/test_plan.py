@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -80,8 +79,7 @@ def test_tiny_model_bytes_equal_the_torch_backend(tmp_path):
 ])
 def test_tiny_model_bytes_equal_the_megatron_backend(tmp_path, monkeypatch, overrides):
     pytest.importorskip("megatron.core")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from megatron_cpu_support import one_process_world
+    from support.megatron_cpu import one_process_world
 
     from tempo_mega.build import build_models
     from tempo_mega.data.pool import load_tokenizer

@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from support.models import tiny_qwen3 as support_tiny_qwen3
+from transformers import Qwen3ForCausalLM
 
 from tempo_mega.rollout.base import RolloutEngine, SamplingParams
 from tempo_mega.rollout.hf import HFRolloutEngine, filter_logits, sample_from_logits
@@ -19,21 +20,9 @@ PROMPTS = [[5, 17, 9], [3, 44, 71, 12, 8, 99, 23, 61, 2], [120, 7, 7, 31, 64]]
 
 
 def tiny_qwen3(seed: int = 0, tie: bool = False) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # peakier than the default 0.02, so greedy margins are not razor thin
-        tie_word_embeddings=tie,
-        pad_token_id=PAD,
-    )
-    return Qwen3ForCausalLM(cfg).eval()
+    # peakier init than the default 0.02, so greedy margins are not razor thin
+    return support_tiny_qwen3(seed, vocab_size=VOCAB, intermediate_size=128, max_position_embeddings=256,
+                              initializer_range=0.2, tie_word_embeddings=tie, pad_token_id=PAD)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -15,15 +15,21 @@ import types
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from support.net import free_port
+from support.sglang import (
+    PAD,
+    PROMPTS,
+    SAMPLING,
+    STOP,
+    VOCAB,
+    probe_gap,
+    stats,
+    tiny_qwen3,
+    url_cfg,
+)
 
 from tempo_mega.backends.torch import build_actor
 from tempo_mega.rollout.base import RolloutEngine, RolloutNeedsWeights, SamplingParams
-from tempo_mega.rollout.fake_sglang import (
-    FakeSGLangServer,
-    install_fake_serializer,
-    uninstall_fake_serializer,
-)
 from tempo_mega.rollout.sglang import (
     SGLangConfig,
     SGLangRolloutEngine,
@@ -35,73 +41,7 @@ from tempo_mega.rollout.sglang import (
 from tempo_mega.rollout.sglang.transport import _http
 from tempo_mega.weight_sync import WeightSync
 
-VOCAB = 64
-PAD = 0
-STOP = 7
-PROMPTS = [[5, 17, 9], [3, 44, 61, 12, 8], [20, 7, 31], [11, 12]]
-
-
-def tiny_qwen3(seed: int) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        pad_token_id=PAD,
-    )
-    return Qwen3ForCausalLM(cfg).eval()
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwen3")
-    tiny_qwen3(0).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
-def fake(model_dir):
-    servers: list[FakeSGLangServer] = []
-
-    def make(**knobs) -> FakeSGLangServer:
-        s = FakeSGLangServer(model_dir, **knobs)
-        s.start()
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
-
-
-def probe_gap(eng, model) -> float:
-    """What the controller's post-sync probe measures (``WeightSync.probe``): the largest |engine - trainer|
-    log-prob of the engine's probe ids, ``model`` standing for the trainer; raises past the tolerance."""
-    return WeightSync(build_actor(model), eng, PAD).probe()["rollout/probe_logprob_diff_max"]
-
-
-def url_cfg(*urls: str, **kw) -> SGLangConfig:
-    kw.setdefault("request_timeout_s", 20.0)
-    kw.setdefault("health_timeout_s", 10.0)
-    kw.setdefault("weight_sync", "disk")
-    kw.setdefault("restart_wait_s", 1.0)  # a server that goes away is waited for briefly (default: minutes)
-    return SGLangConfig(urls=tuple(urls), **kw)
-
-
-SAMPLING = SamplingParams(temperature=1.0, max_response_tokens=6, stop_token_ids=(STOP,))
-
-
-def stats(url: str) -> dict:
-    return _http(url, "/fake/stats", None, 5.0, method="GET")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -393,14 +333,6 @@ def launch_cfg(model_dir, tmp_path, port: int, extra=(), **kw) -> SGLangConfig:
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def reference_and_crashing_cfg(fake, model_dir, tmp_path, new, **kw) -> tuple[list, SGLangConfig]:
     """The samples of ``new``'s weights on an in-process fake without faults, and the config of a launched
     fake that dies (once) at its 3rd generate request while others are in flight."""
@@ -414,6 +346,7 @@ def reference_and_crashing_cfg(fake, model_dir, tmp_path, new, **kw) -> tuple[li
     return expected, cfg
 
 
+@pytest.mark.slow
 def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tmp_path):
     new = tiny_qwen3(1)
     expected, cfg = reference_and_crashing_cfg(fake, model_dir, tmp_path, new)
@@ -435,14 +368,6 @@ def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tm
     eng.shutdown()
 
 
-@pytest.fixture
-def tensor_sync():
-    """weight_sync=tensor on CPU: the client's MultiprocessingSerializer is the fake server's stand-in."""
-    added = install_fake_serializer()
-    yield
-    uninstall_fake_serializer(added)
-
-
 def test_tensor_sync_buckets_reach_the_server(fake, tensor_sync):
     server = fake()
     new = tiny_qwen3(1)
@@ -457,6 +382,7 @@ def test_tensor_sync_buckets_reach_the_server(fake, tensor_sync):
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp_path, tensor_sync):
     """tensor sync keeps no copy of the weights: the restarted server is not used,
     generate raises RolloutNeedsWeights, resync_stale pushes to it alone, and the retried call gives what a
@@ -477,6 +403,7 @@ def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_weight_sync_resyncs_a_restarted_server_and_generates_again(fake, model_dir, tmp_path, tensor_sync, caplog):
     """The controller's side of the same fault (``WeightSync.generate``): the engine asks for the weights,
     the trainer's are streamed to the restarted server, probed, and the whole call generated again; the
@@ -495,6 +422,7 @@ def test_weight_sync_resyncs_a_restarted_server_and_generates_again(fake, model_
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_shutdown_stops_only_our_pids(model_dir, tmp_path, caplog, monkeypatch):
     """Also: launched servers want the key made for this process (the fake checks it as SGLang does), the
     client sends it, the logged command does not show it, and the logs stay in the run's dir."""
@@ -502,7 +430,7 @@ def test_shutdown_stops_only_our_pids(model_dir, tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO", logger="tempo_mega.rollout.sglang")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        cfg = launch_cfg(model_dir, tmp_path, free_port(), num_engines=2)
+        cfg = launch_cfg(model_dir, tmp_path, free_port(consecutive=2), num_engines=2)
         eng = build_sglang_engine(cfg, pad_token_id=PAD, log_dir=tmp_path / "run" / "sglang_logs")
         assert len(eng.pids) == 2 and bystander.pid not in eng.pids
         assert len(eng.generate(PROMPTS, 1, SAMPLING)) == len(PROMPTS)
@@ -702,6 +630,7 @@ except RuntimeError as e:
 """
 
 
+@pytest.mark.slow
 def test_hung_server_does_not_keep_the_process_alive(fake):
     """A request to a hung server may wait up to request_timeout_s (an hour); once the watchdog has failed the
     run, the process must exit at once, not when that request ends (the fake answers after 60 s)."""

@@ -27,7 +27,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 
@@ -53,15 +52,12 @@ if not fetcher.is_complete(SRC):
         raise RuntimeError(message)  # in CI the setup ran: a missing source is a failure, not a skip
     pytest.skip(message, allow_module_level=True)
 
-from test_rollout_sglang import (  # noqa: E402  (the fake server, the tiny model and the client's settings)
+from support.sglang import (  # noqa: E402  (the fake server, the tiny model and the client's settings)
     PAD,
     PROMPTS,
     SAMPLING,
-    fake,  # noqa: F401  (fixture)
-    model_dir,  # noqa: F401  (fixture)
     probe_gap,
     stats,
-    tensor_sync,  # noqa: F401  (fixture)
     tiny_qwen3,
     url_cfg,
 )
@@ -214,7 +210,7 @@ def check_request(types, method: str, path: str, body: dict | None) -> list[str]
     return problems
 
 
-def test_every_http_request_matches_sglang_types(fake, wire, sglang_types, tensor_sync, monkeypatch):  # noqa: F811
+def test_every_http_request_matches_sglang_types(fake, wire, sglang_types, tensor_sync, monkeypatch):
     """Generation, the probe, every weight-sync mode (disk, tensor, distributed, each with its session
     and cache flush), memory release and resume and abort, against a fake that refuses unknown fields."""
     monkeypatch.setattr(sglang_weights, "_init_weight_group", lambda *a: None)  # the NCCL side needs GPUs
@@ -267,7 +263,7 @@ def test_checker_catches_a_renamed_or_missing_field(sglang_types):
     assert check_request(sglang_types, "POST", "/no_such_route", {}) != []
 
 
-def test_fake_server_refuses_unknown_fields(fake, sglang_types):  # noqa: F811
+def test_fake_server_refuses_unknown_fields(fake, sglang_types):
     from tempo_mega.rollout.sglang.transport import SGLangServerError, _http
 
     server = fake(request_fields=request_fields(sglang_types))

@@ -91,6 +91,7 @@ def test_script_has_the_pieces(name):
     assert ("sglang.launch_server" in text) == (j.sglang_placement == "separate")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_script_passes_bash_n_and_shellcheck(name, tmp_path):
     path = write(tmp_path, render_sbatch(VARIANTS[name]))
@@ -266,6 +267,7 @@ def alive(pid: int) -> bool:
 needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
+@pytest.mark.slow
 def test_run_launches_torchrun_with_resume_and_rendezvous(tmp_path):
     out = tmp_path / "out"
     j = job(output_dir=str(out), overrides=(*OVERRIDES, "x.note=a b"))
@@ -281,11 +283,13 @@ def test_run_launches_torchrun_with_resume_and_rendezvous(tmp_path):
     assert requeues(log) == []
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_not_requeued(tmp_path):
     res, log = run_script(tmp_path, job(output_dir=str(tmp_path / "out")), "exit 3", "nodeA")
     assert res.returncode == 3 and requeues(log) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_the_signal_reaches_the_trainer_and_the_job_is_requeued(tmp_path, sig):
     out = tmp_path / "out"
@@ -296,6 +300,7 @@ def test_the_signal_reaches_the_trainer_and_the_job_is_requeued(tmp_path, sig):
     assert res.returncode == 0 and not (out / REQUEUE_MARKER_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_trainer_using_request_requeue_is_requeued(tmp_path):
     # the helper the trainer calls, run from inside the job as a rank would
     trainer = f"{shlex.quote(sys.executable)} -c 'import sys; from tempo_mega.launch.slurm import request_requeue; " \
@@ -311,11 +316,13 @@ def test_request_requeue_outside_a_job_writes_nothing(tmp_path):
     assert marker.read_text() == "time limit\n"
 
 
+@pytest.mark.slow
 def test_exit_code_85_alone_also_requeues(tmp_path):
     res, log = run_script(tmp_path, job(output_dir=str(tmp_path / "out")), f"exit {REQUEUE_EXIT_CODE}", "nodeA")
     assert requeues(log) == ["requeue 1234"] and res.returncode == 0, res.stdout
 
 
+@pytest.mark.slow
 def test_requeues_stop_at_the_limit(tmp_path):
     j = job(output_dir=str(tmp_path / "out"), max_requeues=3)
     res, log = run_script(tmp_path, j, f"exit {REQUEUE_EXIT_CODE}", "nodeA", env={"SLURM_RESTART_COUNT": "3"})
@@ -323,6 +330,7 @@ def test_requeues_stop_at_the_limit(tmp_path):
     assert "MAX_REQUEUES=3" in res.stdout
 
 
+@pytest.mark.slow
 @needs_proc
 def test_separate_placement_starts_servers_passes_urls_and_stops_them(tmp_path):
     out = tmp_path / "out"

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from support.net import free_port
 
 _fake_cuda_gen = torch.Generator()
 
@@ -71,12 +72,6 @@ def megatron_on_cpu() -> Iterator[None]:
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_gloo(rank: int, world_size: int, port: int) -> None:
