@@ -6,7 +6,7 @@ does not import torch.
 
 from __future__ import annotations
 
-import importlib
+from tempo_mega._lazy import lazy_getattr
 
 _NAMES = {
     "em_token_advantages": "advantages", "gae_advantages": "advantages", "masked_mean": "advantages",
@@ -15,8 +15,4 @@ _NAMES = {
 }
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module 'tempo_mega.algo' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"tempo_mega.algo.{_NAMES[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _NAMES)

@@ -6,13 +6,9 @@ The names below load on first use, so that reading ``backends.megatron.config`` 
 
 from __future__ import annotations
 
-import importlib
+from tempo_mega._lazy import lazy_getattr
 
 _NAMES = {"LossFn": "base", "OptimConfig": "base", "TrainBackend": "base"}
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module 'tempo_mega.backends' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"tempo_mega.backends.{_NAMES[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _NAMES)

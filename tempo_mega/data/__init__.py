@@ -7,7 +7,7 @@ does not import transformers.
 
 from __future__ import annotations
 
-import importlib
+from tempo_mega._lazy import lazy_getattr
 
 _NAMES = {
     **dict.fromkeys(("FIELD_MAPS", "FieldMap", "PromptRecord", "PromptSampler", "load_prompts", "write_jsonl"),
@@ -19,8 +19,4 @@ _NAMES = {
 }
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module 'tempo_mega.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"tempo_mega.data.{_NAMES[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _NAMES)

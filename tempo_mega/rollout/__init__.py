@@ -7,13 +7,9 @@ The names below load on first use, so that reading ``rollout.sglang.config`` (co
 
 from __future__ import annotations
 
-import importlib
+from tempo_mega._lazy import lazy_getattr
 
 _NAMES = {"RolloutEngine": "base", "Sample": "base", "SamplingParams": "base"}
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module 'tempo_mega.rollout' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"tempo_mega.rollout.{_NAMES[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _NAMES)

@@ -48,19 +48,31 @@ def run_world(tmp: Path, layout: str, mode: str, ckpt: Path | None = None, timeo
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def world(tmp_path_factory):
+    """``world(name)``: the results of one torchrun world, run on first use and kept for the module, so
+    that one layout's test (``-k pp2``) runs only the worlds it needs: a layout's name is its training
+    run (tp2pp2 and dp2dist also save a checkpoint); "loaded" is tp1 loading tp2pp2's checkpoint and
+    "loaded_dist" tp2dist loading dp2dist's."""
     tmp = tmp_path_factory.mktemp("megatron")
-    ckpt = tmp / "ckpt_tp2pp2"
-    dist_ckpt = tmp / "ckpt_dp2dist"
-    saves = {"tp2pp2": ckpt, "dp2dist": dist_ckpt}
-    res = {layout: run_world(tmp, layout, "train", saves.get(layout)) for layout in LAYOUTS if layout != "tp2dist"}
-    res["loaded"] = run_world(tmp, "tp1", "load", ckpt)
-    res["loaded_dist"] = run_world(tmp, "tp2dist", "load", dist_ckpt)
-    return res
+    saves = {"tp2pp2": tmp / "ckpt_tp2pp2", "dp2dist": tmp / "ckpt_dp2dist"}
+    loads = {"loaded": ("tp1", "tp2pp2"), "loaded_dist": ("tp2dist", "dp2dist")}
+    done: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in done:
+            if name in loads:
+                layout, saved = loads[name]
+                get(saved)  # its checkpoint first
+                done[name] = run_world(tmp, layout, "load", saves[saved])
+            else:
+                done[name] = run_world(tmp, name, "train", saves.get(name))
+        return done[name]
+
+    return get
 
 
-def test_tp1_matches_torch_backend(results):
-    tp1 = results["tp1"]
+def test_tp1_matches_torch_backend(world):
+    tp1 = world("tp1")
     for key in ("logprobs", "tied_logprobs", "values"):
         torch.testing.assert_close(tp1[key], tp1[f"torch_{key}"], atol=1e-4, rtol=1e-4)
     for role in ROLES:
@@ -69,8 +81,8 @@ def test_tp1_matches_torch_backend(results):
 
 
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k not in ("tp1", "tp2dist")])
-def test_layout_matches_tp1(results, layout):
-    ref, got = results["tp1"], results[layout]
+def test_layout_matches_tp1(world, layout):
+    ref, got = world("tp1"), world(layout)
     for key in ("logprobs", "tied_logprobs", "values", "logprobs_after", "tied_logprobs_after", "values_after"):
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-5, msg=key)
     for role in ROLES:
@@ -84,8 +96,8 @@ def test_layout_matches_tp1(results, layout):
 
 @pytest.mark.parametrize(("saved", "loaded"), [("tp2pp2", "loaded"), ("dp2dist", "loaded_dist")],
                          ids=["tp2pp2-to-tp1", "dp2-distopt-to-tp2-distopt"])
-def test_checkpoint_loads_at_another_layout(results, saved, loaded):
-    saved, loaded = results[saved], results[loaded]
+def test_checkpoint_loads_at_another_layout(world, saved, loaded):
+    saved, loaded = world(saved), world(loaded)
     for role in ROLES:
         for name, t in saved[f"{role}_weights"].items():
             assert torch.equal(loaded[f"{role}_weights"][name], t), name

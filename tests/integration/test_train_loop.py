@@ -156,15 +156,19 @@ def test_user_files_jsonl_and_parquet(tmp_path):
     assert read_metrics(tmp_path / "out")[0]["rollout/labeled_frac"] > 0
 
 
-def test_bad_data_row_and_bad_config_fail_before_building(tmp_path):
+def test_bad_data_row_and_bad_config_fail_before_building(tmp_path, capsys):
+    """In process (``cli.main(argv)``): both fail in config and data checks, before a model is built."""
+    from tempo_mega.cli import main
+
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"answer": "3"}\n')
-    r = cli("train", "experiment=debug_cpu", "data=files", f"data.train_files=[{bad}]",
-            f"data.test_files=[{bad}]", f"trainer.output_dir={tmp_path / 'o'}", cwd=tmp_path)
-    assert r.returncode == 2
-    assert f"{bad}:2" in r.stderr and "'prompt'" in r.stderr
-    r = cli("train", "experiment=debug_cpu", "algo.clip_low=-1", f"trainer.output_dir={tmp_path / 'o'}", cwd=tmp_path)
-    assert r.returncode == 2 and "algo.clip_low" in r.stderr
+    rc = main(["train", "experiment=debug_cpu", "data=files", f"data.train_files=[{bad}]",
+               f"data.test_files=[{bad}]", f"trainer.output_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{bad}:2" in err and "'prompt'" in err
+    rc = main(["train", "experiment=debug_cpu", "algo.clip_low=-1", f"trainer.output_dir={tmp_path / 'o'}"])
+    assert rc == 2 and "algo.clip_low" in capsys.readouterr().err
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 

@@ -13,7 +13,7 @@ The names below load on first use, so that ``tempo_mega.rollout.sglang.config`` 
 
 from __future__ import annotations
 
-import importlib
+from tempo_mega._lazy import lazy_getattr
 
 _NAMES = {
     "MEMORY_TAGS": "config", "SGLangConfig": "config", "sync_device": "config",
@@ -24,8 +24,4 @@ _NAMES = {
 }
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module 'tempo_mega.rollout.sglang' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"tempo_mega.rollout.sglang.{_NAMES[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _NAMES)
