@@ -64,7 +64,7 @@ def _preflight(cfg) -> None:
     if "wandb" in cfg.trainer.loggers and importlib.util.find_spec("wandb") is None:
         raise _missing_extra("wandb", "trainer.loggers=[...,wandb]")
     sg = cfg.rollout.sglang
-    launches = sg.get("mode") == "engine" or (not sg.get("urls") and sg.get("launch_module") == "sglang.launch_server")
+    launches = sg.mode == "engine" or (not sg.urls and sg.launch_module == "sglang.launch_server")
     if cfg.rollout.engine == "sglang" and launches and importlib.util.find_spec("sglang") is None:
         raise _missing_extra("sglang", "rollout.engine=sglang (launching the servers here)")
     if cfg.backend == "megatron":
@@ -72,7 +72,7 @@ def _preflight(cfg) -> None:
             raise _missing_extra("megatron", "backend=megatron")
         if not torch.cuda.is_available():
             # megatron-core calls CUDA directly (current_device, CUDA RNG, device="cuda"); the CPU tests
-            # redirect those in a test-only shim (tests/megatron_cpu_support.py), which the product never does
+            # redirect those in a test-only shim (tests/support/megatron_cpu.py), which the product never does
             raise ValueError("config key 'backend': backend=megatron needs a CUDA GPU, and this machine has "
                              "none; use backend=torch here (the same losses and checkpoints, one process)")
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tempo_mega.algo.recipes import MODES, RECIPES, recipe
+from tempo_mega.backends.megatron.config import MegatronConfig
+from tempo_mega.rollout.sglang.config import SGLangConfig
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,10 @@ class RolloutConfig:
     top_k: int = -1
     max_response_tokens: int = 16384
     max_batch_size: int = 64
-    # rollout.engine=sglang: the keys of tempo_mega.rollout.sglang.SGLangConfig (mode, urls, model_path,
-    # tp_size, mem_fraction_static, weight_sync, bucket_bytes, probe, ...), checked when the engine is built
-    sglang: dict[str, Any] = field(default_factory=dict)
+    # rollout.engine=sglang: the SGLang engine (mode, urls, model_path, tp_size, mem_fraction_static,
+    # weight_sync, bucket_bytes, probe, ...), typed and checked with the rest; a launch's model_path is
+    # checked when the engine is built (sglang_config)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass(frozen=True)
@@ -179,9 +182,9 @@ class TrainConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     backend: str = "torch"  # train backend of actor and critic: torch (one process) | megatron (TP/PP/DP)
-    # backend=megatron: the keys of tempo_mega.backends.megatron.MegatronConfig (tensor_parallel_size,
-    # pipeline_parallel_size, params_dtype, ...); params_dtype null (the default here) follows model.dtype
-    megatron: dict[str, Any] = field(default_factory=dict)
+    # backend=megatron: the parallel layout and numerics (tensor_parallel_size, pipeline_parallel_size,
+    # params_dtype, ...); params_dtype null (the default) follows model.dtype, see megatron_config
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
     experiment: str | None = None  # name of the experiment preset that was applied, for the record
 
 
@@ -192,51 +195,46 @@ RESUME = ("auto", "true", "false")
 # trains the actor on the labeled rows (verified rewards) as well as the unlabeled ones.
 
 
-def megatron_config(cfg: TrainConfig):
-    """The ``MegatronConfig`` of ``cfg.megatron`` (``params_dtype`` unset or null: ``model.dtype``).
-    Raises ValueError naming the key (``megatron.<key>``)."""
-    from tempo_mega.backends.megatron.config import MegatronConfig
-
-    known = {f.name for f in dataclasses.fields(MegatronConfig)}
-    unknown = sorted(set(cfg.megatron) - known)
-    _check(not unknown, f"megatron.{unknown[0] if unknown else ''}",
-           f"unknown key (known: {', '.join(sorted(known))})")
-    raw = dict(cfg.megatron)
-    if raw.get("params_dtype") is None:
-        raw["params_dtype"] = cfg.model.dtype
-    p = cfg.precision
+def megatron_config(cfg: TrainConfig) -> MegatronConfig:
+    """``cfg.megatron`` as the backend takes it: ``params_dtype`` null follows ``model.dtype``, and FP8
+    comes from ``precision.*`` (``megatron.fp8*`` may only agree with it). Raises ValueError naming the
+    key (``megatron.<key>``)."""
+    mc, p = cfg.megatron, cfg.precision
+    changes: dict[str, Any] = {}
+    if mc.params_dtype is None:
+        changes["params_dtype"] = cfg.model.dtype
     if p.fp8 != "none":  # precision.* is the user-facing key; megatron.fp8* may only agree with it
-        defaults = {f.name: f.default for f in dataclasses.fields(MegatronConfig)}
+        defaults = MegatronConfig()
         for key in ("fp8", "fp8_recipe"):
-            mine = raw.get(key, defaults[key])
-            _check(mine in (defaults[key], getattr(p, key)), f"megatron.{key}",
+            mine = getattr(mc, key)
+            _check(mine in (getattr(defaults, key), getattr(p, key)), f"megatron.{key}",
                    f"{mine!r} disagrees with precision.{key}={getattr(p, key)!r}; set one of them")
-            raw[key] = getattr(p, key)
+            changes[key] = getattr(p, key)
     try:
-        return MegatronConfig(**raw)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        hits = [(msg.index(f"megatron.{k}"), -len(k), k) for k in known if f"megatron.{k}" in msg]
-        key = f"megatron.{min(hits)[2]}" if hits else "megatron"
-        raise ValueError(f"config key '{key}': {msg}") from None
-
-
-def sglang_config(cfg: TrainConfig, *, launching: bool = True):
-    """The ``SGLangConfig`` of ``cfg.rollout.sglang``. Raises ValueError naming the key (``rollout.sglang.<key>``).
-    ``launching`` False: every key but the launch's model_path, which may still be unset."""
-    from tempo_mega.rollout.sglang.config import SGLangConfig
-
-    raw = dict(cfg.rollout.sglang)
-    if not launching and not raw.get("model_path"):
-        raw["model_path"] = "<set at launch>"
-    try:
-        return SGLangConfig(**raw)
-    except TypeError as e:
-        raise ValueError(f"config key 'rollout.sglang': {e}") from None
+        return dataclasses.replace(mc, **changes)
     except ValueError as e:
-        msg = str(e)
-        key = msg.split(":", 1)[0] if msg.startswith("rollout.sglang.") else "rollout.sglang"
-        raise ValueError(f"config key '{key}': {msg}") from None
+        raise ValueError(f"config key '{field_of(str(e), 'megatron')}': {e}") from None
+
+
+def sglang_config(cfg: TrainConfig, *, launching: bool = True) -> SGLangConfig:
+    """``cfg.rollout.sglang``; with ``launching``, checked for what a launch needs too (a ``model_path`` or
+    ``urls``). Raises ValueError naming the key (``rollout.sglang.<key>``)."""
+    sg = cfg.rollout.sglang
+    if launching:
+        try:
+            sg.check_launchable()
+        except ValueError as e:
+            raise ValueError(f"config key '{field_of(str(e), 'rollout.sglang')}': {e}") from None
+    return sg
+
+
+def field_of(message: str, prefix: str) -> str:
+    """The dotted key an engine config's error names (``megatron.tensor_parallel_size must ...``,
+    ``rollout.sglang.mode: ...``): the first ``prefix.<field>`` in ``message``, else ``prefix``."""
+    import re
+
+    keys = re.findall(re.escape(prefix) + r"\.\w+", message)
+    return keys[0] if keys else prefix
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -287,7 +285,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(o.epochs >= 1, f"algo.{role}.epochs", f"must be >= 1, got {o.epochs}")
     _check(r.engine in ("hf", "sglang"), "rollout.engine", f"must be 'hf' or 'sglang', got {r.engine!r}")
     if r.engine == "sglang":
-        # rollout.sglang.* checked here, before any model is built; a fresh model's missing checkpoint
+        # rollout.sglang.* is typed and checked as it is read; a fresh model's missing checkpoint
         # (model_path) only matters to a launch, and is said when the engine is built (`tempo-mega plan`
         # and the config checks read presets without one)
         sglang_config(cfg, launching=False)

@@ -8,14 +8,11 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from tempo_mega.config import TrainConfig, derive_prompt_split, validate
+from tempo_mega.config import TrainConfig, derive_prompt_split, field_of, validate
 
 
 def known_keys() -> list[str]:
-    """Every settable dotted key (the dataclasses', plus rollout.sglang.* and megatron.*), for suggestions."""
-    from tempo_mega.backends.megatron.config import MegatronConfig
-    from tempo_mega.rollout.sglang.config import SGLangConfig
-
+    """Every settable dotted key (the dataclasses', rollout.sglang.* and megatron.* included), for suggestions."""
     def walk(node: Any, prefix: str) -> Iterator[str]:
         for k, v in node.items():
             if isinstance(v, dict) and v:
@@ -23,10 +20,7 @@ def known_keys() -> list[str]:
             else:
                 yield f"{prefix}{k}"
 
-    keys = list(walk(to_dict(TrainConfig()), ""))
-    keys += [f"rollout.sglang.{f.name}" for f in dataclasses.fields(SGLangConfig)]
-    keys += [f"megatron.{f.name}" for f in dataclasses.fields(MegatronConfig)]
-    return sorted(set(keys))
+    return sorted(set(walk(to_dict(TrainConfig()), "")))
 
 
 # names users bring from other trainers, and the key that means it here
@@ -54,7 +48,7 @@ def from_dict(raw: dict[str, Any], explicit: set[str] | None = None) -> TrainCon
     """Build a TrainConfig from a plain (or OmegaConf) mapping; unknown keys and wrong types raise
     ValueError naming the key. ``explicit``: the dotted keys the user set (load_config passes the
     overrides'); None = every algo key present in ``raw`` (see ``derive_prompt_split``)."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     def find_missing(node: Any, prefix: str) -> None:
@@ -80,11 +74,11 @@ def from_dict(raw: dict[str, Any], explicit: set[str] | None = None) -> TrainCon
     raw = plain
     schema = OmegaConf.structured(TrainConfig)
 
-    def writable(node: DictConfig) -> None:  # frozen dataclasses make every node read-only
+    def writable(node: DictConfig | ListConfig) -> None:  # frozen dataclasses make every node read-only
         OmegaConf.set_readonly(node, False)
-        for key in node:
+        for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
             child = node._get_node(key)
-            if isinstance(child, DictConfig):
+            if isinstance(child, (DictConfig, ListConfig)):
                 writable(child)
 
     writable(schema)
@@ -97,11 +91,21 @@ def from_dict(raw: dict[str, Any], explicit: set[str] | None = None) -> TrainCon
         if key and "not in" in msg and key not in known_keys():  # an unknown key: suggest the nearest
             raise ValueError(unknown_key_message(key)) from None
         raise ValueError(f"config key '{key}': {msg}") from None
+    except ValueError as e:  # an engine config's own check (rollout.sglang.*, megatron.*) names its key
+        msg = str(e)
+        key = next((k for p in ("rollout.sglang", "megatron") if (k := field_of(msg, p)) != p), "config")
+        raise ValueError(f"config key '{key}': {msg}") from None
     return validate(obj)
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """``cfg`` as plain data (what config.json holds; tuples as lists, as JSON and Hydra have them)."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return plain(dataclasses.asdict(cfg))
 
 
 GROUPS = ("model", "algo", "rollout", "data", "trainer", "experiment")
@@ -152,20 +156,10 @@ def load_config(overrides: list[str] | None = None, config_name: str = "train") 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    # every dataclass default as the base layer, so any key can be overridden without '+'
-    # (model.path is left to the model group: its "???" in a preset must survive the merge)
+    # every dataclass default as the base layer (rollout.sglang.* and megatron.* included), so any key can be
+    # overridden without '+' (model.path is left to the model group: its "???" in a preset must survive)
     defaults = to_dict(TrainConfig())
     del defaults["model"]["path"]
-    # every SGLang engine key too, so `rollout.sglang.weight_sync=disk` works without '+'
-    from tempo_mega.rollout.sglang.config import SGLangConfig
-
-    sglang_defaults = {f.name: f.default for f in dataclasses.fields(SGLangConfig)}  # all have plain defaults
-    defaults["rollout"]["sglang"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sglang_defaults.items()}
-    # and every MegatronConfig key, so `megatron.tensor_parallel_size=2` works without '+'
-    from tempo_mega.backends.megatron.config import MegatronConfig
-
-    defaults["megatron"] = {f.name: f.default for f in dataclasses.fields(MegatronConfig)}
-    defaults["megatron"]["params_dtype"] = None  # null: follow model.dtype
     ConfigStore.instance().store(name="tempo_defaults", node=defaults)
     explicit = check_overrides(list(overrides or []))
     try:

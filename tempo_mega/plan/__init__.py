@@ -177,19 +177,14 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
                      "stage's; both are added, an upper bound for either stage")
 
     # SGLang
-    sg_raw = dict(r.sglang)
-    from tempo_mega.rollout.sglang.config import SGLangConfig
-
-    sg_defaults = {f.name: f.default for f in dataclasses.fields(SGLangConfig)}
-    get = lambda k: sg_raw.get(k, sg_defaults[k])  # noqa: E731
-    sg_tp, engines = int(get("tp_size")), int(get("num_engines"))
-    frac = get("mem_fraction_static")
+    sg = r.sglang
+    sg_tp, engines = sg.tp_size, sg.num_engines
+    frac = sg.mem_fraction_static
     if frac is None:
         frac = 0.85
         notes.append("rollout.sglang.mem_fraction_static is null (SGLang picks one at launch): planned with 0.85")
-    kv_dtype = get("kv_cache_dtype")
-    kv_db = 1 if str(kv_dtype).startswith("fp8") else 2
-    release = bool(get("release_during_training"))
+    kv_db = 1 if sg.kv_cache_dtype.startswith("fp8") else 2
+    release = sg.release_during_training
     samples = int(round((al.labeled_prompts_per_step + al.unlabeled_prompts_per_step) * al.num_samples_per_prompt
                         * a.gen_batches))
     mean_resp = a.mean_response_tokens or r.max_response_tokens // 2
@@ -228,7 +223,7 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
     if r.engine != "sglang":
         notes.append(f"rollout.engine={r.engine}: the HF engine holds a copy of the actor on rank 0; not sized here")
     sglang = {"engine": r.engine, "placement": a.sglang_placement, "engines": total_engines, "tp": sg_tp, "mem_fraction_static": frac,
-              "kv_cache_dtype": kv_dtype, "kv_bytes_per_token": cell, "kv_tokens_per_engine": kv_tokens,
+              "kv_cache_dtype": sg.kv_cache_dtype, "kv_bytes_per_token": cell, "kv_tokens_per_engine": kv_tokens,
               "concurrency": conc, "longest_response": longest, "full_length_at_once": full_at_once,
               "samples": samples, "mean_response": mean_resp, "free_at_launch": free_at_launch}
 

@@ -263,7 +263,7 @@ def test_fusions_need_a_gpu_and_transformer_engine(tmp_path, megatron_world):
 
 def test_megatron_config_keys():
     cfg = load_config(["experiment=debug_cpu", "backend=megatron", "megatron.tensor_parallel_size=2"])
-    assert cfg.backend == "megatron" and cfg.megatron["tensor_parallel_size"] == 2
+    assert cfg.backend == "megatron" and cfg.megatron.tensor_parallel_size == 2
     with pytest.raises(ValueError, match="megatron.tensor_parallel_size"):
         load_config(["backend=megatron", "megatron.tensor_parallel_size=3"])
     with pytest.raises(ValueError, match="megatron.sequence_parallel"):

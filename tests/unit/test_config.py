@@ -185,3 +185,28 @@ def test_unknown_keys_and_choices_suggest_what_exists():
         load_config(["trainer.totl_steps=1"])
     with pytest.raises(ValueError, match=r"choices are debug_cpu, demo, .*did you mean experiment=debug_cpu\?"):
         load_config(["experiment=debug_cpuu"])
+
+
+def test_engine_configs_are_typed_and_named_in_errors():
+    """rollout.sglang and megatron are the engines' own dataclasses inside TrainConfig, read and checked
+    with the rest: a wrong type or value names its key, and the run's config.json reads back equal."""
+    from tempo_mega.config import sglang_config, to_dict
+    from tempo_mega.rollout.sglang.config import SGLangConfig
+
+    cfg = load_config(["rollout=sglang", "rollout.sglang.urls=[http://127.0.0.1:30000]", "backend=megatron",
+                       "megatron.tensor_parallel_size=2", "model.dtype=float32"])
+    assert isinstance(cfg.rollout.sglang, SGLangConfig) and isinstance(cfg.megatron, MegatronConfig)
+    assert cfg.rollout.sglang.urls == ("http://127.0.0.1:30000",) and cfg.megatron.tensor_parallel_size == 2
+    assert cfg.megatron.params_dtype is None and megatron_config(cfg).params_dtype == "float32"  # follows the model
+    assert sglang_config(cfg) is cfg.rollout.sglang
+    assert from_dict(to_dict(cfg)) == cfg  # config.json holds lists where the dataclasses hold tuples
+    for override, key in ((["rollout.sglang.weight_sync=nfs"], "rollout.sglang.weight_sync"),
+                          (["rollout.sglang.tp_size=0"], "rollout.sglang.tp_size"),
+                          (["rollout.sglang.probe_ids=[x]"], "rollout.sglang.probe_ids"),
+                          (["megatron.tensor_parallel_size=0"], "megatron.tensor_parallel_size"),
+                          (["megatron.params_dtype=int8"], "megatron.params_dtype")):
+        with pytest.raises(ValueError, match=rf"config key '{key}"):
+            load_config(override)
+    fresh = load_config(["rollout=sglang", "rollout.sglang.model_path=null"])  # a launch needs a checkpoint,
+    with pytest.raises(ValueError, match=r"config key 'rollout\.sglang\.model_path'"):  # said when built
+        sglang_config(fresh)

@@ -50,8 +50,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match="rollout.sglang.weight_sync"):
         SGLangConfig(urls=("http://x",), weight_sync="nfs")
+    with pytest.raises(ValueError, match="rollout.sglang.model_path"):  # a launch needs a checkpoint
+        SGLangConfig().check_launchable()
     with pytest.raises(ValueError, match="rollout.sglang.model_path"):
-        SGLangConfig()
+        build_sglang_engine(SGLangConfig(), pad_token_id=PAD)
+    SGLangConfig(urls=("http://x",)).check_launchable()  # running servers: nothing to launch
     with pytest.raises(ValueError, match="rollout.sglang.kv_cache_dtype"):
         SGLangConfig(model_path="m", kv_cache_dtype="fp4")
     for key, bad in (("watchdog_interval_s", -1.0), ("watchdog_timeout_s", 0.0), ("watchdog_failures", 0)):

@@ -100,7 +100,7 @@ class MegatronBackend(_WeightsAndCheckpoints):
             raise ValueError(f"MegatronBackend: role must be one of {ROLES}, got {role!r}")
         if temperature <= 0:
             raise ValueError(f"MegatronBackend: temperature must be positive, got {temperature}")
-        mc = megatron_config or MegatronConfig()
+        mc = (megatron_config or MegatronConfig()).resolved()  # params_dtype null: bfloat16 here
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
         self._logprob_temperature = temperature  # forward_logprobs' own, for the one call that gives it

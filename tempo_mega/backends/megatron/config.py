@@ -3,6 +3,7 @@ checks that need the model (heads, layers) or the world size live in ``MegatronC
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 RECOMPUTE = ("none", "selective", "full")
@@ -27,7 +28,8 @@ class MegatronConfig:
     recompute: str = "none"  # "none" | "selective" (core attention) | "full" (whole layers)
     fp8: str = "none"  # "none" | "e4m3" | "hybrid" (TE only)
     fp8_recipe: str = "delayed"
-    params_dtype: str = "bfloat16"
+    # null: the model's dtype (model.dtype in a run's config; bfloat16 where nothing names one), see resolved()
+    params_dtype: str | None = None
     # actor log-probs: response tokens per chunk of vocab-parallel logits (recomputed in the backward),
     # so a micro-batch never holds more than [chunk, vocab / TP] fp32 logits
     logprob_chunk_tokens: int = 4096
@@ -51,11 +53,17 @@ class MegatronConfig:
         if self.sequence_parallel and self.tensor_parallel_size < 2:
             raise ValueError("megatron.sequence_parallel needs megatron.tensor_parallel_size >= 2")
         for key, allowed in (("recompute", RECOMPUTE), ("fp8", FP8), ("fp8_recipe", FP8_RECIPES),
-                             ("params_dtype", PARAMS_DTYPES)):
+                             ("params_dtype", (*PARAMS_DTYPES, None))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"megatron.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.fp8 != "none" and self.params_dtype == "float32":
             raise ValueError("megatron.fp8 needs megatron.params_dtype bfloat16 or float16, got float32")
+
+    def resolved(self, model_dtype: str | None = None) -> MegatronConfig:
+        """This config with ``params_dtype`` set: its own, else ``model_dtype``, else bfloat16."""
+        if self.params_dtype is not None:
+            return self
+        return dataclasses.replace(self, params_dtype=model_dtype or "bfloat16")
 
     @property
     def vpp(self) -> int | None:

@@ -124,7 +124,7 @@ def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrid
     from tempo_mega.backends.megatron.config import MegatronConfig
 
     validate_hf_config(hf_config)
-    mc = megatron_config or MegatronConfig(params_dtype="float32")
+    mc = (megatron_config or MegatronConfig(params_dtype="float32")).resolved()
     mc.validate_for(num_attention_heads=_get(hf_config, "num_attention_heads"),
                     num_key_value_heads=_num_kv_heads(hf_config),
                     num_layers=_get(hf_config, "num_hidden_layers"), vocab_size=_get(hf_config, "vocab_size"))

@@ -82,8 +82,6 @@ class SGLangConfig:
             raise bad("kv_cache_dtype", f"must be one of {_KV_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.mode == "engine" and self.urls:
             raise bad("urls", "engine mode runs in process; urls are for mode=server")
-        if not self.urls and not self.model_path:
-            raise bad("model_path", "required to launch servers (or give urls to connect to)")
         if self.watchdog_interval_s < 0:
             raise bad("watchdog_interval_s", f"must be >= 0 (0 = off), got {self.watchdog_interval_s}")
         for key in ("num_engines", "tp_size", "max_concurrent_requests", "bucket_bytes", "watchdog_failures"):
@@ -101,6 +99,14 @@ class SGLangConfig:
             raise bad("mem_fraction_static", f"must be in (0, 1), got {self.mem_fraction_static}")
         if len(self.probe_ids) < 2:
             raise bad("probe_ids", "needs at least 2 tokens")
+
+
+    def check_launchable(self) -> None:
+        """What starting the engine needs beyond a valid config: a checkpoint to launch (``model_path``),
+        unless running servers are given (``urls``). Checked when the engine is built: a run's config may
+        leave it to a later stage (a fresh model's checkpoint is written by the trainer)."""
+        if not self.urls and not self.model_path:
+            raise ValueError("rollout.sglang.model_path: required to launch servers (or give urls to connect to)")
 
 
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES (0.5.x)

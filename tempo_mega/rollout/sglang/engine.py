@@ -96,6 +96,7 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         log_dir: str | Path | None = None,
         max_response_tokens: int | None = None,
     ) -> None:
+        cfg.check_launchable()
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.servers: list[_Server] = []
