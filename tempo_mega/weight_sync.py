@@ -53,10 +53,10 @@ class WeightSync:
         return self.actor.export_weights(device=self.rollout.weights_device)
 
     def push(self) -> dict[str, float]:
-        """``update_weights`` with the actor's weights, then the probe; returns what was measured."""
-        t0 = time.perf_counter()
+        """``update_weights`` with the actor's weights, then the probe; returns what the probe measured (the
+        push's time is the controller's ``weight_sync`` phase)."""
         self.rollout.update_weights(self.export())
-        return {"timing/weight_push_s": time.perf_counter() - t0, **self.probe()}
+        return self.probe()
 
     def probe(self) -> dict[str, float]:
         """Engine vs trainer log-probs of the engine's ``probe_ids`` (every server of it); RuntimeError past
@@ -86,21 +86,19 @@ class WeightSync:
         """``rollout.generate`` and what the engine measured of it. When the engine lost the weights
         (``RolloutNeedsWeights``), the actor's weights go to what was restarted (``resync_stale``), are
         probed, and the whole call is generated again, at most ``max_resyncs`` times."""
-        resynced: dict[str, float] = {}
-        for k in range(self.rollout.max_resyncs + 1):
+        resyncs, resynced = 0, {}
+        while True:
             try:
                 samples = self.rollout.generate(prompt_ids, n, sampling)
+                break
             except RolloutNeedsWeights as e:
-                if k == self.rollout.max_resyncs:
-                    raise RuntimeError(f"rollout: the engine lost its weights again after {k} re-syncs: {e}") from e
+                if resyncs == self.rollout.max_resyncs:
+                    raise RuntimeError(f"rollout: the engine lost its weights again after {resyncs} re-syncs: {e}") from e
                 log.warning("rollout: %s; re-sending the weights", e)
                 t0 = time.perf_counter()
                 self.rollout.resync_stale(self.export())
                 resynced = {**self.probe(), "timing/weight_resync_s": time.perf_counter() - t0}
-                resynced["rollout/weight_resyncs"] = float(k + 1)
-                continue
-            metrics = dict(self.rollout.last_metrics)
-            if resynced:
-                resynced["rollout/weight_resyncs"] += metrics.get("rollout/weight_resyncs", 0.0)
-            return samples, {**metrics, **resynced}
-        raise AssertionError("unreachable")
+                resyncs += 1
+        if resyncs:
+            resynced["rollout/weight_resyncs"] = float(resyncs)
+        return samples, {**self.rollout.last_metrics, **resynced}

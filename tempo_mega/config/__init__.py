@@ -199,10 +199,8 @@ def megatron_config(cfg: TrainConfig) -> MegatronConfig:
     """``cfg.megatron`` as the backend takes it: ``params_dtype`` null follows ``model.dtype``, and FP8
     comes from ``precision.*`` (``megatron.fp8*`` may only agree with it). Raises ValueError naming the
     key (``megatron.<key>``)."""
-    mc, p = cfg.megatron, cfg.precision
+    mc, p = cfg.megatron.resolved(cfg.model.dtype), cfg.precision
     changes: dict[str, Any] = {}
-    if mc.params_dtype is None:
-        changes["params_dtype"] = cfg.model.dtype
     if p.fp8 != "none":  # precision.* is the user-facing key; megatron.fp8* may only agree with it
         defaults = MegatronConfig()
         for key in ("fp8", "fp8_recipe"):
@@ -216,15 +214,14 @@ def megatron_config(cfg: TrainConfig) -> MegatronConfig:
         raise ValueError(f"config key '{field_of(str(e), 'megatron')}': {e}") from None
 
 
-def sglang_config(cfg: TrainConfig, *, launching: bool = True) -> SGLangConfig:
-    """``cfg.rollout.sglang``; with ``launching``, checked for what a launch needs too (a ``model_path`` or
-    ``urls``). Raises ValueError naming the key (``rollout.sglang.<key>``)."""
+def sglang_config(cfg: TrainConfig) -> SGLangConfig:
+    """``cfg.rollout.sglang``, checked for what a launch needs too (a ``model_path`` or ``urls``): what the
+    engine is built from. Raises ValueError naming the key (``rollout.sglang.<key>``)."""
     sg = cfg.rollout.sglang
-    if launching:
-        try:
-            sg.check_launchable()
-        except ValueError as e:
-            raise ValueError(f"config key '{field_of(str(e), 'rollout.sglang')}': {e}") from None
+    try:
+        sg.check_launchable()
+    except ValueError as e:
+        raise ValueError(f"config key '{field_of(str(e), 'rollout.sglang')}': {e}") from None
     return sg
 
 
@@ -284,11 +281,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(o.max_tokens_per_micro_batch >= 1, f"algo.{role}.max_tokens_per_micro_batch", "must be >= 1")
         _check(o.epochs >= 1, f"algo.{role}.epochs", f"must be >= 1, got {o.epochs}")
     _check(r.engine in ("hf", "sglang"), "rollout.engine", f"must be 'hf' or 'sglang', got {r.engine!r}")
-    if r.engine == "sglang":
-        # rollout.sglang.* is typed and checked as it is read; a fresh model's missing checkpoint
-        # (model_path) only matters to a launch, and is said when the engine is built (`tempo-mega plan`
-        # and the config checks read presets without one)
-        sglang_config(cfg, launching=False)
+    # rollout.sglang.* is typed and was checked as it was read; a fresh model's missing checkpoint
+    # (model_path) only matters to a launch, and is said when the engine is built (sglang_config)
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", f"must be -1 (off) or >= 1, got {r.top_k}")

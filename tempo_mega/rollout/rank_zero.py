@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from tempo_mega.rollout.base import RolloutNeedsWeights
 from tempo_mega.rollout.samples import broadcast_samples
-
-log = logging.getLogger("tempo_mega")
 
 
 class RankZeroRollout:

@@ -1,8 +1,9 @@
 """Weight sync of ``SGLangRolloutEngine`` (``_WeightSync``, a mixin: the state is the engine's): the push
 of HF-named tensors by disk, tensor (``/update_weights_from_tensor``) or distributed NCCL broadcast, each
 inside a ``/begin_weight_update`` ... ``/end_weight_update`` session, the re-push to servers that came
-back (``resync_stale``) and the log-probs the caller probes them with (``prompt_logprobs``). ``bucket_named_tensors`` groups the stream;
-``_init_weight_group`` is this process's side of SGLang's weight-update process group."""
+back (``resync_stale``) and the log-probs the caller probes them with (``prompt_logprobs``).
+``bucket_named_tensors`` groups the stream; ``_init_weight_group`` is this process's side of SGLang's
+weight-update process group."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ def bucket_named_tensors(
         size += nbytes
     if bucket:
         yield bucket
-
 
 
 def _init_weight_group(master_address: str, master_port: int, world_size: int):
