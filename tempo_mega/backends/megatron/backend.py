@@ -4,9 +4,10 @@ with or without the distributed optimizer).
 Same contract as ``TorchBackend`` (see torch.py): the log-prob of response token t and the value V_t
 are read from the hidden state just before response token t. Every micro-batch runs packed: the real
 tokens of its rows in one stream, no padding (THD with sequence boundaries under Transformer Engine, a
-block-diagonal causal mask with the local spec). Only the response positions go through the output
-layer (a pre-hook on ``output_layer`` selects them), the logits stay vocab-parallel and the log-probs
-come from ``tensor_parallel.vocab_parallel_cross_entropy``: the full vocabulary is never gathered.
+block-diagonal causal mask with the local spec). Only the response positions go through the head
+(``model.py``: the backend names them, with the targets and the temperature, in ``HeadInputs`` for
+each forward), the logits stay vocab-parallel and the log-probs come from
+``tensor_parallel.vocab_parallel_cross_entropy``: the full vocabulary is never gathered.
 
 Training runs on megatron's own machinery: the model chunks are wrapped in megatron's
 ``DistributedDataParallel`` (fp32 gradient buffers), the micro-batches of a mini-batch go through
@@ -29,18 +30,17 @@ pipeline and summed over DP (other ranks' rows are 0).
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -62,8 +62,8 @@ from tempo_mega.backends.base import (
 from tempo_mega.backends.megatron.checkpointing import _WeightsAndCheckpoints
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict
-from tempo_mega.backends.megatron.logprobs import _SumOverGroup, vocab_parallel_logprobs
-from tempo_mega.backends.megatron.model import build_model_chunks, init_parallel
+from tempo_mega.backends.megatron.logprobs import _SumOverGroup
+from tempo_mega.backends.megatron.model import HeadInputs, build_model_chunks, init_parallel
 from tempo_mega.backends.megatron.packing import PackedMicro, pack_micro_batch, stream_length
 from tempo_mega.batch import RolloutBatch
 
@@ -103,14 +103,14 @@ class MegatronBackend(_WeightsAndCheckpoints):
         mc = (megatron_config or MegatronConfig()).resolved()  # params_dtype null: bfloat16 here
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
-        self._logprob_temperature = temperature  # forward_logprobs' own, for the one call that gives it
         init_parallel(mc, seed=seed)
         self.use_kernels = use_kernels
         # Megatron's random init runs even when starting weights overwrite it: megatron-core 0.16 sets the
         # tensor-parallel attributes of a weight inside its init, so perform_initialization=False leaves
         # TP weights unmarked (found by the 2-rank test: the export stopped gathering their shards).
+        self.heads = HeadInputs()  # what every chunk's head is told about the micro-batch in flight
         self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te,
-                                                         use_kernels=use_kernels)
+                                                         use_kernels=use_kernels, head_inputs=self.heads)
         # Micro-batch shapes vary and are sent ahead of the activations. Not with virtual stages on
         # PP=2: the interleaved schedule sends to and receives from both neighbours at once, which are
         # the same rank there, and megatron's batched exchange (of the shapes, and by default of the
@@ -123,14 +123,6 @@ class MegatronBackend(_WeightsAndCheckpoints):
                 c.config.batch_p2p_comm = False
             c.config.calculate_per_token_loss = True  # we weight the micro-batches (module docstring)
         self.device = next(p for c in self.chunks for p in c.parameters()).device
-        for chunk in self.chunks:
-            if chunk.post_process:
-                chunk.output_layer.register_forward_pre_hook(self._select_positions, with_kwargs=True)
-                if role == "actor":
-                    chunk.output_layer.register_forward_hook(self._logprobs_instead_of_logits, with_kwargs=True)
-                if chunk.config.sequence_parallel and role == "actor":
-                    # the pre-hook gathers the sequence and hands the layer no rows: no gather of its own
-                    chunk.output_layer.sequence_parallel = False
         if hf_state_dict is not None:
             self._load_hf_into_chunks(hf_state_dict)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -153,8 +145,6 @@ class MegatronBackend(_WeightsAndCheckpoints):
         self._init_optimizer_state()
         self.num_train_steps = 0
         self.num_optimizer_steps = 0
-        self._positions: tuple[Tensor, Tensor | None] | None = None  # (stream positions, actor targets)
-        self._selected: Tensor | None = None
         for chunk in self.chunks:
             chunk.eval()
 
@@ -230,53 +220,13 @@ class MegatronBackend(_WeightsAndCheckpoints):
                                  f"unexpected {unexpected}")
 
     # ------------------------------------------------------------------ forward
-    def _select_positions(self, module, args, kwargs):
-        """output_layer pre-hook: keep only the hidden states at the selected positions of the packed
-        stream (with sequence parallel, after gathering it; the gather's backward keeps this rank's part).
-        The actor's are set aside for ``_logprobs_instead_of_logits`` and the layer itself gets none."""
-        hidden = args[0]
-        if self.chunks[-1].config.sequence_parallel:
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        if self._positions is not None:
-            hidden = hidden[self._positions[0]]  # [T, 1, H] -> [N, 1, H]
-            if self.role == "actor":
-                self._selected = hidden[:, 0]
-                hidden = hidden[:0]
-        return (hidden, *args[1:]), kwargs
-
-    def _logprobs_instead_of_logits(self, module, args, kwargs, output):
-        """output_layer hook (actor): the log-probs [N, 1, 1] of the selected positions' targets,
-        computed chunk by chunk from the (tied or own) output weight, in place of the logits."""
-        if self._positions is None:
-            return None
-        hidden, self._selected = self._selected, None
-        weight = kwargs.get("weight")
-        if weight is None:
-            weight = args[1] if len(args) > 1 and args[1] is not None else module.weight
-        lp = vocab_parallel_logprobs(hidden, weight, self._positions[1], self._logprob_temperature,
-                                     self.megatron_config.logprob_chunk_tokens)
-        return lp[:, None, None], None
-
-    @contextlib.contextmanager
-    def _selecting(self, select: Tensor, targets: Tensor | None) -> Iterator[None]:
-        self._positions = (select, targets)
-        try:
-            yield
-        finally:
-            self._positions = None
-            self._selected = None
-
     def forward_logprobs(self, batch: RolloutBatch, temperature: float | None = None) -> Tensor:
         """[B, L] float32 log-probs of the response tokens under log_softmax(logits / temperature)
         (None: the temperature the backend was built with, rollout.temperature), 0 at masked positions.
         No gradient. A collective over all ranks."""
         if self.role != "actor":
             raise ValueError("forward_logprobs: this backend is the critic; use forward_values")
-        self._logprob_temperature = self.temperature if temperature is None else temperature
-        try:
-            return self._forward_no_grad(batch)
-        finally:
-            self._logprob_temperature = self.temperature
+        return self._forward_no_grad(batch, self.temperature if temperature is None else temperature)
 
     def forward_values(self, batch: RolloutBatch) -> Tensor:
         """[B, L] float32 values V_t read before response token t, 0 at masked positions. No gradient.
@@ -285,7 +235,7 @@ class MegatronBackend(_WeightsAndCheckpoints):
             raise ValueError("forward_values: this backend is the actor; use forward_logprobs")
         return self._forward_no_grad(batch)
 
-    def _forward_no_grad(self, batch: RolloutBatch) -> Tensor:
+    def _forward_no_grad(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=self.device)
         rows = self._dp_rows(batch.batch_size)
         part = batch.select(rows)
@@ -293,7 +243,7 @@ class MegatronBackend(_WeightsAndCheckpoints):
         for chunk in self.chunks:
             chunk.eval()
         with torch.no_grad():
-            results = self._schedule(micros, batch, loss_fn=None, forward_only=True)
+            results = self._schedule(micros, batch, loss_fn=None, forward_only=True, temperature=temperature)
         if self.is_last_stage:
             start = int(rows[0]) if len(rows) else 0
             for micro, vals in zip(micros, results):  # fillers come last
@@ -309,10 +259,11 @@ class MegatronBackend(_WeightsAndCheckpoints):
         return torch.tensor_split(torch.arange(n), self.dp_size)[self.dp_rank]
 
     def _schedule(self, micros: list[_Micro], source: RolloutBatch, *, loss_fn: LossFn | None,
-                  forward_only: bool) -> list[Any]:
+                  forward_only: bool, temperature: float) -> list[Any]:
         """Run megatron's forward(-backward) schedule over ``micros`` (filler appended where the
-        schedule needs it, taken from ``source``'s first row); returns, on the last PP stage, one entry
-        per real micro-batch: the [b, L'] outputs (``loss_fn`` None) or (loss, metrics, weight)."""
+        schedule needs it, taken from ``source``'s first row), the actor's log-probs at ``temperature``;
+        returns, on the last PP stage, one entry per real micro-batch: the [b, L'] outputs (``loss_fn``
+        None) or (loss, metrics, weight)."""
         micros = list(micros)
         need = 1
         if self.megatron_config.vpp:  # interleaved 1F1B: a multiple of PP, at least PP
@@ -328,7 +279,7 @@ class MegatronBackend(_WeightsAndCheckpoints):
         tokens = -(-max(lengths) // mult) * mult
         for m, n in zip(micros, lengths):
             m.tokens = tokens if self._fixed_shapes else -(-n // mult) * mult
-        step = functools.partial(self._forward_step, loss_fn=loss_fn)
+        step = functools.partial(self._forward_step, loss_fn=loss_fn, temperature=temperature)
         n_chunks = len(self.ddp)
         data = [iter(micros) for _ in range(n_chunks)] if n_chunks > 1 else iter(micros)
         store = get_forward_backward_func()(
@@ -336,7 +287,7 @@ class MegatronBackend(_WeightsAndCheckpoints):
             num_microbatches=len(micros), seq_length=tokens, micro_batch_size=1, forward_only=forward_only)
         return [r["result"] for r in store if not r["filler"]] if self.is_last_stage else []
 
-    def _forward_step(self, data_iterator, model, *, loss_fn: LossFn | None):
+    def _forward_step(self, data_iterator, model, *, loss_fn: LossFn | None, temperature: float):
         """megatron's forward_step_func: one micro-batch through one model chunk."""
         micro: _Micro = next(data_iterator)
         batch, dev = micro.batch, self.device
@@ -345,7 +296,7 @@ class MegatronBackend(_WeightsAndCheckpoints):
         mask = batch.response_mask.to(dev).bool()
         owned = pm.owned.to(dev)
         targets = batch.response_ids.to(dev)[mask][owned] if self.role == "actor" else None
-        with self._selecting(pm.select.to(dev), targets):
+        with self.heads.selecting(pm.select.to(dev), targets, temperature=temperature):
             out = model(input_ids=pm.input_ids.to(dev), position_ids=pm.position_ids.to(dev),
                         **self._attention_kwargs(pm))
         return out, functools.partial(self._loss, micro, mask, owned, loss_fn)
@@ -419,7 +370,8 @@ class MegatronBackend(_WeightsAndCheckpoints):
         if not frozen:
             self._zero_grads()
         with torch.set_grad_enabled(not frozen):
-            results = self._schedule(work, mini, loss_fn=loss_fn, forward_only=frozen)
+            results = self._schedule(work, mini, loss_fn=loss_fn, forward_only=frozen,
+                                     temperature=self.temperature)
         for loss, metrics, w in results:
             for k, v in {**metrics, "loss": loss}.items():
                 totals[k] += w * float(v)

@@ -1,16 +1,21 @@
 """Building the megatron-core models: parallel state, layer spec, actor ``GPTModel`` and critic.
 
-The critic is a ``GPTModel`` whose ``output_layer`` is a ``ValueHead`` ([1, hidden] + bias, float32,
-replicated over TP): ``GPTModel.forward`` then returns values [b, s, 1] instead of logits, the trunk,
-checkpointing and pipeline code stay megatron's own, and the head is checkpointed as
-``output_layer.weight`` / ``output_layer.bias``.
+Both roles' ``output_layer`` is replaced by a head of one kind, ``SelectedPositionsHead``: it keeps
+megatron's call convention ``(hidden [s, b, H], weight=None, runtime_gather_output=None) -> (out, None)``
+so the trunk, checkpointing and pipeline code stay megatron's own, gathers a sequence-parallel stream,
+keeps the positions ``HeadInputs`` names for the micro-batch in flight and projects only those:
+``LogprobHead`` (actor) returns the log-probs of the targets from the vocab-parallel output weight, never
+the logits; ``ValueHead`` (critic) returns the values of its [1, hidden] + bias float32 head
+(replicated over TP). The weights keep their names (``output_layer.weight`` / ``output_layer.bias``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import gpt_model_kwargs, to_transformer_config
+from tempo_mega.backends.megatron.logprobs import vocab_parallel_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +129,89 @@ def init_parallel(megatron_config: MegatronConfig, *, seed: int = 0) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-class ValueHead(nn.Module):
-    """The critic's value head with the ``output_layer`` call convention of megatron:
-    ``(hidden [s, b, H], weight=None, runtime_gather_output=None) -> (values [s, b, 1], None)``.
+class HeadInputs:
+    """What the backend tells a model's head about the micro-batch in flight, for one forward
+    (``selecting``): the positions of the packed stream whose outputs are wanted, the actor's target
+    tokens there and the temperature. Outside ``selecting`` a head projects every position (the actor
+    then returns plain logits)."""
 
-    ``nn.Linear(hidden, 1)`` in float32, applied after the decoder's final RMSNorm. With ``norm_weight``
-    given (the decoder's ``final_layernorm`` is then a ``DeferredNorm``), the norm runs here, fused with
-    the projection by ``tempo_mega.kernels.fused_value_head`` (Triton with ``impl="auto"`` on CUDA, its
-    torch reference otherwise): on the selected positions only, never materializing the normed rows."""
+    def __init__(self) -> None:
+        self.positions: Tensor | None = None
+        self.targets: Tensor | None = None
+        self.temperature = 1.0
 
-    def __init__(self, hidden_size: int, *, seed: int = 0, norm_weight: nn.Parameter | None = None,
-                 eps: float = 1e-6, impl: str = "torch"):
+    @contextlib.contextmanager
+    def selecting(self, positions: Tensor, targets: Tensor | None = None, *,
+                  temperature: float = 1.0) -> Iterator[None]:
+        self.positions, self.targets, self.temperature = positions, targets, temperature
+        try:
+            yield
+        finally:
+            self.positions, self.targets, self.temperature = None, None, 1.0
+
+
+class SelectedPositionsHead(nn.Module):
+    """A model's ``output_layer``: gathers a sequence-parallel stream (the gather's backward keeps this
+    rank's part), keeps the positions ``inputs`` names and hands them to ``project``."""
+
+    def __init__(self, inputs: HeadInputs, *, sequence_parallel: bool):
         super().__init__()
+        self.inputs, self.gather_sequence = inputs, sequence_parallel
+
+    def forward(self, hidden: Tensor, weight: Tensor | None = None,
+                runtime_gather_output: bool | None = None) -> tuple[Tensor, None]:
+        if self.gather_sequence:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        if self.inputs.positions is not None:
+            hidden = hidden[self.inputs.positions]  # [T, 1, H] -> [N, 1, H]
+        return self.project(hidden, weight, runtime_gather_output), None
+
+    def project(self, hidden: Tensor, weight: Tensor | None, runtime_gather_output: bool | None) -> Tensor:
+        raise NotImplementedError
+
+
+class LogprobHead(SelectedPositionsHead):
+    """The actor's head: megatron's vocab-parallel output layer, whose weight (own, or the tied
+    embedding megatron passes as ``weight``) it keeps under the same name and sharding. At selected
+    positions it returns the float32 log-probs [N, 1, 1] of ``inputs.targets`` at ``inputs.temperature``
+    (``vocab_parallel_logprobs``, ``chunk_tokens`` rows of logits at a time); otherwise the layer's
+    logits."""
+
+    def __init__(self, layer: nn.Module, inputs: HeadInputs, *, sequence_parallel: bool, chunk_tokens: int):
+        super().__init__(inputs, sequence_parallel=sequence_parallel)
+        self.weight = layer.weight  # the same Parameter (None when tied on a stage with the embedding)
+        layer.sequence_parallel = False  # the stream comes gathered
+        self._layer = [layer]  # a list: not a submodule, so the weight has one name, output_layer.weight
+        self.chunk_tokens = chunk_tokens
+
+    def project(self, hidden: Tensor, weight: Tensor | None, runtime_gather_output: bool | None) -> Tensor:
+        if self.inputs.positions is None:
+            return self._layer[0](hidden, weight=weight, runtime_gather_output=runtime_gather_output)[0]
+        weight = self.weight if weight is None else weight
+        lp = vocab_parallel_logprobs(hidden[:, 0], weight, self.inputs.targets, self.inputs.temperature,
+                                     self.chunk_tokens)
+        return lp[:, None, None]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        return self._layer[0].sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    def get_extra_state(self) -> Any:
+        return self._layer[0].get_extra_state()
+
+    def set_extra_state(self, state: Any) -> None:
+        self._layer[0].set_extra_state(state)
+
+
+class ValueHead(SelectedPositionsHead):
+    """The critic's head: ``nn.Linear(hidden, 1)`` in float32 after the decoder's final RMSNorm, values
+    [N, 1, 1]. With ``norm_weight`` given (the decoder's ``final_layernorm`` is then a ``DeferredNorm``),
+    the norm runs here, fused with the projection by ``tempo_mega.kernels.fused_value_head`` (Triton with
+    ``impl="auto"`` on CUDA, its torch reference otherwise): on the selected positions only, never
+    materializing the normed rows."""
+
+    def __init__(self, hidden_size: int, inputs: HeadInputs | None = None, *, sequence_parallel: bool = False,
+                 seed: int = 0, norm_weight: nn.Parameter | None = None, eps: float = 1e-6, impl: str = "torch"):
+        super().__init__(inputs or HeadInputs(), sequence_parallel=sequence_parallel)
         from tempo_mega.models.critic import init_value_head
 
         head = init_value_head(hidden_size, seed)  # the torch backend's ValueHeadModel init
@@ -142,16 +219,15 @@ class ValueHead(nn.Module):
         self._norm_weight = [norm_weight]  # a list: not registered here, it stays decoder.final_layernorm's
         self.eps, self.impl = eps, impl
 
-    def forward(self, hidden: Tensor, weight: Tensor | None = None,
-                runtime_gather_output: bool | None = None) -> tuple[Tensor, None]:
+    def project(self, hidden: Tensor, weight: Tensor | None, runtime_gather_output: bool | None) -> Tensor:
         norm_weight = self._norm_weight[0]
         if norm_weight is not None:
             from tempo_mega.kernels import fused_value_head
 
             values = fused_value_head(hidden, norm_weight, self.weight[0], self.bias, eps=self.eps, impl=self.impl)
-            return values.float()[..., None], None
+            return values.float()[..., None]
         with torch.autocast(hidden.device.type, enabled=False):
-            return nn.functional.linear(hidden.float(), self.weight.float(), self.bias.float()), None
+            return nn.functional.linear(hidden.float(), self.weight.float(), self.bias.float())
 
 
 class DeferredNorm(nn.Module):
@@ -171,11 +247,13 @@ class DeferredNorm(nn.Module):
 
 def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
                 use_te: bool | None = None, vp_stage: int | None = None, use_kernels: bool = False,
-                **config_overrides: Any) -> tuple[GPTModel, bool]:
+                head_inputs: HeadInputs | None = None, **config_overrides: Any) -> tuple[GPTModel, bool]:
     """(model of this rank's PP stage, or of its virtual chunk ``vp_stage`` with VPP; te_layout).
     ``init_parallel`` must have run. Weights are megatron's random init (load HF weights with
-    ``convert.hf_to_mcore_state_dict``). The critic's final norm and value head run as one
-    ``fused_value_head`` (the Triton kernel with ``use_kernels``, its torch reference otherwise)."""
+    ``convert.hf_to_mcore_state_dict``). The last stage's ``output_layer`` is the role's head (module
+    docstring), reading ``head_inputs`` (a fresh one, selecting nothing, when None). The critic's final
+    norm and value head run as one ``fused_value_head`` (the Triton kernel with ``use_kernels``, its
+    torch reference otherwise)."""
     if role not in ("actor", "critic"):
         raise ValueError(f"build_model: role must be 'actor' or 'critic', got {role!r}")
     mc = megatron_config
@@ -204,25 +282,34 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
         torch.manual_seed(seed)
         model = GPTModel(config=config, transformer_layer_spec=spec, pre_process=first, post_process=last,
                          vp_stage=vp_stage, **gpt_model_kwargs(hf_config, role=role))
-    if role == "critic" and model.post_process:
-        norm = model.decoder.final_layernorm
-        model.output_layer = ValueHead(config.hidden_size, seed=seed, norm_weight=norm.weight,
-                                       eps=config.layernorm_epsilon, impl="auto" if use_kernels else "torch")
-        model.decoder.final_layernorm = DeferredNorm(norm.weight)
+    if model.post_process:
+        inputs, sp = head_inputs or HeadInputs(), config.sequence_parallel
+        if role == "critic":
+            norm = model.decoder.final_layernorm
+            model.output_layer = ValueHead(config.hidden_size, inputs, sequence_parallel=sp, seed=seed,
+                                           norm_weight=norm.weight, eps=config.layernorm_epsilon,
+                                           impl="auto" if use_kernels else "torch")
+            model.decoder.final_layernorm = DeferredNorm(norm.weight)
+        else:
+            model.output_layer = LogprobHead(model.output_layer, inputs, sequence_parallel=sp,
+                                             chunk_tokens=megatron_config.logprob_chunk_tokens)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model, te_layout
 
 
 def build_model_chunks(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
-                       use_te: bool | None = None, use_kernels: bool = False,
+                       use_te: bool | None = None, use_kernels: bool = False, head_inputs: HeadInputs | None = None,
                        **config_overrides: Any) -> tuple[list[GPTModel], bool]:
-    """The model chunks of this rank: one per virtual pipeline stage (one without VPP)."""
+    """The model chunks of this rank: one per virtual pipeline stage (one without VPP), their heads
+    reading one ``head_inputs``."""
+    head_inputs = head_inputs or HeadInputs()
     vpp = megatron_config.vpp
     stages: list[int | None] = list(range(vpp)) if vpp else [None]
     chunks, te_layout = [], False
     for v in stages:
         model, te_layout = build_model(hf_config, megatron_config, role=role, seed=seed, use_te=use_te,
-                                       vp_stage=v, use_kernels=use_kernels, **config_overrides)
+                                       vp_stage=v, use_kernels=use_kernels, head_inputs=head_inputs,
+                                       **config_overrides)
         chunks.append(model)
     return chunks, te_layout
