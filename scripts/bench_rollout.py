@@ -64,16 +64,17 @@ def main() -> int:
     eng = build_sglang_engine(cfg, pad_token_id=0)
     try:
         eng.generate(prompts[:2], 1, SamplingParams(max_response_tokens=16))  # warm-up
-        eng.generate(prompts, args.n, sampling)
-        gen = dict(eng.last_metrics)
+        _, gen = eng.generate(prompts, args.n, sampling)
+        t0 = time.perf_counter()
         eng.update_weights(weights())
-        sync_s = eng.last_metrics["timing/weight_sync_s"]
+        sync_s = time.perf_counter() - t0
         # a colocated step: memory released for training, then the push takes it back (weights first)
         t0 = time.perf_counter()
         eng.release_memory()
         release_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         eng.update_weights(weights())
-        resync_s = eng.last_metrics["timing/weight_sync_s"]
+        resync_s = time.perf_counter() - t0
     finally:
         eng.shutdown()
     print(
@@ -85,7 +86,7 @@ def main() -> int:
         ref = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.bfloat16)
         hf = HFRolloutEngine(ref, pad_token_id=0, device="cuda")
         t0 = time.perf_counter()
-        samples = hf.generate(prompts, args.n, sampling)
+        samples, _ = hf.generate(prompts, args.n, sampling)
         elapsed = time.perf_counter() - t0
         tokens = sum(len(s.response_ids) for s in samples)
         t0 = time.perf_counter()

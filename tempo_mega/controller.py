@@ -34,7 +34,7 @@ from tempo_mega.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
 
-# per-call counters a rollout engine reports in ``last_metrics`` (requests resubmitted after a server
+# per-call counters a rollout engine reports with its samples (requests resubmitted after a server
 # failed, weight re-syncs of restarted servers), summed over a step's generate calls
 ENGINE_COUNTERS = ("rollout/retried_requests", "rollout/weight_resyncs", "rollout/server_aborts",
                    "rollout/clamped_requests")

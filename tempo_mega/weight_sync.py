@@ -83,13 +83,13 @@ class WeightSync:
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int,
                  sampling: SamplingParams) -> tuple[list[Sample], dict[str, float]]:
-        """``rollout.generate`` and what the engine measured of it. When the engine lost the weights
+        """``rollout.generate``: (samples, what the engine measured). When the engine lost the weights
         (``RolloutNeedsWeights``), the actor's weights go to what was restarted (``resync_stale``), are
         probed, and the whole call is generated again, at most ``max_resyncs`` times."""
         resyncs, resynced = 0, {}
         while True:
             try:
-                samples = self.rollout.generate(prompt_ids, n, sampling)
+                samples, metrics = self.rollout.generate(prompt_ids, n, sampling)
                 break
             except RolloutNeedsWeights as e:
                 if resyncs == self.rollout.max_resyncs:
@@ -101,4 +101,4 @@ class WeightSync:
                 resyncs += 1
         if resyncs:
             resynced["rollout/weight_resyncs"] = float(resyncs)
-        return samples, {**self.rollout.last_metrics, **resynced}
+        return samples, {**metrics, **resynced}

@@ -149,7 +149,7 @@ def evaluate_checkpoint(
     try:
         for name, items in benches.items():
             start = time.perf_counter()
-            samples = rollout.generate(prompt_ids[name], n, sampling)
+            samples, _ = rollout.generate(prompt_ids[name], n, sampling)
             generate_s = time.perf_counter() - start
             texts = [[tok.decode(samples[p * n + j].response_ids, skip_special_tokens=True) for j in range(n)]
                      for p in range(len(items))]

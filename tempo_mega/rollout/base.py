@@ -53,6 +53,19 @@ def check_generate_args(engine: str, prompt_ids: Sequence[Sequence[int]], n: int
     return prompts
 
 
+def generation_metrics(samples: Sequence[Sample], elapsed_s: float) -> dict[str, float]:
+    """What every engine reports of a ``generate`` call: its speed, response lengths and truncation."""
+    lens = [len(s.response_ids) for s in samples]
+    tokens = sum(lens)
+    return {
+        "rollout/tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0,
+        "rollout/response_len_mean": tokens / len(lens) if lens else 0.0,
+        "rollout/response_len_max": float(max(lens, default=0)),
+        "rollout/truncation_rate": sum(s.finish_reason == "length" for s in samples) / len(samples) if samples else 0.0,
+        "timing/rollout_s": elapsed_s,
+    }
+
+
 class RolloutNeedsWeights(RuntimeError):
     """Raised by ``generate`` when a restarted part of the engine runs without the trainer's current weights
     and the engine keeps no copy to restore them from. The caller streams them to it with
@@ -65,8 +78,6 @@ class RolloutEngine(Protocol):
     """What the controller and the run layer call on a sampler. Engines are one-way: told weights and
     prompts, asked for samples and log-probs; none holds a model of the trainer's or a closure into it.
 
-    - ``last_metrics``: what the engine measured of its last call (fault counters of a generate, the
-      time of a weight push).
     - ``release_during_training``: the controller calls ``release_memory`` after the rollout, and the
       engine takes its memory back at the next weight update (colocated SGLang).
     - ``weights_device``: where ``update_weights`` wants its tensors; the trainer exports them there.
@@ -77,15 +88,17 @@ class RolloutEngine(Protocol):
       ``resync_stale``.
     """
 
-    last_metrics: dict[str, float]
     release_during_training: bool
     weights_device: str | torch.device
     probe_ids: tuple[int, ...] | None
     probe_tolerance: float
     max_resyncs: int
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
-        """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i."""
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int,
+                 sampling: SamplingParams) -> tuple[list[Sample], dict[str, float]]:
+        """(samples, metrics): n samples per prompt, prompt-major (samples ``i*n .. i*n+n-1`` belong to
+        prompt i), and what the engine measured of the call (``generation_metrics``, plus an engine's
+        fault counters: requests resubmitted, server aborts)."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args
+from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args, generation_metrics
 
 __all__ = ["HFRolloutEngine", "filter_logits", "sample_from_logits"]
 
@@ -115,7 +116,6 @@ class HFRolloutEngine:
         # only the last position's logits are needed after the prefill
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._released = False
-        self.last_metrics: dict[str, float] = {}  # nothing to report: no servers, no faults, no probe
 
     # the sampler is a second copy of the actor, not an allocator that shares the trainer's memory
     release_during_training = False
@@ -125,8 +125,10 @@ class HFRolloutEngine:
     max_resyncs = 0
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
-        """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i."""
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int,
+                 sampling: SamplingParams) -> tuple[list[Sample], dict[str, float]]:
+        """(samples, metrics): n samples per prompt, prompt-major (samples ``i*n .. i*n+n-1`` belong to
+        prompt i), and ``generation_metrics`` of the call (no servers here, so no fault counters)."""
         model = self._live_model("generate")
         if self._released:
             raise RuntimeError("HFRolloutEngine.generate: memory is released; call resume_memory() first")
@@ -140,11 +142,12 @@ class HFRolloutEngine:
         base_seed = sampling.seed % 2**64 if sampling.seed is not None else secrets.randbits(63)
         rows = [(i, i * n + j) for i in range(len(prompts)) for j in range(n)]  # (prompt_index, sample index)
         samples: list[Sample] = []
+        t0 = time.perf_counter()
         with torch.inference_mode():
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start : start + self.max_batch_size]
                 samples.extend(self._generate_chunk(model, prompts, chunk, sampling, base_seed))
-        return samples
+        return samples, generation_metrics(samples, time.perf_counter() - t0)
 
     def _generate_chunk(
         self,

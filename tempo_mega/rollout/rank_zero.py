@@ -44,7 +44,6 @@ class RankZeroRollout:
         self.release_during_training = release_during_training  # the same on every rank too
         self.probe_ids = tuple(probe_ids) if probe_ids is not None else None
         self.probe_tolerance, self.max_resyncs = probe_tolerance, max_resyncs
-        self.last_metrics: dict[str, float] = {}
         self._samples: list | None = None
         self.engine = None
         self._on_rank0(lambda: setattr(self, "engine", build()))
@@ -55,7 +54,7 @@ class RankZeroRollout:
             yield name, (t.to(want) if want is not None and t.is_floating_point() and t.dtype != want else t)
 
     def _on_rank0(self, fn):
-        """``fn()`` on rank 0; its result, rank 0's metrics and its error (if any) on every rank."""
+        """``fn()`` on rank 0; its result and its error (if any) on every rank."""
         import torch.distributed as dist
 
         result, error = None, None
@@ -64,13 +63,11 @@ class RankZeroRollout:
                 result = fn()
             except Exception as e:  # the other ranks must hear of it, or they wait in the next collective
                 error = e
-            if self.engine is not None:
-                self.last_metrics = dict(self.engine.last_metrics)
         if self.world_size > 1:
             message = None if error is None else f"{type(error).__name__}: {error}"
-            box = [(result, message, isinstance(error, RolloutNeedsWeights), self.last_metrics)]
+            box = [(result, message, isinstance(error, RolloutNeedsWeights))]
             dist.broadcast_object_list(box, src=0)
-            result, message, needs_weights, self.last_metrics = box[0]
+            result, message, needs_weights = box[0]
             if message is not None and error is None:
                 kind = RolloutNeedsWeights if needs_weights else RuntimeError
                 raise kind(f"rollout failed on rank 0: {message}")
@@ -78,15 +75,17 @@ class RankZeroRollout:
             raise error
         return result
 
-    def generate(self, prompt_ids, n: int, sampling) -> list:
-        """Rank 0's samples on every rank. ``RolloutNeedsWeights`` on rank 0 (a restarted server it cannot
-        restore alone) is raised on every rank: every rank then exports the weights for ``resync_stale``."""
-        def attempt() -> None:
-            self._samples = self.engine.generate(prompt_ids, n, sampling)  # they travel as flat tensors, below
+    def generate(self, prompt_ids, n: int, sampling) -> tuple[list, dict[str, float]]:
+        """Rank 0's samples and metrics on every rank. ``RolloutNeedsWeights`` on rank 0 (a restarted
+        server it cannot restore alone) is raised on every rank: every rank then exports the weights for
+        ``resync_stale``."""
+        def attempt() -> dict[str, float]:
+            self._samples, metrics = self.engine.generate(prompt_ids, n, sampling)  # samples: flat tensors, below
+            return metrics
 
-        self._on_rank0(attempt)
+        metrics = self._on_rank0(attempt)
         samples, self._samples = broadcast_samples(self._samples if self.rank == 0 else None), None
-        return samples
+        return samples, metrics
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._push_weights(named_tensors, "update_weights")

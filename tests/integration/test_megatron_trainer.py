@@ -245,7 +245,7 @@ def _two_rank_worker(url: str, sync_dir: str, out_dir: str) -> None:
             for _ in actor.export_weights():  # rank 0's check above is a collective export
                 pass
         # a different seed per rank: only rank 0's draw may count
-        got = hf_rollout.generate([[1, 2, 3], [4, 5]], 2,
+        got, _ = hf_rollout.generate([[1, 2, 3], [4, 5]], 2,
                                   SamplingParams(temperature=1.0, max_response_tokens=4, seed=rank))
         res["hf_samples"] = [(s.prompt_index, s.response_ids, s.logprobs) for s in got]
         hf_rollout.shutdown()

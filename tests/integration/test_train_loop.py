@@ -178,7 +178,7 @@ def test_rollout_logprobs_equal_trainer_logprobs(tmp_path):
     run = setup(cfg)
     src = run.pool.source()
     prompts = [p for p, _ in run.pool.draw("labeled", 3)]
-    samples = run.rollout.generate(prompts, 2, SamplingParams(temperature=0.7, max_response_tokens=10,
+    samples, _ = run.rollout.generate(prompts, 2, SamplingParams(temperature=0.7, max_response_tokens=10,
                                                               stop_token_ids=src.stop_token_ids, seed=5))
     batch = RolloutBatch.from_samples([prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples],
                                       is_labeled=[True] * len(samples), group_ids=[s.prompt_index for s in samples],

@@ -90,9 +90,14 @@ def test_logprobs_match_teacher_forcing(model, stop_token_ids, top_k, top_p):
         stop_token_ids=stop_token_ids,
         seed=3,
     )
-    samples = make_engine(model).generate(PROMPTS, n=3, sampling=sampling)
+    samples, metrics = make_engine(model).generate(PROMPTS, n=3, sampling=sampling)
     assert len(samples) == 9
     check_sample_invariants(samples, sampling)
+    lens = [len(s.response_ids) for s in samples]
+    assert metrics["rollout/response_len_max"] == max(lens)
+    assert metrics["rollout/response_len_mean"] == sum(lens) / 9
+    assert metrics["rollout/truncation_rate"] == sum(s.finish_reason == "length" for s in samples) / 9
+    assert metrics["rollout/tokens_per_s"] == sum(lens) / metrics["timing/rollout_s"]
     if stop_token_ids:
         assert {s.finish_reason for s in samples} == {"stop", "length"}
         assert len({len(s.response_ids) for s in samples}) > 2
@@ -109,7 +114,7 @@ def test_seed_determinism(model):
 
     def run(seed):
         sampling = SamplingParams(temperature=1.0, max_response_tokens=10, seed=seed)
-        return [(s.response_ids, s.logprobs) for s in engine.generate(PROMPTS, n=2, sampling=sampling)]
+        return [(s.response_ids, s.logprobs) for s in engine.generate(PROMPTS, n=2, sampling=sampling)[0]]
 
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -120,15 +125,15 @@ def test_chunking_and_batch_composition_do_not_change_samples(model):
     sampling = SamplingParams(
         temperature=1.0, max_response_tokens=10, stop_token_ids=tuple(range(10, 30)), seed=11
     )
-    big = make_engine(model, max_batch_size=64).generate(PROMPTS, n=3, sampling=sampling)
+    big, _ = make_engine(model, max_batch_size=64).generate(PROMPTS, n=3, sampling=sampling)
     for max_batch_size in (1, 4):
-        chunked = make_engine(model, max_batch_size=max_batch_size).generate(PROMPTS, n=3, sampling=sampling)
+        chunked, _ = make_engine(model, max_batch_size=max_batch_size).generate(PROMPTS, n=3, sampling=sampling)
         assert [s.response_ids for s in chunked] == [s.response_ids for s in big]
         assert [s.finish_reason for s in chunked] == [s.finish_reason for s in big]
         for a, b in zip(chunked, big):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     # a sample's stream depends on its index in the request: the first prompt alone gives the same samples
-    alone = make_engine(model).generate(PROMPTS[:1], n=3, sampling=sampling)
+    alone, _ = make_engine(model).generate(PROMPTS[:1], n=3, sampling=sampling)
     assert [s.response_ids for s in alone] == [s.response_ids for s in big[:3]]
 
 
@@ -137,7 +142,7 @@ def test_chunking_and_batch_composition_do_not_change_samples(model):
 
 def test_top_k_1_is_greedy_and_prompt_major(model):
     sampling = SamplingParams(temperature=0.7, top_k=1, max_response_tokens=8, seed=0)
-    samples = make_engine(model).generate(PROMPTS, n=2, sampling=sampling)
+    samples, _ = make_engine(model).generate(PROMPTS, n=2, sampling=sampling)
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2]
     refs = [greedy_reference(model, p, 8) for p in PROMPTS]
     assert len({tuple(r) for r in refs}) == 3  # the prompts are told apart, so ordering is tested
@@ -151,7 +156,7 @@ def test_stop_token_ends_response(model):
     refs = [greedy_reference(model, p, steps) for p in PROMPTS]
     stop = refs[1][3]  # greedy produces it at step 3 for prompt 1 (maybe earlier too)
     sampling = SamplingParams(temperature=1.0, top_k=1, max_response_tokens=steps, stop_token_ids=(stop,))
-    samples = make_engine(model).generate(PROMPTS, n=1, sampling=sampling)
+    samples, _ = make_engine(model).generate(PROMPTS, n=1, sampling=sampling)
     check_sample_invariants(samples, sampling)
     for s, ref in zip(samples, refs):
         if stop in ref:
@@ -161,7 +166,7 @@ def test_stop_token_ends_response(model):
             assert (s.response_ids, s.finish_reason) == (ref, "length")
     assert samples[1].finish_reason == "stop" and samples[1].response_ids[-1] == stop
     # the first greedy token as the stop: a one-token response
-    first = make_engine(model).generate(
+    first, _ = make_engine(model).generate(
         PROMPTS[:1],
         n=1,
         sampling=SamplingParams(top_k=1, max_response_tokens=5, stop_token_ids=(refs[0][0],)),
@@ -171,9 +176,9 @@ def test_stop_token_ends_response(model):
 
 def test_max_response_tokens(model):
     sampling = SamplingParams(max_response_tokens=4, seed=1)
-    samples = make_engine(model).generate(PROMPTS, n=2, sampling=sampling)
+    samples, _ = make_engine(model).generate(PROMPTS, n=2, sampling=sampling)
     assert all(len(s.response_ids) == 4 and s.finish_reason == "length" for s in samples)
-    one = make_engine(model).generate(PROMPTS, n=1, sampling=SamplingParams(max_response_tokens=1, seed=1))
+    one, _ = make_engine(model).generate(PROMPTS, n=1, sampling=SamplingParams(max_response_tokens=1, seed=1))
     assert all(len(s.response_ids) == 1 for s in one)
 
 
@@ -223,7 +228,7 @@ def test_sampling_never_leaves_the_nucleus_and_follows_it():
 
 def test_engine_samples_stay_in_nucleus(model):
     sampling = SamplingParams(temperature=0.7, top_p=0.3, max_response_tokens=10, seed=5)
-    samples = make_engine(model).generate(PROMPTS, n=2, sampling=sampling)
+    samples, _ = make_engine(model).generate(PROMPTS, n=2, sampling=sampling)
     with torch.inference_mode():
         for s in samples:
             p = PROMPTS[s.prompt_index]
@@ -243,18 +248,18 @@ def test_update_weights_switches_the_model(model):
     other = tiny_qwen3(seed=1)
     engine = make_engine(model)
     sampling = SamplingParams(top_k=1, max_response_tokens=6)
-    before = [s.response_ids for s in engine.generate(PROMPTS, n=1, sampling=sampling)]
+    before = [s.response_ids for s in engine.generate(PROMPTS, n=1, sampling=sampling)[0]]
     assert before == [greedy_reference(model, p, 6) for p in PROMPTS]
     # streamed (a generator), in another dtype: cast to the model's
     loaded = engine.update_weights((k, v.double()) for k, v in other.state_dict().items())
     assert loaded == len(other.state_dict())
     assert all(p.dtype == torch.float32 for p in engine.model.parameters())
-    after = [s.response_ids for s in engine.generate(PROMPTS, n=1, sampling=sampling)]
+    after = [s.response_ids for s in engine.generate(PROMPTS, n=1, sampling=sampling)[0]]
     refs = [greedy_reference(other, p, 6) for p in PROMPTS]
     assert after == refs and after != before
     s = engine.generate(
         PROMPTS[:1], n=1, sampling=SamplingParams(temperature=0.7, max_response_tokens=6, seed=0)
-    )[0]
+    )[0][0]
     torch.testing.assert_close(
         torch.tensor(s.logprobs),
         teacher_forced_logprobs(other, PROMPTS[0], s.response_ids, 0.7),
@@ -279,7 +284,7 @@ def test_update_weights_tied_embeddings():
     assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
     torch.testing.assert_close(engine.model.lm_head.weight, src.model.embed_tokens.weight)
     sampling = SamplingParams(top_k=1, max_response_tokens=5)
-    got = [s.response_ids for s in engine.generate(PROMPTS, n=1, sampling=sampling)]
+    got = [s.response_ids for s in engine.generate(PROMPTS, n=1, sampling=sampling)[0]]
     assert got == [greedy_reference(src, p, 5) for p in PROMPTS]
     assert engine.update_weights(src.state_dict().items()) == len(src.state_dict())  # or sends both
 
@@ -292,7 +297,7 @@ def test_lifecycle_and_validation(model):
     with pytest.raises(RuntimeError, match="resume_memory"):
         engine.generate(PROMPTS, n=1, sampling=sampling)
     engine.resume_memory()
-    assert len(engine.generate(PROMPTS, n=1, sampling=sampling)) == 3
+    assert len(engine.generate(PROMPTS, n=1, sampling=sampling)[0]) == 3
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate([[1, 2], []], n=1, sampling=sampling)
     with pytest.raises(ValueError, match="prompt 0 has a token id outside"):
@@ -308,7 +313,7 @@ def test_bfloat16_engine_runs(model):
     engine = make_engine(model, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
     sampling = SamplingParams(temperature=0.7, max_response_tokens=5, seed=0)
-    samples = engine.generate(PROMPTS, n=2, sampling=sampling)
+    samples, _ = engine.generate(PROMPTS, n=2, sampling=sampling)
     check_sample_invariants(samples, sampling)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     for s in samples:  # batched bf16 differs from unbatched bf16 only by rounding

@@ -142,7 +142,7 @@ def test_generate_prompt_major_concurrent_and_exact(fake):
     assert isinstance(eng, RolloutEngine)
     n = 3
     t0 = time.monotonic()
-    samples = eng.generate(PROMPTS, n, SAMPLING)
+    samples, _ = eng.generate(PROMPTS, n, SAMPLING)
     elapsed = time.monotonic() - t0
     assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(n)]
     # 4 prompts, 2 servers, 0.3 s each: overlapping requests on both servers, far below 4 x 0.3 s serial
@@ -162,9 +162,8 @@ def test_generate_prompt_major_concurrent_and_exact(fake):
         torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(ref), atol=1e-4, rtol=0)
     # the n samples of a prompt differ (own seeds); the same call again gives the same samples
     assert len({tuple(s.response_ids) for s in samples[:n]}) > 1
-    again = eng.generate(PROMPTS, n, SAMPLING)
+    again, m = eng.generate(PROMPTS, n, SAMPLING)
     assert [s.response_ids for s in again] == [s.response_ids for s in samples]
-    m = eng.last_metrics
     assert m["rollout/response_len_max"] == max(len(s.response_ids) for s in again)
     assert m["rollout/truncation_rate"] == sum(s.finish_reason == "length" for s in again) / len(again)
     assert m["rollout/tokens_per_s"] > 0
@@ -176,12 +175,12 @@ def test_finish_reasons_mapped(fake):
     eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
     # every token a stop token: one-token responses ending in "stop"
     all_stop = SamplingParams(max_response_tokens=4, stop_token_ids=tuple(range(VOCAB)))
-    out = eng.generate(PROMPTS[:2], 2, all_stop)
+    out, _ = eng.generate(PROMPTS[:2], 2, all_stop)
     assert all(x.finish_reason == "stop" and len(x.response_ids) == 1 for x in out)
     no_stop = SamplingParams(max_response_tokens=3)
-    out = eng.generate(PROMPTS[:2], 2, no_stop)
+    out, m = eng.generate(PROMPTS[:2], 2, no_stop)
     assert all(x.finish_reason == "length" and len(x.response_ids) == 3 for x in out)
-    assert eng.last_metrics["rollout/truncation_rate"] == 1.0
+    assert m["rollout/truncation_rate"] == 1.0
     eng.shutdown()
 
 
@@ -192,11 +191,10 @@ def test_disk_sync_changes_outputs_and_probe_passes(fake, model_dir):
     s = fake()
     new = tiny_qwen3(1)
     eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
-    before = eng.generate(PROMPTS, 2, SAMPLING)
+    before, _ = eng.generate(PROMPTS, 2, SAMPLING)
     eng.update_weights(new.state_dict().items())
-    assert eng.last_metrics["timing/weight_sync_s"] > 0
     assert probe_gap(eng, new) < 1e-4
-    after = eng.generate(PROMPTS, 2, SAMPLING)
+    after, _ = eng.generate(PROMPTS, 2, SAMPLING)
     assert [x.response_ids for x in after] != [x.response_ids for x in before]
     for x in after:
         ref = reference_logprobs(new, PROMPTS[x.prompt_index], x.response_ids)
@@ -246,7 +244,7 @@ def test_release_resume_tracks_tags_as_sglang_does(fake):
     eng.update_weights(new.state_dict().items())
     assert stats(s.url)["released"] == [] and probe_gap(eng, new) < 1e-4
     eng.release_memory()
-    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)) == 2  # generate takes its memory back
+    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)[0]) == 2  # generate takes its memory back
     with pytest.raises(ValueError, match="unknown memory tags"):
         eng.release_memory(tags=["activations"])
     assert eng.release_during_training and not build_sglang_engine(
@@ -283,25 +281,25 @@ def test_watchdog_finds_a_hung_server_long_before_the_request_timeout(fake):
     """A request may run for an hour (request_timeout_s), a hung server is found within seconds: the
     watchdog's /health_generate checks fail, the server is marked hung, its prompts go to the live one."""
     a = fake()
-    ref = build_sglang_engine(url_cfg(a.url), pad_token_id=PAD).generate(PROMPTS, 2, SAMPLING)
+    ref, _ = build_sglang_engine(url_cfg(a.url), pad_token_id=PAD).generate(PROMPTS, 2, SAMPLING)
     b = fake(hang=True)
     eng = build_sglang_engine(url_cfg(a.url, b.url, request_timeout_s=120.0, watchdog_interval_s=0.2,
                                       watchdog_timeout_s=5.0, watchdog_failures=2), pad_token_id=PAD)
     t0 = time.monotonic()
-    out = eng.generate(PROMPTS, 2, SAMPLING)
+    out, m = eng.generate(PROMPTS, 2, SAMPLING)
     assert time.monotonic() - t0 < 10.0
     assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in ref]
     assert not eng.servers[1].healthy and "hung: 2 /health_generate checks failed" in eng.servers[1].last_error
-    assert eng.last_metrics["rollout/retried_requests"] == 2  # prompts 1 and 3 had gone to the hung one
+    assert m["rollout/retried_requests"] == 2  # prompts 1 and 3 had gone to the hung one
     eng.shutdown()
 
 
 def test_down_url_server_work_moves_to_the_live_one(fake):
     a, b = fake(), fake()
     eng = build_sglang_engine(url_cfg(a.url, b.url, request_timeout_s=5.0), pad_token_id=PAD)
-    ref = eng.generate(PROMPTS, 2, SAMPLING)
+    ref, _ = eng.generate(PROMPTS, 2, SAMPLING)
     b.stop()  # a given server dies: marked down, never restarted by us
-    out = eng.generate(PROMPTS, 2, SAMPLING)
+    out, _ = eng.generate(PROMPTS, 2, SAMPLING)
     assert [x.response_ids for x in out] == [x.response_ids for x in ref]
     assert not eng.servers[1].healthy
     eng.shutdown()
@@ -342,7 +340,7 @@ def reference_and_crashing_cfg(fake, model_dir, tmp_path, new, **kw) -> tuple[li
     ref_server = fake()
     ref = build_sglang_engine(url_cfg(ref_server.url), pad_token_id=PAD)
     ref.update_weights(new.state_dict().items())
-    expected = ref.generate(PROMPTS, 2, SAMPLING)
+    expected, _ = ref.generate(PROMPTS, 2, SAMPLING)
     ref.shutdown()
     extra = ["--slow-s", "0.3", "--crash-after-requests", "3", "--crash-once-file", str(tmp_path / "crashed")]
     cfg = dataclasses.replace(launch_cfg(model_dir, tmp_path, free_port(), extra, max_retries=2), **kw)
@@ -358,7 +356,7 @@ def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tm
     first_pid = eng.pids[0]
     eng.update_weights(new.state_dict().items())
     # 1 request was the probe; the 3rd generate request kills the process while others are in flight
-    samples = eng.generate(PROMPTS, 2, SAMPLING)
+    samples, m = eng.generate(PROMPTS, 2, SAMPLING)
     assert marker.exists()
     assert len(eng.pids) == 2 and eng.servers[0].restarts == 1
     assert eng.servers[0].proc.pid != first_pid
@@ -366,7 +364,7 @@ def test_launched_server_crash_restart_resubmits_and_resyncs(fake, model_dir, tm
     assert [(x.prompt_index, x.response_ids) for x in samples] == [
         (x.prompt_index, x.response_ids) for x in expected
     ]
-    assert eng.last_metrics["rollout/retried_requests"] >= 1
+    assert m["rollout/retried_requests"] >= 1
     assert probe_gap(eng, new) < 1e-4
     eng.shutdown()
 
@@ -400,7 +398,7 @@ def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp
     assert marker.exists() and eng.servers[0].restarts == 1 and eng.servers[0].weights_stale
     assert eng.resync_stale(new.state_dict().items()) == [eng.servers[0].url]
     assert eng.resync_stale(iter(())) == []  # nothing waits any more
-    samples = eng.generate(PROMPTS, 2, SAMPLING)
+    samples, _ = eng.generate(PROMPTS, 2, SAMPLING)
     assert [(x.prompt_index, x.response_ids) for x in samples] == [(x.prompt_index, x.response_ids) for x in expected]
     assert probe_gap(eng, new) < 1e-4
     eng.shutdown()
@@ -436,7 +434,7 @@ def test_shutdown_stops_only_our_pids(model_dir, tmp_path, caplog, monkeypatch):
         cfg = launch_cfg(model_dir, tmp_path, free_port(consecutive=2), num_engines=2)
         eng = build_sglang_engine(cfg, pad_token_id=PAD, log_dir=tmp_path / "run" / "sglang_logs")
         assert len(eng.pids) == 2 and bystander.pid not in eng.pids
-        assert len(eng.generate(PROMPTS, 1, SAMPLING)) == len(PROMPTS)
+        assert len(eng.generate(PROMPTS, 1, SAMPLING)[0]) == len(PROMPTS)
         key = eng._transport.api_key
         assert key and "--api-key=***" in caplog.text and key not in caplog.text
         with pytest.raises(SGLangServerError, match="HTTP 401"):  # without the key: refused
@@ -520,7 +518,7 @@ def test_failed_tensor_update_closes_the_session_and_the_next_push_succeeds(fake
     counts = stats(server.url)["counts"]
     assert counts["/begin_weight_update"] == 4 and counts["/end_weight_update"] == 4
     assert not stats(server.url)["session_open"]
-    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)) == 2
+    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)[0]) == 2
     eng.shutdown()
 
 
@@ -552,13 +550,13 @@ def test_failed_distributed_update_closes_the_session_and_the_next_push_succeeds
 def test_server_aborts_are_retried_and_never_returned(fake):
     """SGLang answers a request it aborted itself with HTTP 200 and finish_reason abort: those truncated
     samples are resubmitted (with a backoff), never returned; an abort that persists fails the call."""
-    ref = build_sglang_engine(url_cfg(fake().url), pad_token_id=PAD).generate(PROMPTS, 2, SAMPLING)
+    ref, _ = build_sglang_engine(url_cfg(fake().url), pad_token_id=PAD).generate(PROMPTS, 2, SAMPLING)
     s = fake(abort_requests=2)
     eng = build_sglang_engine(url_cfg(s.url, retry_backoff_s=0.05), pad_token_id=PAD)
-    out = eng.generate(PROMPTS, 2, SAMPLING)
+    out, m = eng.generate(PROMPTS, 2, SAMPLING)
     assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in ref]
     assert all(x.finish_reason != "abort" for x in out)
-    assert eng.last_metrics["rollout/server_aborts"] == 2
+    assert m["rollout/server_aborts"] == 2
     assert eng.servers[0].healthy  # an abort is no fault of the server
     _http(s.url, "/fake/config", {"abort_requests": 10**6}, 5.0)
     with pytest.raises(RuntimeError, match=r"failed 3 times \(rollout.sglang.max_retries=2\); SGLang aborted them "
@@ -575,12 +573,12 @@ def test_context_length_is_read_checked_and_long_prompts_clamped(fake):
     assert eng.context_tokens == 15
     long_prompt = [5, 17, 9, 3, 44, 61, 12, 8, 20]  # 9 tokens: room for 6 of the 10
     sampling = SamplingParams(max_response_tokens=10)
-    out = eng.generate([PROMPTS[0], long_prompt], 2, sampling)
-    assert eng.last_metrics["rollout/clamped_requests"] == 1
+    out, m = eng.generate([PROMPTS[0], long_prompt], 2, sampling)
+    assert m["rollout/clamped_requests"] == 1
     assert all(len(x.response_ids) == 6 for x in out if x.prompt_index == 1)
     assert all(len(x.response_ids) == 10 for x in out if x.prompt_index == 0)
     # the clamped request is what a request for 6 tokens gives
-    six = eng.generate([long_prompt], 2, SamplingParams(max_response_tokens=6))
+    six, _ = eng.generate([long_prompt], 2, SamplingParams(max_response_tokens=6))
     assert [x.response_ids for x in out if x.prompt_index == 1] == [x.response_ids for x in six]
     with pytest.raises(ValueError, match=r"prompt 0 has 15 tokens.*data.max_prompt_tokens"):
         eng.generate([[1] * 15], 1, sampling)
@@ -597,12 +595,12 @@ def test_url_server_that_restarts_is_waited_for_and_resynced(fake):
     new = tiny_qwen3(1)
     ref = build_sglang_engine(url_cfg(fake().url), pad_token_id=PAD)
     ref.update_weights(new.state_dict().items())
-    expected = ref.generate(PROMPTS, 2, SAMPLING)
+    expected, _ = ref.generate(PROMPTS, 2, SAMPLING)
     s = fake()
     eng = build_sglang_engine(url_cfg(s.url, restart_wait_s=60.0), pad_token_id=PAD)
     eng.update_weights(new.state_dict().items())
     back = s.restart(down_s=1.5)  # a preempted node, an OOM restart: refused, then a fresh server
-    out = eng.generate(PROMPTS, 2, SAMPLING)
+    out, _ = eng.generate(PROMPTS, 2, SAMPLING)
     back.join(timeout=30)
     # the new process started from the original weights; it was given the last ones before any prompt
     assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in expected]
@@ -663,7 +661,7 @@ def test_api_key_is_sent_from_the_environment(fake, monkeypatch):
         build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
     monkeypatch.setenv("TEMPO_SGLANG_API_KEY", "job-key-123")
     eng = build_sglang_engine(url_cfg(s.url), pad_token_id=PAD)
-    assert len(eng.generate(PROMPTS[:2], 2, SAMPLING)) == 4
+    assert len(eng.generate(PROMPTS[:2], 2, SAMPLING)[0]) == 4
     assert stats(s.url)["counts"]["unauthorized"] == 1  # the first engine's, none since
     assert "job-key-123" not in repr(eng.cfg)  # never a config value (config.json)
     eng.shutdown()
@@ -673,7 +671,7 @@ def test_abort_returns_what_finished(fake):
     fast, hung = fake(slow_s=0.3), fake(hang=True)
     eng = build_sglang_engine(url_cfg(fast.url, hung.url), pad_token_id=PAD)
     out: list = []
-    th = threading.Thread(target=lambda: out.append(eng.generate(PROMPTS, 2, SAMPLING)))
+    th = threading.Thread(target=lambda: out.append(eng.generate(PROMPTS, 2, SAMPLING)[0]))
     th.start()
     deadline = time.monotonic() + 10
     while len(eng.abort_snapshot()) < 2 and time.monotonic() < deadline:
@@ -733,7 +731,7 @@ def test_engine_mode_abort_runs_on_the_engine_loop_and_returns_what_finished(mon
     monkeypatch.setattr(SGLangRolloutEngine, "_make_inprocess_engine", lambda self: fake_engine)
     eng = build_sglang_engine(SGLangConfig(mode="engine", model_path="/unused"), pad_token_id=PAD)
     out: list = []
-    th = threading.Thread(target=lambda: out.append(eng.generate(PROMPTS, 2, SAMPLING)))
+    th = threading.Thread(target=lambda: out.append(eng.generate(PROMPTS, 2, SAMPLING)[0]))
     th.start()
     time.sleep(0.2)  # generate is blocked inside the engine's loop
     assert th.is_alive() and eng.abort() == {}
@@ -758,7 +756,7 @@ def test_inprocess_engine_and_tensor_sync(tmp_path):  # pragma: no cover - needs
     cfg = SGLangConfig(mode="engine", model_path=str(tmp_path), weight_sync="tensor", probe_tolerance=5e-2)
     eng = build_sglang_engine(cfg, pad_token_id=PAD)
     eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())
-    samples = eng.generate(PROMPTS, 2, SAMPLING)
+    samples, _ = eng.generate(PROMPTS, 2, SAMPLING)
     assert [x.prompt_index for x in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
     eng.shutdown()
 
@@ -794,7 +792,7 @@ def test_server_tensor_sync_after_release_and_resume(tmp_path):  # pragma: no co
         eng.update_weights((n, t.cuda()) for n, t in new.state_dict().items())  # weights back, push, the rest
         assert probe_gap(eng, new) < 5e-2
         eng.release_memory()
-        samples = eng.generate(PROMPTS, 2, SAMPLING)  # takes its memory back itself
+        samples, _ = eng.generate(PROMPTS, 2, SAMPLING)  # takes its memory back itself
         assert [x.prompt_index for x in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
         assert all(len(x.logprobs) == len(x.response_ids) for x in samples)
     finally:

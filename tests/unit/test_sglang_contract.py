@@ -219,7 +219,7 @@ def test_every_http_request_matches_sglang_types(fake, wire, sglang_types, tenso
     new = tiny_qwen3(1)
     for mode in ("disk", "tensor", "distributed"):
         eng = build_sglang_engine(url_cfg(server.url, weight_sync=mode, bucket_bytes=4096), pad_token_id=PAD)
-        assert len(eng.generate(PROMPTS, 2, SAMPLING)) == 2 * len(PROMPTS)
+        assert len(eng.generate(PROMPTS, 2, SAMPLING)[0]) == 2 * len(PROMPTS)
         eng.release_memory()
         eng.resume_memory()
         eng.update_weights(new.state_dict().items())

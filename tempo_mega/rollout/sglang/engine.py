@@ -56,7 +56,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args
+from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args, generation_metrics
 from tempo_mega.rollout.sglang.config import SGLangConfig, sync_device
 from tempo_mega.rollout.sglang.servers import (
     _Server,
@@ -101,7 +101,6 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         self.pad_token_id = pad_token_id
         self.servers: list[_Server] = []
         self.pids: list[int] = []  # every process we started, for shutdown and for the record
-        self.last_metrics: dict[str, float] = {}
         self._lock = threading.Lock()
         self._aborting = threading.Event()
         self._finished: dict[int, list[Sample]] = {}
@@ -276,9 +275,13 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
                      sp["max_new_tokens"], limit)
         return out, clamped
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
-        """n samples per prompt, prompt-major: samples ``i*n .. i*n+n-1`` belong to prompt i. After
-        ``abort()``, returns only the prompts that finished (still prompt-major)."""
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int,
+                 sampling: SamplingParams) -> tuple[list[Sample], dict[str, float]]:
+        """(samples, metrics): n samples per prompt, prompt-major (samples ``i*n .. i*n+n-1`` belong to
+        prompt i; after ``abort()``, only the prompts that finished), and ``generation_metrics`` of the
+        call with the fault counters: ``rollout/retried_requests`` (resubmitted after a server failed),
+        ``rollout/server_aborts`` (aborted by SGLang itself), ``rollout/clamped_requests`` (max tokens
+        cut to the context)."""
         if self._closed:
             raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
         prompts = check_generate_args("SGLangRolloutEngine", prompt_ids, n)
@@ -340,10 +343,9 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
             raise RuntimeError(
                 f"SGLangRolloutEngine.generate: {len(samples)} samples for {len(prompts)} x {n}"
             )
-        self._metrics(samples, time.perf_counter() - t0, retries)
-        self.last_metrics["rollout/server_aborts"] = float(server_aborts)
-        self.last_metrics["rollout/clamped_requests"] = float(clamped)
-        return samples
+        return samples, {**generation_metrics(samples, time.perf_counter() - t0),
+                         "rollout/retried_requests": float(retries), "rollout/server_aborts": float(server_aborts),
+                         "rollout/clamped_requests": float(clamped)}
 
     def _run_round(self, prompts, pending: list[int], sps: list[dict], n: int, results) -> tuple[list[int], list[int]]:
         """One request per pending prompt; returns the prompts that failed and, of those, the ones the server
@@ -397,20 +399,6 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
             for url in {s.url for fut, (_, s) in futures.items() if not fut.done()}:
                 self._transport.close(url)
         return failed, aborted
-
-    def _metrics(self, samples: list[Sample], elapsed_s: float, retries: int) -> None:
-        lens = [len(s.response_ids) for s in samples]
-        tokens = sum(lens)
-        self.last_metrics = {
-            "rollout/tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0,
-            "rollout/response_len_mean": tokens / len(lens) if lens else 0.0,
-            "rollout/response_len_max": float(max(lens, default=0)),
-            "rollout/truncation_rate": (
-                sum(s.finish_reason == "length" for s in samples) / len(samples) if samples else 0.0
-            ),
-            "rollout/retried_requests": float(retries),
-            "timing/rollout_s": elapsed_s,
-        }
 
     def abort_snapshot(self) -> dict[int, list[Sample]]:
         """The prompts of the running ``generate`` that finished so far, by prompt index."""

@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,7 +65,6 @@ class _WeightSync:
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Push HF-named tensors (streamed) to every server and flush its cache."""
-        t0 = time.perf_counter()
         if self._engine is None:
             self._recover(resync=False)  # the push below brings a restarted server up to date too
         self.resume_memory(["weights"])  # the KV cache and CUDA graphs come back after the push
@@ -83,7 +81,6 @@ class _WeightSync:
                 # no copy here: the next generate raises RolloutNeedsWeights, and the caller re-streams them
                 log.warning("SGLang server failed during the weight push (%s); the weights must be pushed "
                             "again (resync_stale) before the next generate", e)
-                self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
                 return
             log.warning("SGLang server failed during the weight push (%s); recovering", e)
             self._recover()
@@ -105,7 +102,6 @@ class _WeightSync:
         self._synced = True
         self.resume_memory()
         self._call("/flush_cache", {})
-        self.last_metrics["timing/weight_sync_s"] = time.perf_counter() - t0
 
     def resync_stale(self, named_tensors: Iterable[tuple[str, Tensor]]) -> list[str]:
         """Push ``named_tensors`` (the weights last given to ``update_weights``) to the servers that came
@@ -114,12 +110,10 @@ class _WeightSync:
         stale = [s for s in self.servers if s.healthy and s.weights_stale]
         if not stale:
             return []
-        t0 = time.perf_counter()
         self._push(named_tensors, only=stale)
         for s in stale:
             self._http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
             s.weights_stale = False
-        self.last_metrics["timing/weight_resync_s"] = time.perf_counter() - t0
         return [s.url for s in stale]
 
     def _push(self, named_tensors: Iterable[tuple[str, Tensor]], only: list[_Server] | None) -> None:
