@@ -1,5 +1,6 @@
 """Rollout engines behind one protocol (``base.RolloutEngine``): hf.py (CPU reference), sglang/ (GPU),
-fake_sglang/ (a fake SGLang server for CPU tests).
+rank_zero.py (one sampler for a multi-rank trainer). The fake SGLang server the CPU tests run is test
+support (``tests/support/fake_sglang/``).
 
 The names below load on first use, so that reading ``rollout.sglang.config`` (config validation,
 ``tempo-mega plan``) does not import torch.

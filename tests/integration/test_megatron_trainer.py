@@ -119,7 +119,7 @@ def test_megatron_backend_with_sglang_rollouts(tmp_path, megatron_world):
 
     from tempo_mega.data.tokenizer import build_synthetic_tokenizer
     from tempo_mega.models import fresh_qwen3_config
-    from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+    from support.fake_sglang import FakeSGLangServer
 
     overrides = ["experiment=debug_cpu", "backend=megatron", "rollout.engine=sglang", "rollout.temperature=0.7",
                  "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}",
@@ -160,7 +160,7 @@ def test_two_ranks_one_sglang_driver(tmp_path):
     a push the probe rejects raises on both ranks (no rank is left waiting in a collective)."""
     from transformers import Qwen3ForCausalLM
 
-    from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+    from support.fake_sglang import FakeSGLangServer
 
     served = tmp_path / "served"
     Qwen3ForCausalLM(_tiny_qwen3()).save_pretrained(served)  # replaced by rank 0's first push
@@ -300,7 +300,7 @@ def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
     import torch.distributed as dist
 
     from tempo_mega.rollout.base import SamplingParams
-    from tempo_mega.rollout.fake_sglang import install_fake_serializer
+    from support.fake_sglang import install_fake_serializer
     from tempo_mega.rollout.rank_zero import RankZeroSGLang
     from tempo_mega.rollout.sglang import SGLangConfig
     from tempo_mega.weight_sync import WeightSync
@@ -312,7 +312,7 @@ def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
         actor = _tp2_actor(seed=1)
         # generate requests: 1 = the probe after the first push, 2 and 3 = the prompts: the 3rd kills it
         extra = ("--slow-s", "0.3", "--crash-after-requests", "2", "--crash-once-file", f"{out_dir}/crashed")
-        sg = SGLangConfig(model_path=served, launch_module="tempo_mega.rollout.fake_sglang", base_port=int(port),
+        sg = SGLangConfig(model_path=served, launch_module="support.fake_sglang", base_port=int(port),
                           extra_args=extra, weight_sync="tensor", request_timeout_s=20.0, health_timeout_s=60.0)
         rollout = RankZeroSGLang(sg, pad_token_id=0, weights_dtype=torch.float32)
         sync = WeightSync(actor, rollout, pad_token_id=0)

@@ -266,7 +266,7 @@ def test_study_script_tiny(tmp_path):
 def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
     """rollout.engine=sglang and nothing else changes: the loop runs against the fake SGLang server
     (HTTP /generate with log-probs, disk weight sync, the post-sync probe)."""
-    from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+    from support.fake_sglang import FakeSGLangServer
 
     train(tmp_path / "base", "trainer.total_steps=1")
     actor_dir = tmp_path / "base" / "hf" / "actor"

@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def fake(model_dir):
     """``fake(**knobs)`` starts an in-process fake SGLang server serving ``model_dir``; all stop after the test."""
-    from tempo_mega.rollout.fake_sglang import FakeSGLangServer
+    from support.fake_sglang import FakeSGLangServer
 
     servers: list = []
 
@@ -52,7 +52,7 @@ def fake(model_dir):
 @pytest.fixture
 def tensor_sync():
     """weight_sync=tensor on CPU: the client's MultiprocessingSerializer is the fake server's stand-in."""
-    from tempo_mega.rollout.fake_sglang import install_fake_serializer, uninstall_fake_serializer
+    from support.fake_sglang import install_fake_serializer, uninstall_fake_serializer
 
     added = install_fake_serializer()
     yield

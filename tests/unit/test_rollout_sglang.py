@@ -1,4 +1,4 @@
-"""SGLangRolloutEngine against a fake SGLang server (tempo_mega.rollout.fake_sglang) on 127.0.0.1: the fake
+"""SGLangRolloutEngine against a fake SGLang server (support.fake_sglang) on 127.0.0.1: the fake
 runs a real tiny Qwen3, so samples, weight updates and the probe are checked against plain transformers."""
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def test_server_dying_during_weight_push_is_recovered(fake):
 def launch_cfg(model_dir, tmp_path, port: int, extra=(), **kw) -> SGLangConfig:
     return SGLangConfig(
         model_path=model_dir,
-        launch_module="tempo_mega.rollout.fake_sglang",
+        launch_module="support.fake_sglang",
         base_port=port,
         num_engines=kw.pop("num_engines", 1),
         extra_args=tuple(extra),
@@ -463,7 +463,7 @@ def test_launch_failure_is_reported_with_its_log_and_leaves_no_temp_dir(tmp_path
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
     cfg = SGLangConfig(
         model_path=str(tmp_path / "missing"),
-        launch_module="tempo_mega.rollout.fake_sglang",
+        launch_module="support.fake_sglang",
         base_port=free_port(),
         health_timeout_s=120.0,
     )

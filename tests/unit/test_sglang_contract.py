@@ -8,7 +8,7 @@ inherited ``BaseReq`` fields included) with ``ast``, the in-process ``Engine``'s
 generated ``/generate`` JSON contract (``api/v1/api_types.py``, loaded as a standalone module: it needs only
 msgspec), which is the decoder the server itself runs on a ``/generate`` body.
 
-The client's bodies are captured on the wire: it talks to the fake server (``tempo_mega.rollout.fake_sglang``),
+The client's bodies are captured on the wire: it talks to the fake server (``support.fake_sglang``),
 which is given the same field lists and refuses unknown keys, while its transport records each request. Every
 route the client calls must be one SGLang serves; every key of a body must be a field of the route's struct
 (a route without one takes no body keys); every field without a default must be sent. Nothing here is copied

@@ -34,7 +34,7 @@ class SGLangConfig:
     extra_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     base_port: int = 30000
-    launch_module: str = "sglang.launch_server"  # tests point this at tempo_mega.rollout.fake_sglang
+    launch_module: str = "sglang.launch_server"  # tests point this at support.fake_sglang
     # requests and faults
     request_timeout_s: float = 3600.0  # one /generate of up to n x 16K tokens
     health_timeout_s: float = 600.0  # launch until /health answers

@@ -34,7 +34,7 @@ the contract test) makes a POST body with a key outside its path's fields an HTT
 request structs refuse unknown fields; ``sampling_params`` keys are checked against the ``"sampling_params"``
 entry the same way. ``GET /fake/stats`` also lists the refusals (``unknown_fields``).
 
-    python -m tempo_mega.rollout.fake_sglang --model-path DIR --host 127.0.0.1 --port 30000
+    python -m support.fake_sglang --model-path DIR --host 127.0.0.1 --port 30000
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import time
 
 import torch
 
-from tempo_mega.rollout.fake_sglang.handler import _FakeHTTPServer
-from tempo_mega.rollout.fake_sglang.state import (
+from support.fake_sglang.handler import _FakeHTTPServer
+from support.fake_sglang.state import (
     FakeTensorSerializer,
     _FakeState,
     install_fake_serializer,

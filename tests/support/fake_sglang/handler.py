@@ -9,7 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tempo_mega.rollout.fake_sglang.state import FakeTensorSerializer, _FakeState
+from support.fake_sglang.state import FakeTensorSerializer, _FakeState
 from tempo_mega.rollout.sglang.config import MEMORY_TAGS  # SGLang's GPU_MEMORY_ALL_TYPES (0.5.x)
 
 
