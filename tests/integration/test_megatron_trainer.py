@@ -115,11 +115,11 @@ def test_megatron_backend_with_sglang_rollouts(tmp_path, megatron_world):
     """rollout.engine=sglang with backend=megatron against the fake SGLang server (HTTP generate with
     log-probs, disk weight sync, the post-sync probe). rollout.temperature=0.7: the samples' log-probs
     are at 0.7 (and match the trainer's), the probe compares at temperature 1 on both sides."""
+    from support.fake_sglang import FakeSGLangServer
     from transformers import AutoModelForCausalLM
 
     from tempo_mega.data.tokenizer import build_synthetic_tokenizer
     from tempo_mega.models import fresh_qwen3_config
-    from support.fake_sglang import FakeSGLangServer
 
     overrides = ["experiment=debug_cpu", "backend=megatron", "rollout.engine=sglang", "rollout.temperature=0.7",
                  "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}",
@@ -158,9 +158,8 @@ def test_two_ranks_one_sglang_driver(tmp_path):
     """RankZeroSGLang in a 2-rank world (TP=2: the export gathers shards, the probe forward is a collective):
     rank 0 alone talks to the server, both ranks get the same samples, metrics and probe log-probs, and
     a push the probe rejects raises on both ranks (no rank is left waiting in a collective)."""
-    from transformers import Qwen3ForCausalLM
-
     from support.fake_sglang import FakeSGLangServer
+    from transformers import Qwen3ForCausalLM
 
     served = tmp_path / "served"
     Qwen3ForCausalLM(_tiny_qwen3()).save_pretrained(served)  # replaced by rank 0's first push
@@ -298,9 +297,9 @@ def test_two_ranks_resync_a_restarted_server_with_tensor_sync(tmp_path):
 
 def _two_rank_resync_worker(served: str, out_dir: str, port: str) -> None:
     import torch.distributed as dist
+    from support.fake_sglang import install_fake_serializer
 
     from tempo_mega.rollout.base import SamplingParams
-    from support.fake_sglang import install_fake_serializer
     from tempo_mega.rollout.rank_zero import RankZeroSGLang
     from tempo_mega.rollout.sglang import SGLangConfig
     from tempo_mega.weight_sync import WeightSync

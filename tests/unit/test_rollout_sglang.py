@@ -383,6 +383,59 @@ def test_tensor_sync_buckets_reach_the_server(fake, tensor_sync):
     eng.shutdown()
 
 
+def test_an_older_server_without_sessions_or_server_info(fake, tensor_sync):
+    """SGLang < 0.5.23 answers 404 to /begin_weight_update, /end_weight_update and /server_info: the push
+    runs without a session (begin is asked once, never again), and the context length is read from
+    /get_server_info."""
+    old_routes = ("/begin_weight_update", "/end_weight_update", "/server_info")
+    server = fake(missing_routes=old_routes, context_length=64)
+    new = tiny_qwen3(1)
+    eng = build_sglang_engine(url_cfg(server.url, weight_sync="tensor", bucket_bytes=4096), pad_token_id=PAD)
+    assert eng.context_tokens == 63  # from /get_server_info
+    eng.update_weights(new.state_dict().items())
+    eng.update_weights(new.state_dict().items())
+    assert probe_gap(eng, new) < 1e-4
+    counts = server.state.counts
+    assert counts["/begin_weight_update"] == 1 and "/end_weight_update" not in counts
+    assert counts["/get_server_info"] == 1 and counts["/update_weights_from_tensor"] > 2
+    eng.shutdown()
+
+
+def test_server_handles_answer_one_interface():
+    """The in-process handle maps SGLang's routes to ``sglang.Engine`` methods of the same name (a
+    missing one is ``_NoSuchRoute``, as an HTTP 404 is), checks their success, and builds the tensor
+    update from the tensors themselves."""
+    from tempo_mega.rollout.sglang.handles import _InProcessServer
+    from tempo_mega.rollout.sglang.transport import _NoSuchRoute
+
+    calls = []
+
+    class Engine:
+        def flush_cache(self):
+            calls.append("flush_cache")
+            return {"success": True}
+
+        def update_weights_from_disk(self, model_path):
+            return {"success": False, "message": f"no weights at {model_path}"}
+
+        def shutdown(self):
+            calls.append("shutdown")
+
+    h = _InProcessServer(url="engine", engine=Engine())
+    assert not h.routed and h.healthy
+    h.call("/flush_cache", {}, 1.0)
+    with pytest.raises(SGLangServerError, match="no weights at /x"):
+        h.call("/update_weights_from_disk", {"model_path": "/x"}, 1.0)
+    with pytest.raises(_NoSuchRoute, match="begin_weight_update"):
+        h.call("/begin_weight_update", {}, 1.0)
+    bucket = [("w", torch.zeros(2))]
+    assert h.tensor_update_body(bucket, tp_size=2) == {"named_tensors": bucket, "flush_cache": False}
+    assert h.server_info(1.0) is None  # the engine reports no server info
+    h.stop()
+    h.stop()  # once
+    assert calls == ["flush_cache", "shutdown"]
+
+
 @pytest.mark.slow
 def test_restart_without_a_weight_copy_asks_for_the_weights(fake, model_dir, tmp_path, tensor_sync):
     """tensor sync keeps no copy of the weights: the restarted server is not used,

@@ -3,7 +3,9 @@
 - ``config``: ``SGLangConfig`` (what ``rollout.sglang.*`` may say), ``MEMORY_TAGS``, ``sync_device``;
   standard library only, read by the run's config before any engine is built.
 - ``transport``: JSON over HTTP with the job's API key, daemon request threads, the error types.
-- ``servers``: each server's state, the hang watchdog, launch / connect / restart, memory release.
+- ``handles``: one server behind one interface, HTTP (``_Server``) or in-process ``sglang.Engine``
+  (``_InProcessServer``): SGLang's routes, server info, abort, stop, and the state kept per server.
+- ``servers``: the hang watchdog, launch / connect / restart, memory release.
 - ``weights``: weight sync by disk, tensor or NCCL broadcast, the re-push to servers that came back,
   the log-probs of the post-sync probe.
 - ``engine``: ``SGLangRolloutEngine`` (generation, routing, retries, abort) and ``build_sglang_engine``.

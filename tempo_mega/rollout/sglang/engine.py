@@ -44,7 +44,6 @@ exits at once. Requests are fitted to the servers' context length, read at start
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import operator
 import os
@@ -58,14 +57,10 @@ from pathlib import Path
 
 from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args, generation_metrics
 from tempo_mega.rollout.sglang.config import SGLangConfig, sync_device
-from tempo_mega.rollout.sglang.servers import (
-    _Server,
-    _ServerFleet,
-    _Watchdog,
-)
+from tempo_mega.rollout.sglang.handles import _Server
+from tempo_mega.rollout.sglang.servers import _ServerFleet, _Watchdog
 from tempo_mega.rollout.sglang.transport import (
     SGLangServerError,
-    _check_success,
     _DaemonPool,
     _ServerAbort,
     _ServerDown,
@@ -104,8 +99,6 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         self._lock = threading.Lock()
         self._aborting = threading.Event()
         self._finished: dict[int, list[Sample]] = {}
-        self._engine = None  # in-process sglang.Engine
-        self._engine_memory = _Server(url="engine")  # its released memory tags
         self._disk_root: Path | None = None
         self._last_disk_dir: Path | None = None
         self._disk_version = 0
@@ -131,7 +124,6 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         ):
             key = secrets.token_hex(32)  # hex: never starts with '-', which argparse would read as a flag
         self._transport = _Transport(api_key=key)
-        self._http = self._transport.call
         atexit.register(self.shutdown)
         if start:
             try:
@@ -168,27 +160,7 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
 
     def _call(self, path: str, body: dict, timeout_s: float | None = None) -> list:
         """The same control call on every healthy server (engine mode: the in-process engine)."""
-        if self._engine is not None:
-            return [self._engine_call(path, body)]
-        return [
-            self._http(s.url, path, body, timeout_s or self.cfg.request_timeout_s)
-            for s in self.servers
-            if s.healthy
-        ]
-
-    def _engine_call(self, path: str, body: dict):
-        eng = self._engine
-        name = path.strip("/")
-        if name == "generate":
-            return eng.generate(**body)
-        fn = getattr(eng, name, None)
-        if fn is None:
-            if name in ("begin_weight_update", "end_weight_update"):
-                return None  # older Engine without the session calls
-            raise RuntimeError(f"sglang.Engine has no {name}()")
-        out = fn(**body)
-        _check_success(out, name)
-        return out
+        return [s.call(path, body, timeout_s or self.cfg.request_timeout_s) for s in self.servers if s.healthy]
 
     # ------------------------------------------------------------------ generation
     def _sampling_dict(self, n: int, sampling: SamplingParams) -> dict:
@@ -230,7 +202,7 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         body = {"input_ids": prompt, "sampling_params": sp, "return_logprob": True, "logprob_start_len": -1}
         epoch = s.epoch
         try:
-            resp = self._http(s.url, "/generate", body, self.cfg.request_timeout_s)
+            resp = s.call("/generate", body, self.cfg.request_timeout_s)
         except _ServerDown as e:
             s.fail(epoch, str(e))
             raise
@@ -294,11 +266,10 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         retries = 0
         server_aborts = 0
         abort_rounds = 0
-        if self._engine is not None:
-            outs = self._engine.generate(  # one dict per prompt only where one was clamped
-                input_ids=prompts, sampling_params=sps if clamped else sps[0], return_logprob=True,
-                logprob_start_len=-1,
-            )
+        if not self.servers[0].routed:  # in-process: the whole call at once, one dict per prompt where clamped
+            outs = self.servers[0].call("/generate", {
+                "input_ids": prompts, "sampling_params": sps if clamped else sps[0], "return_logprob": True,
+                "logprob_start_len": -1})
             for k, o in enumerate(outs):
                 results[k // n].samples.append(self._parse_output(o, k // n))
         else:
@@ -406,22 +377,14 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
             return dict(self._finished)
 
     def abort(self) -> dict[int, list[Sample]]:
-        """Abort every in-flight request (``/abort_request`` with ``abort_all``; in engine mode the
-        tokenizer manager's ``abort_request``, run on the engine's event loop, which the blocked
-        ``generate`` is driving). The running ``generate`` returns the prompts whose n samples all
-        finished; this returns those finished so far, by prompt index (engine mode: {}, as the engine
-        hands back nothing before its ``generate`` returns)."""
+        """Abort every in-flight request (each server's ``abort_all``: ``/abort_request`` with
+        ``abort_all``, or the in-process engine's abort on its own event loop). The running ``generate``
+        returns the prompts whose n samples all finished; this returns those finished so far, by prompt
+        index (engine mode: {}, as the engine hands back nothing before its ``generate`` returns)."""
         self._aborting.set()
-        if self._engine is not None:
-            eng = self._engine
-            eng.loop.call_soon_threadsafe(functools.partial(eng.tokenizer_manager.abort_request, abort_all=True))
-            return self.abort_snapshot()
         for s in self.servers:
             if s.healthy:
-                try:
-                    self._http(s.url, "/abort_request", {"rid": "", "abort_all": True}, timeout_s=30.0)
-                except _ServerDown as e:
-                    s.fail(s.epoch, str(e))
+                s.abort_all()
         return self.abort_snapshot()
 
 

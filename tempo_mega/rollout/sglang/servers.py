@@ -1,4 +1,4 @@
-"""The SGLang servers of an engine: each one's state (``_Server``), the watchdog that finds a hung one
+"""The SGLang servers of an engine (handles in ``handles.py``): the watchdog that finds a hung one
 (``_Watchdog``) and ``_ServerFleet``, the part of ``SGLangRolloutEngine`` that launches or connects to the
 servers, restarts or waits for failed ones and gives them the last weights back (``_recover``), releases
 and resumes their GPU memory, and builds the in-process ``sglang.Engine``. ``redact_command`` hides
@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,11 +25,8 @@ import torch
 
 from tempo_mega.rollout.base import RolloutNeedsWeights
 from tempo_mega.rollout.sglang.config import MEMORY_TAGS
-from tempo_mega.rollout.sglang.transport import (
-    SGLangServerError,
-    _check_success,
-    _ServerDown,
-)
+from tempo_mega.rollout.sglang.handles import _InProcessServer, _Server
+from tempo_mega.rollout.sglang.transport import SGLangServerError, _check_success, _ServerDown
 
 if TYPE_CHECKING:
     from tempo_mega.rollout.sglang.engine import SGLangRolloutEngine
@@ -91,33 +87,6 @@ def _context_tokens(info) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
-@dataclass
-class _Server:
-    url: str
-    proc: subprocess.Popen | None = None  # set when we launched it
-    port: int | None = None
-    healthy: bool = True
-    outstanding: int = 0
-    restarts: int = 0
-    weights_stale: bool = False  # needs the last weights again before serving
-    last_error: str = ""
-    epoch: int = 0  # +1 each time it is marked failed: a late answer to an older request changes nothing
-    released: set[str] = field(default_factory=set)  # memory tags it has released (SGLang tracks the same)
-    session_open: bool = False  # a /begin_weight_update of ours that no /end_weight_update has closed
-    log_path: Path | None = None  # where a launched server writes its output
-
-    def fail(self, epoch: int, error: str) -> None:
-        """Mark it failed, unless it was already marked so since the request of ``epoch`` was sent."""
-        if epoch == self.epoch:
-            self.healthy, self.last_error, self.epoch = False, error, self.epoch + 1
-
-    @property
-    def launched(self) -> bool:
-        return self.port is not None
-
-
-
-
 class _Watchdog(threading.Thread):
     """While a round of requests runs: each ``watchdog_interval_s``, GET ``/health_generate`` of every
     healthy server with requests outstanding; ``watchdog_failures`` failures in a row mark it failed
@@ -143,7 +112,7 @@ class _Watchdog(threading.Thread):
                     continue
                 epoch = s.epoch
                 try:
-                    self.engine._http(s.url, "/health_generate", None, cfg.watchdog_timeout_s, method="GET")
+                    s.call("/health_generate", None, cfg.watchdog_timeout_s, method="GET")
                     self._failures[s.url] = 0
                 except (_ServerDown, SGLangServerError) as e:
                     k = self._failures[s.url] = self._failures.get(s.url, 0) + 1
@@ -174,16 +143,16 @@ class _ServerFleet:
     def start(self) -> None:
         cfg = self.cfg
         if cfg.mode == "engine":
-            self._engine = self._make_inprocess_engine()
+            self.servers = [_InProcessServer(url="engine", engine=self._make_inprocess_engine())]
         elif cfg.urls:
-            self.servers = [_Server(url=u.rstrip("/")) for u in cfg.urls]
+            self.servers = [_Server(url=u.rstrip("/"), transport=self._transport) for u in cfg.urls]
             for s in self.servers:
                 self._wait_healthy(s, proc=None)
         else:
             self._check_launch_module()
             for k in range(cfg.num_engines):
                 port = cfg.base_port + k
-                s = _Server(url=f"http://{cfg.host}:{port}", port=port)
+                s = _Server(url=f"http://{cfg.host}:{port}", transport=self._transport, port=port)
                 self.servers.append(s)
                 self._launch(s, k)
             for s in self.servers:
@@ -252,7 +221,7 @@ class _ServerFleet:
                     + _log_tail(s.log_path)
                 )
             try:
-                self._http(s.url, "/health", None, timeout_s=min(5.0, self.cfg.health_timeout_s), method="GET")
+                s.call("/health", None, min(5.0, self.cfg.health_timeout_s), method="GET")
                 s.healthy = True
                 return
             except (_ServerDown, SGLangServerError) as e:
@@ -269,21 +238,9 @@ class _ServerFleet:
         /server_info when the server was given --context-length; else its ``max_req_input_len``, the
         scheduler's input limit, below the context and the KV pool). None where a server reports neither."""
         limits: list[int] = []
-        for s in self.servers if self._engine is None else [None]:
-            info = None
-            if s is None:
-                get = getattr(self._engine, "get_server_info", None)
-                info = get() if get is not None else None
-            else:
-                for path in ("/server_info", "/get_server_info"):  # 0.5.23; the deprecated route of older ones
-                    try:
-                        info = self._http(s.url, path, None, min(30.0, self.cfg.request_timeout_s), method="GET")
-                        break
-                    except SGLangServerError as e:
-                        if "HTTP 404" not in str(e):
-                            raise
-            limit = _context_tokens(info)
-            where = "the engine" if s is None else s.url
+        for s in self.servers:
+            limit = _context_tokens(s.server_info(min(30.0, self.cfg.request_timeout_s)))
+            where = "the engine" if not s.routed else s.url
             if limit is None:
                 log.warning("%s reports no context length: requests are not checked against it", where)
                 continue
@@ -301,15 +258,6 @@ class _ServerFleet:
                 f"lower rollout.max_response_tokens below {self.context_tokens} or serve a longer --context-length"
             )
 
-    def _stop_proc(self, proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=grace_s)
-
     def shutdown(self) -> None:
         """Stop what we started (only those pids), forget given URLs, end the HTTP calls still in flight
         (their threads then end, so the process can exit), remove temp dirs. Idempotent."""
@@ -319,11 +267,7 @@ class _ServerFleet:
         self._stop_event.set()
         self._transport.close()
         for s in self.servers:
-            if s.proc is not None:
-                self._stop_proc(s.proc)
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+            s.stop()
         if self._group is not None:
             torch.distributed.destroy_process_group(self._group)
             self._group = None
@@ -343,8 +287,7 @@ class _ServerFleet:
                 continue
             if s.launched:
                 log.warning("SGLang server %s failed (%s); restarting", s.url, s.last_error)
-                if s.proc is not None:
-                    self._stop_proc(s.proc, grace_s=5.0)
+                s.stop(grace_s=5.0)
                 s.restarts += 1
                 self._launch(s, k)
                 self._wait_healthy(s, proc=s.proc)
@@ -362,7 +305,7 @@ class _ServerFleet:
 
     def _answers_health(self, s: _Server) -> bool:
         try:
-            self._http(s.url, "/health", None, timeout_s=min(5.0, self.cfg.request_timeout_s), method="GET")
+            s.call("/health", None, min(5.0, self.cfg.request_timeout_s), method="GET")
             return True
         except (_ServerDown, SGLangServerError):
             return False
@@ -400,12 +343,8 @@ class _ServerFleet:
 
     def _resync(self, s: _Server) -> None:
         if self._last_disk_dir is not None:
-            resp = self._http(
-                s.url,
-                "/update_weights_from_disk",
-                {"model_path": str(self._last_disk_dir)},
-                self.cfg.request_timeout_s,
-            )
+            resp = s.call("/update_weights_from_disk", {"model_path": str(self._last_disk_dir)},
+                          self.cfg.request_timeout_s)
             _check_success(resp, f"{s.url}/update_weights_from_disk")
         elif not self._synced:
             pass  # never synced: the server runs the weights it started with
@@ -414,7 +353,7 @@ class _ServerFleet:
                 f"SGLangRolloutEngine: {s.url} came back without the last weights, and weight_sync="
                 f"{self.cfg.weight_sync!r} keeps no copy: stream them with resync_stale()"
             )
-        self._http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
+        s.call("/flush_cache", {}, self.cfg.request_timeout_s)
         s.weights_stale = False
 
     # ------------------------------------------------------------------ memory
@@ -438,22 +377,20 @@ class _ServerFleet:
         unknown = [t for t in want if t not in MEMORY_TAGS]
         if unknown:
             raise ValueError(f"SGLangRolloutEngine: unknown memory tags {unknown} (known: {list(MEMORY_TAGS)})")
-        holders = [self._engine_memory] if self._engine is not None else [s for s in self.servers if s.healthy]
-        for h in holders:
+        for h in [s for s in self.servers if s.healthy]:
             todo = [t for t in want if (t in h.released) != release]
             if not todo:
                 continue
-            if self._engine is not None:
-                self._engine_call(path, {"tags": todo})
-            else:
-                for attempt in range(3):  # a release needs an idle server: a health check may still finish
-                    try:
-                        self._http(h.url, path, {"tags": todo}, self.cfg.request_timeout_s)
-                        break
-                    except (_ServerDown, SGLangServerError) as e:
-                        if attempt == 2:
-                            raise SGLangServerError(f"{h.url}{path} {todo} failed 3 times: {e}") from e
-                        time.sleep(1.0)
+            for attempt in range(3 if h.routed else 1):  # an HTTP release needs an idle server: a health
+                try:                                     # check may still finish
+                    h.call(path, {"tags": todo}, self.cfg.request_timeout_s)
+                    break
+                except (_ServerDown, SGLangServerError) as e:
+                    if attempt == 2:
+                        raise SGLangServerError(f"{h.url}{path} {todo} failed 3 times: {e}") from e
+                    if not h.routed:
+                        raise
+                    time.sleep(1.0)
             h.released = (h.released | set(todo)) if release else (h.released - set(todo))
 
     # ------------------------------------------------------------------ in-process engine

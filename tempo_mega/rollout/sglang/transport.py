@@ -20,6 +20,10 @@ class SGLangServerError(RuntimeError):
     """A server answered with an error (HTTP 4xx): a bad request, not a fault; never retried."""
 
 
+class _NoSuchRoute(SGLangServerError):
+    """The server has no such route (HTTP 404; an in-process engine: no such method): an older SGLang."""
+
+
 class _ServerDown(RuntimeError):
     """A server did not answer: timeout, refused/reset connection, HTTP 5xx. Caught and recovered from
     inside the engine; a RuntimeError (naming the URL) where it does surface."""
@@ -74,6 +78,8 @@ class _Transport:
                 + ("sent one that it refused" if self.api_key else "has none: set it in the environment variable "
                    "that rollout.sglang.api_key_env names")
             )
+        if status == 404:
+            raise _NoSuchRoute(f"{url}{path}: HTTP 404: {raw.decode(errors='replace')[:2000]}")
         if status >= 400:
             raise SGLangServerError(f"{url}{path}: HTTP {status}: {raw.decode(errors='replace')[:2000]}")
         try:

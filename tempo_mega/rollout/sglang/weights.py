@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tempo_mega.rollout.sglang.servers import _Server
+from tempo_mega.rollout.sglang.handles import _Server
 from tempo_mega.rollout.sglang.transport import (
     SGLangServerError,
     _check_success,
+    _NoSuchRoute,
     _ServerDown,
 )
 
@@ -65,15 +66,12 @@ class _WeightSync:
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Push HF-named tensors (streamed) to every server and flush its cache."""
-        if self._engine is None:
-            self._recover(resync=False)  # the push below brings a restarted server up to date too
+        self._recover(resync=False)  # the push below brings a restarted server up to date too
         self.resume_memory(["weights"])  # the KV cache and CUDA graphs come back after the push
         try:
             self._push(named_tensors, only=None)
         except _ServerDown as e:
             # the stream is spent and every server may hold part of it: all of them need the weights again
-            if self._engine is not None:
-                raise RuntimeError(f"SGLangRolloutEngine.update_weights: the engine failed during the push ({e})") from e
             for s in self.servers:
                 s.weights_stale = True
             self._synced = True
@@ -112,7 +110,7 @@ class _WeightSync:
             return []
         self._push(named_tensors, only=stale)
         for s in stale:
-            self._http(s.url, "/flush_cache", {}, self.cfg.request_timeout_s)
+            s.call("/flush_cache", {}, self.cfg.request_timeout_s)
             s.weights_stale = False
         return [s.url for s in stale]
 
@@ -123,17 +121,11 @@ class _WeightSync:
             self._post_each(only, "/update_weights_from_disk", {"model_path": str(path)})
         elif mode == "tensor":
             with self._update_session(only):
+                targets = self._targets(only)
                 for bucket in bucket_named_tensors(named_tensors, self.cfg.bucket_bytes):
-                    if self._engine is not None:
-                        self._engine_call(
-                            "/update_weights_from_tensor", {"named_tensors": bucket, "flush_cache": False}
-                        )
-                        continue
-                    from sglang.srt.utils import MultiprocessingSerializer  # CUDA IPC handles: same node only
-
-                    blob = MultiprocessingSerializer.serialize(bucket, output_str=True)
-                    body = {"serialized_named_tensors": [blob] * self.cfg.tp_size, "flush_cache": False}
-                    self._post_each(only, "/update_weights_from_tensor", body)
+                    if targets:  # one kind of server per engine: the body is made once, for all of them
+                        body = targets[0].tensor_update_body(bucket, self.cfg.tp_size)
+                        self._post_each(only, "/update_weights_from_tensor", body)
         else:
             self._push_distributed(named_tensors, only)
 
@@ -141,12 +133,9 @@ class _WeightSync:
         return only if only is not None else [x for x in self.servers if x.healthy]
 
     def _post_each(self, only: list[_Server] | None, path: str, body: dict) -> None:
-        if self._engine is not None:
-            self._engine_call(path, body)
-            return
         for s in self._targets(only):
             try:
-                resp = self._http(s.url, path, body, self.cfg.request_timeout_s)
+                resp = s.call(path, body, self.cfg.request_timeout_s)
             except _ServerDown as e:
                 s.fail(s.epoch, str(e))
                 raise
@@ -158,18 +147,6 @@ class _WeightSync:
         around a tensor or distributed push, closed on every exit: SGLang refuses a second begin while a
         session is open, so one failed push left open would fail every later one. A session of ours whose
         end did not get through (a dropped connection) is ended first."""
-        if self._engine is not None:
-            self._engine_call("/begin_weight_update", {})
-            try:
-                yield
-            except BaseException:
-                try:
-                    self._engine_call("/end_weight_update", {})
-                except Exception as e:  # noqa: BLE001 (the push's own error is the one to raise)
-                    log.warning("SGLang engine: /end_weight_update after a failed push failed too: %s", e)
-                raise
-            self._engine_call("/end_weight_update", {})
-            return
         targets = [s for s in self._targets(only) if self._begin_end_supported.get(s.url) is not False]
         for s in targets:
             if s.session_open:
@@ -194,14 +171,12 @@ class _WeightSync:
     def _begin_session(self, s: _Server) -> bool:
         """Open a session on ``s``; False where the server has no sessions (SGLang < 0.5.23)."""
         try:
-            _check_success(self._http(s.url, "/begin_weight_update", {}, self.cfg.request_timeout_s),
+            _check_success(s.call("/begin_weight_update", {}, self.cfg.request_timeout_s),
                            f"{s.url}/begin_weight_update")
         except _ServerDown as e:
             s.fail(s.epoch, str(e))
             raise
-        except SGLangServerError as e:
-            if "HTTP 404" not in str(e):
-                raise
+        except _NoSuchRoute:
             log.info("%s has no /begin_weight_update (SGLang < 0.5.23): updating without the session", s.url)
             self._begin_end_supported[s.url] = False
             return False
@@ -213,7 +188,7 @@ class _WeightSync:
         """Close our session on ``s``. ``missing_ok``: a refusal means it has none open (it ended it, or it
         is a new process), which is what was wanted."""
         try:
-            _check_success(self._http(s.url, "/end_weight_update", {}, self.cfg.request_timeout_s),
+            _check_success(s.call("/end_weight_update", {}, self.cfg.request_timeout_s),
                            f"{s.url}/end_weight_update")
         except _ServerDown as e:
             s.fail(s.epoch, str(e))
@@ -274,16 +249,8 @@ class _WeightSync:
                 "backend": "nccl",
             }
             with ThreadPoolExecutor(max_workers=len(self.servers) + 1) as pool:
-                futs = (
-                    [
-                        pool.submit(
-                            self._http, s.url, "/init_weights_update_group", body_for(k), cfg.request_timeout_s
-                        )
-                        for k, s in enumerate(self.servers)
-                    ]
-                    if self._engine is None
-                    else [pool.submit(self._engine_call, "/init_weights_update_group", body_for(0))]
-                )
+                futs = [pool.submit(s.call, "/init_weights_update_group", body_for(k), cfg.request_timeout_s)
+                        for k, s in enumerate(self.servers)]
                 self._group = _init_weight_group(cfg.group_master_address, cfg.group_master_port, world)
                 for f in futs:
                     _check_success(f.result(), "init_weights_update_group")

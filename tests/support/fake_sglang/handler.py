@@ -66,6 +66,8 @@ class _Handler(BaseHTTPRequestHandler):
             with st.stats_lock:
                 st.counts["unauthorized"] = st.counts.get("unauthorized", 0) + 1
             return self._send(401, {"error": "Unauthorized"})
+        if path in st.missing_routes:
+            return self._error(f"not found: {path}", 404)
         unknown = self._unknown_fields(path, body) if method == "POST" else []
         if unknown:
             with st.stats_lock:
@@ -117,7 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 )
             elif path in ("/update_weights_from_tensor", "/update_weights_from_distributed"):
-                if not st.session_open:  # 0.5.23: tensor and distributed updates only inside a session
+                # 0.5.23: tensor and distributed updates only inside a session (an older server has none)
+                if not st.session_open and "/begin_weight_update" not in st.missing_routes:
                     return self._send(400, {"success": False, "message": "no weight-update session is open "
                                             "(call /begin_weight_update first)"})
                 if st.fail_updates > 0:

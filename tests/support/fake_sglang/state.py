@@ -26,6 +26,7 @@ class _FakeState:
         context_length: int | None = None,
         api_key: str | None = None,
         request_fields: dict[str, list[str] | set[str] | tuple[str, ...]] | None = None,
+        missing_routes: tuple[str, ...] = (),
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -44,6 +45,7 @@ class _FakeState:
         self.api_key = api_key
         self.request_fields = {k: frozenset(v) for k, v in (request_fields or {}).items()}
         self.unknown_fields: list[str] = []  # "path: key" of each refused body key
+        self.missing_routes = frozenset(missing_routes)  # answered 404, as an older SGLang has no such route
         self.context_length_arg = context_length  # --context-length; /server_info reports it as given
         self.context_len = context_length or int(self.model.config.max_position_embeddings)
         self.session_open = False  # a /begin_weight_update not yet ended
