@@ -134,3 +134,44 @@ def test_no_isinstance_on_a_concrete_backend_outside_it():
 def test_no_module_over_500_lines():
     long = {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 500}
     assert not long, f"over 500 lines: {long}"
+
+
+def _mode_comparisons(source: str, where: str, modes: set[str]) -> list[str]:
+    """``x.mode == "ttrl"``, ``a.mode in ("ttrl", "empo")`` and the like: a comparison of an attribute named
+    ``mode`` with an algorithm mode's name."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=where)):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        names = {c.value for s in sides for c in ast.walk(s) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+        if any(isinstance(s, ast.Attribute) and s.attr == "mode" for s in sides) and names & modes:
+            found.append(f"{where}:{node.lineno}")
+    return found
+
+
+def test_no_mode_string_comparison_outside_the_recipes():
+    from tempo_mega.algo.recipes import MODES
+
+    allowed = {"tempo_mega.algo.recipes"} | set(under("tempo_mega.config"))  # the recipes, and parsing
+    found = [hit for name, path in MODULES.items() if name not in allowed
+             for hit in _mode_comparisons(path.read_text(), name, set(MODES))]
+    assert not found, f"compare algo.mode with a mode name; ask the recipe instead: {found}"
+    # the check sees them where they are, and not a mode of something else
+    probe = 'if cfg.algo.mode == "ttrl": pass\nok = a.mode in ("empo", "x")\nsg = s.mode == "engine"\n'
+    assert _mode_comparisons(probe, "probe", set(MODES)) == ["probe:1", "probe:2"]
+
+
+def test_no_forward_hooks_on_the_models():
+    """Both roles' heads are modules (backends/megatron/model.py), not hooks on megatron's layers."""
+    for name in under("tempo_mega.backends"):
+        text = MODULES[name].read_text()
+        assert "register_forward_hook" not in text and "register_forward_pre_hook" not in text, name
+
+
+def test_no_product_module_imports_test_support():
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in mods if m == "support" or m.startswith("support.")}, name
