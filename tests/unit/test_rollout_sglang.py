@@ -578,11 +578,11 @@ def test_failed_tensor_update_closes_the_session_and_the_next_push_succeeds(fake
 def test_failed_distributed_update_closes_the_session_and_the_next_push_succeeds(fake, monkeypatch):
     """The NCCL side needs GPUs: the group and the broadcast are stood in for; the HTTP side (group init,
     session, one update per bucket) runs against the fake, which refuses updates outside a session."""
-    import tempo_mega.rollout.sglang.weights as sglang_mod
+    import tempo_mega.rollout.sglang.weight_push as weight_push
 
-    monkeypatch.setattr(sglang_mod, "_init_weight_group", lambda *a: None)
+    monkeypatch.setattr(weight_push, "_init_weight_group", lambda *a: None)
     broadcast: list[str] = []
-    monkeypatch.setattr(SGLangRolloutEngine, "_broadcast_bucket",
+    monkeypatch.setattr(weight_push.NcclPush, "broadcast_bucket",
                         lambda self, bucket: broadcast.extend(n for n, _ in bucket))
     server = fake(fail_updates=1)
     eng = build_sglang_engine(url_cfg(server.url, weight_sync="distributed", bucket_bytes=4096, probe=False),

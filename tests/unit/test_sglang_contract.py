@@ -64,7 +64,7 @@ from support.sglang import (  # noqa: E402  (the fake server, the tiny model and
 
 import tempo_mega.rollout.sglang as sglang_mod  # noqa: E402
 import tempo_mega.rollout.sglang.transport as sglang_transport  # noqa: E402
-import tempo_mega.rollout.sglang.weights as sglang_weights  # noqa: E402
+import tempo_mega.rollout.sglang.weight_push as weight_push  # noqa: E402
 from tempo_mega.rollout.sglang import SGLangRolloutEngine, build_sglang_engine  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -213,8 +213,8 @@ def check_request(types, method: str, path: str, body: dict | None) -> list[str]
 def test_every_http_request_matches_sglang_types(fake, wire, sglang_types, tensor_sync, monkeypatch):
     """Generation, the probe, every weight-sync mode (disk, tensor, distributed, each with its session
     and cache flush), memory release and resume and abort, against a fake that refuses unknown fields."""
-    monkeypatch.setattr(sglang_weights, "_init_weight_group", lambda *a: None)  # the NCCL side needs GPUs
-    monkeypatch.setattr(SGLangRolloutEngine, "_broadcast_bucket", lambda self, bucket: None)
+    monkeypatch.setattr(weight_push, "_init_weight_group", lambda *a: None)  # the NCCL side needs GPUs
+    monkeypatch.setattr(weight_push.NcclPush, "broadcast_bucket", lambda self, bucket: None)
     server = fake(request_fields=request_fields(sglang_types))
     new = tiny_qwen3(1)
     for mode in ("disk", "tensor", "distributed"):
@@ -301,8 +301,8 @@ def test_engine_mode_calls_match_sglang_engine_signatures(monkeypatch, sglang_ty
     """mode=engine: each call's keyword arguments are parameters of SGLang's ``Engine`` method of that name."""
     rec = _RecordingEngine()
     monkeypatch.setattr(SGLangRolloutEngine, "_make_inprocess_engine", lambda self: rec)
-    monkeypatch.setattr(sglang_weights, "_init_weight_group", lambda *a: None)
-    monkeypatch.setattr(SGLangRolloutEngine, "_broadcast_bucket", lambda self, bucket: None)
+    monkeypatch.setattr(weight_push, "_init_weight_group", lambda *a: None)
+    monkeypatch.setattr(weight_push.NcclPush, "broadcast_bucket", lambda self, bucket: None)
     weights = [("w", torch.zeros(2))]
     for mode in ("tensor", "distributed"):
         cfg = sglang_mod.SGLangConfig(model_path="/m", mode="engine", weight_sync=mode, probe=False)

@@ -6,8 +6,9 @@
 - ``handles``: one server behind one interface, HTTP (``_Server``) or in-process ``sglang.Engine``
   (``_InProcessServer``): SGLang's routes, server info, abort, stop, and the state kept per server.
 - ``servers``: the hang watchdog, launch / connect / restart, memory release.
-- ``weights``: weight sync by disk, tensor or NCCL broadcast, the re-push to servers that came back,
-  the log-probs of the post-sync probe.
+- ``weight_push``: one class per transport of the weights (disk, tensor, NCCL broadcast).
+- ``weights``: weight sync through the transport, its sessions and failures, the re-push to servers
+  that came back, the log-probs of the post-sync probe.
 - ``engine``: ``SGLangRolloutEngine`` (generation, routing, retries, abort) and ``build_sglang_engine``.
 
 The names below load on first use, so that ``tempo_mega.rollout.sglang.config`` imports without torch.
@@ -21,7 +22,7 @@ _NAMES = {
     "MEMORY_TAGS": "config", "SGLangConfig": "config", "sync_device": "config",
     "SGLangServerError": "transport",
     "redact_command": "servers", "server_process_kwargs": "servers",
-    "bucket_named_tensors": "weights",
+    "bucket_named_tensors": "weight_push",
     "SGLangRolloutEngine": "engine", "build_sglang_engine": "engine",
 }
 __all__ = sorted(_NAMES)

@@ -66,6 +66,7 @@ from tempo_mega.rollout.sglang.transport import (
     _ServerDown,
     _Transport,
 )
+from tempo_mega.rollout.sglang.weight_push import WEIGHT_PUSH
 from tempo_mega.rollout.sglang.weights import _WeightSync
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,8 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         self._lock = threading.Lock()
         self._aborting = threading.Event()
         self._finished: dict[int, list[Sample]] = {}
-        self._disk_root: Path | None = None
-        self._last_disk_dir: Path | None = None
-        self._disk_version = 0
-        self._group_ready = False
+        self._weights = WEIGHT_PUSH[cfg.weight_sync](cfg)  # the transport of the weights to the servers
         self._synced = False
-        self._group = None
         self._begin_end_supported: dict[str, bool] = {}
         self._warned_seed = False
         self._closed = False

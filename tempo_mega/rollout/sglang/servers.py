@@ -21,12 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from tempo_mega.rollout.base import RolloutNeedsWeights
 from tempo_mega.rollout.sglang.config import MEMORY_TAGS
 from tempo_mega.rollout.sglang.handles import _InProcessServer, _Server
-from tempo_mega.rollout.sglang.transport import SGLangServerError, _check_success, _ServerDown
+from tempo_mega.rollout.sglang.transport import SGLangServerError, _ServerDown
 
 if TYPE_CHECKING:
     from tempo_mega.rollout.sglang.engine import SGLangRolloutEngine
@@ -268,11 +266,7 @@ class _ServerFleet:
         self._transport.close()
         for s in self.servers:
             s.stop()
-        if self._group is not None:
-            torch.distributed.destroy_process_group(self._group)
-            self._group = None
-        if self._disk_root is not None and self.cfg.disk_dir is None:
-            shutil.rmtree(self._disk_root, ignore_errors=True)
+        self._weights.close()
         if self._log_dir is not None and self._log_dir_given is None:
             shutil.rmtree(self._log_dir, ignore_errors=True)
         atexit.unregister(self.shutdown)
@@ -342,10 +336,8 @@ class _ServerFleet:
             )
 
     def _resync(self, s: _Server) -> None:
-        if self._last_disk_dir is not None:
-            resp = s.call("/update_weights_from_disk", {"model_path": str(self._last_disk_dir)},
-                          self.cfg.request_timeout_s)
-            _check_success(resp, f"{s.url}/update_weights_from_disk")
+        if self._weights.has_copy:
+            self._weights.restore(s)
         elif not self._synced:
             pass  # never synced: the server runs the weights it started with
         else:

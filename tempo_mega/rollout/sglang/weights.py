@@ -1,22 +1,15 @@
 """Weight sync of ``SGLangRolloutEngine`` (``_WeightSync``, a mixin: the state is the engine's): the push
-of HF-named tensors by disk, tensor (``/update_weights_from_tensor``) or distributed NCCL broadcast, each
-inside a ``/begin_weight_update`` ... ``/end_weight_update`` session, the re-push to servers that came
-back (``resync_stale``) and the log-probs the caller probes them with (``prompt_logprobs``).
-``bucket_named_tensors`` groups the stream; ``_init_weight_group`` is this process's side of SGLang's
-weight-update process group."""
+of HF-named tensors through the configured transport (``weight_push.py``: disk, tensor or NCCL, the last
+two inside a ``/begin_weight_update`` ... ``/end_weight_update`` session), what a failed push leaves
+(every server waits for the weights again), the re-push to servers that came back (``resync_stale``) and
+the log-probs the caller probes them with (``prompt_logprobs``)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from tempo_mega.rollout.sglang.handles import _Server
@@ -28,36 +21,6 @@ from tempo_mega.rollout.sglang.transport import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def bucket_named_tensors(
-    named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, Tensor]]]:
-    """Group a stream of named tensors into lists of at most ``bucket_bytes`` (a bigger tensor alone)."""
-    bucket: list[tuple[str, Tensor]] = []
-    size = 0
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-def _init_weight_group(master_address: str, master_port: int, world_size: int):
-    """Rank 0 of a process group outside the default world, joined by SGLang's
-    ``init_weights_update_group`` (which rendezvous at ``tcp://master_address:master_port``)."""
-    from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
-
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank=0, world_size=world_size)
-    )
-    pg, _ = _new_process_group_helper(world_size, rank, [], "nccl", store, group_name="tempo_weight_update")
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
 
 
 class _WeightSync:
@@ -75,7 +38,7 @@ class _WeightSync:
             for s in self.servers:
                 s.weights_stale = True
             self._synced = True
-            if self._last_disk_dir is None:
+            if not self._weights.has_copy:
                 # no copy here: the next generate raises RolloutNeedsWeights, and the caller re-streams them
                 log.warning("SGLang server failed during the weight push (%s); the weights must be pushed "
                             "again (resync_stale) before the next generate", e)
@@ -115,19 +78,7 @@ class _WeightSync:
         return [s.url for s in stale]
 
     def _push(self, named_tensors: Iterable[tuple[str, Tensor]], only: list[_Server] | None) -> None:
-        mode = self.cfg.weight_sync
-        if mode == "disk":
-            path = self._save_disk(named_tensors)
-            self._post_each(only, "/update_weights_from_disk", {"model_path": str(path)})
-        elif mode == "tensor":
-            with self._update_session(only):
-                targets = self._targets(only)
-                for bucket in bucket_named_tensors(named_tensors, self.cfg.bucket_bytes):
-                    if targets:  # one kind of server per engine: the body is made once, for all of them
-                        body = targets[0].tensor_update_body(bucket, self.cfg.tp_size)
-                        self._post_each(only, "/update_weights_from_tensor", body)
-        else:
-            self._push_distributed(named_tensors, only)
+        self._weights.push(self, named_tensors, only)
 
     def _targets(self, only: list[_Server] | None) -> list[_Server]:
         return only if only is not None else [x for x in self.servers if x.healthy]
@@ -197,84 +148,6 @@ class _WeightSync:
             if not missing_ok:
                 raise
         s.session_open = False
-
-    def _save_disk(self, named_tensors: Iterable[tuple[str, Tensor]]) -> Path:
-        """Write an HF safetensors dir (shards of ~bucket_bytes + index); keep only the newest one."""
-        from safetensors.torch import save_file
-
-        if self._disk_root is None:
-            root = self.cfg.disk_dir or tempfile.mkdtemp(prefix="tempo_sglang_weights_")
-            self._disk_root = Path(root)
-            self._disk_root.mkdir(parents=True, exist_ok=True)
-        self._disk_version += 1
-        out = self._disk_root / f"v{self._disk_version:06d}"
-        out.mkdir(parents=True, exist_ok=True)
-        weight_map: dict[str, str] = {}
-        total = 0
-        for k, bucket in enumerate(bucket_named_tensors(named_tensors, self.cfg.bucket_bytes)):
-            fname = f"model-{k:05d}.safetensors"
-            # clone: tied or sliced tensors share storage, which safetensors refuses to save
-            save_file({n: t.detach().to("cpu").contiguous().clone() for n, t in bucket}, str(out / fname))
-            for n, t in bucket:
-                weight_map[n] = fname
-                total += t.numel() * t.element_size()
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-        )
-        if self.cfg.model_path and Path(self.cfg.model_path).is_dir():
-            for extra in ("config.json", "generation_config.json"):
-                src = Path(self.cfg.model_path) / extra
-                if src.exists():
-                    shutil.copy(src, out / extra)
-        previous, self._last_disk_dir = self._last_disk_dir, out
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
-        return out
-
-    def _push_distributed(
-        self, named_tensors: Iterable[tuple[str, Tensor]], only: list[_Server] | None
-    ) -> None:
-        """NCCL broadcast from this process (rank 0) to every server's TP ranks (GPU only)."""
-        cfg = self.cfg
-        if only is not None and self._group_ready:
-            raise RuntimeError("SGLangRolloutEngine: a restarted server cannot rejoin the NCCL weight group")
-        if not self._group_ready:
-            world = 1 + cfg.tp_size * max(len(self.servers), 1)
-            body_for = lambda k: {  # noqa: E731
-                "master_address": cfg.group_master_address,
-                "master_port": cfg.group_master_port,
-                "rank_offset": 1 + k * cfg.tp_size,
-                "world_size": world,
-                "group_name": "tempo_weight_update",
-                "backend": "nccl",
-            }
-            with ThreadPoolExecutor(max_workers=len(self.servers) + 1) as pool:
-                futs = [pool.submit(s.call, "/init_weights_update_group", body_for(k), cfg.request_timeout_s)
-                        for k, s in enumerate(self.servers)]
-                self._group = _init_weight_group(cfg.group_master_address, cfg.group_master_port, world)
-                for f in futs:
-                    _check_success(f.result(), "init_weights_update_group")
-            self._group_ready = True
-        with self._update_session(only):
-            for bucket in bucket_named_tensors(named_tensors, cfg.bucket_bytes):
-                body = {
-                    "names": [n for n, _ in bucket],
-                    "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket],
-                    "group_name": "tempo_weight_update",
-                    "flush_cache": False,
-                }
-                with ThreadPoolExecutor(max_workers=len(self.servers) + 1) as pool:
-                    fut = pool.submit(self._post_each, only, "/update_weights_from_distributed", body)
-                    try:
-                        self._broadcast_bucket(bucket)
-                    finally:
-                        fut.result()  # a refused update is the error to raise
-
-    def _broadcast_bucket(self, bucket: list[tuple[str, Tensor]]) -> None:
-        """The bucket's tensors, one NCCL broadcast each from this process (rank 0 of the weight group)."""
-        for _, t in bucket:
-            torch.distributed.broadcast(t.detach().cuda().contiguous(), src=0, group=self._group)
 
     def prompt_logprobs(self, ids: Sequence[int]) -> list[list[float]]:
         """Each server's log-probs of ``ids[1:]`` (``input_token_logprobs`` of a request at temperature 1),
