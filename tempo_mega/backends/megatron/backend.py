@@ -29,7 +29,6 @@ pipeline and summed over DP (other ranks' rows are 0).
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import math
@@ -59,12 +58,12 @@ from tempo_mega.backends.base import (
     optimizer_passes,
     weight_units,
 )
-from tempo_mega.backends.megatron.checkpointing import _WeightsAndCheckpoints
+from tempo_mega.backends.megatron.checkpointing import _Checkpoints
 from tempo_mega.backends.megatron.config import MegatronConfig
-from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict
 from tempo_mega.backends.megatron.logprobs import _SumOverGroup
 from tempo_mega.backends.megatron.model import HeadInputs, build_model_chunks, init_parallel
 from tempo_mega.backends.megatron.packing import PackedMicro, pack_micro_batch, stream_length
+from tempo_mega.backends.megatron.weights import _Weights
 from tempo_mega.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ class _Micro:
     tokens: int | None = None  # length of the packed stream the micro-batch is padded to
 
 
-class MegatronBackend(_WeightsAndCheckpoints):
+class MegatronBackend(_Checkpoints, _Weights):
     """Train backend for one role (satisfies ``TrainBackend``). ``hf_config``: a Qwen3 dense config;
     ``hf_state_dict``: HF-named weights to start from (``Qwen3ForCausalLM`` names for the actor, plus
     ``value_head.*`` for the critic; without them the critic's head is freshly initialized), or None
@@ -187,37 +186,6 @@ class MegatronBackend(_WeightsAndCheckpoints):
 
     def _pp_last_global_rank(self) -> int:
         return parallel_state.get_pipeline_model_parallel_last_rank()
-
-    # ------------------------------------------------------------------ weights in
-    def load_hf_state_dict(self, hf_state_dict: dict[str, Tensor]) -> None:
-        """Replace the weights with HF-named ones (a fresh value head when the critic's are absent)."""
-        self._load_hf_into_chunks(hf_state_dict)
-        self.optimizer.reload_model_params()  # the fp32 master copies follow
-
-    def _load_hf_into_chunks(self, hf_state_dict: Mapping[str, Tensor]) -> None:
-        """Each chunk reads only the names of its stage from ``hf_state_dict`` (which may read them from
-        disk on access: ``hf_weights.SafetensorsWeights``) and keeps its TP slice."""
-        sd: Mapping[str, Tensor] = hf_state_dict
-        last = self.chunks[-1]
-        if self.role == "critic" and "value_head.weight" not in sd:
-            if last.post_process:
-                log.info("MegatronBackend: no value_head.* in the HF weights, value head freshly initialized")
-                head = {"value_head.weight": last.output_layer.weight.detach().cpu(),
-                        "value_head.bias": last.output_layer.bias.detach().cpu()}
-            else:  # not used on this stage, only marks the weights as a critic's
-                head = {"value_head.weight": torch.zeros(1, self.hf_config.hidden_size),
-                        "value_head.bias": torch.zeros(1)}
-            sd = collections.ChainMap(head, sd)
-        vpp = self.megatron_config.vpp
-        for v, chunk in enumerate(self.chunks):
-            mc = hf_to_mcore_state_dict(sd, self.hf_config, self.tp_rank, self.tp_size, pp_rank=self.pp_rank,
-                                        pp_size=self.pp_size, te_layout=self.te_layout, vp_stage=v if vpp else 0,
-                                        vp_size=vpp or 1)
-            missing, unexpected = chunk.load_state_dict(mc, strict=False)
-            missing = [k for k in missing if not k.endswith("_extra_state")]
-            if missing or unexpected:
-                raise ValueError(f"MegatronBackend: HF weights do not fit the model: missing {missing}, "
-                                 f"unexpected {unexpected}")
 
     # ------------------------------------------------------------------ forward
     def forward_logprobs(self, batch: RolloutBatch, temperature: float | None = None) -> Tensor:

@@ -1,71 +1,27 @@
-"""Weights out of and into ``MegatronBackend`` and its checkpoints (``_WeightsAndCheckpoints``, a mixin: the
-state is the backend's): HF-named tensors streamed from the local shards (``export_weights``, gathered over
-TP and PP), an HF module or directory on one rank, the distributed checkpoint of model and optimizer
-(``save`` / ``load``, atomic), the optimizer's learning-rate override and reset, and the critic trunk copied
-from the actor."""
+"""Checkpoints of ``MegatronBackend`` (``_Checkpoints``, a mixin: the state is the backend's): the
+distributed checkpoint of model and optimizer (``save`` / ``load``, atomic, resharded across layouts), the
+optimizer state made at start, the learning-rate override and the reset of the moments. The weights
+themselves go in and out through ``weights.py``."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
-from torch import Tensor
+from megatron.core import dist_checkpointing
 
-from tempo_mega.backends.base import (
-    lr_override,
-)
-from tempo_mega.backends.megatron.convert import layer_offset, mcore_to_hf_tensors
+from tempo_mega.backends.base import lr_override
 from tempo_mega.backends.megatron.dist_ckpt import save_sharded
-
-log = logging.getLogger(__name__)
 
 STATE_FILE = "backend_state.json"
 
 
-def _no_init_weights():
-    """transformers' context that allocates a model without its random init (it moved in 5.x)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
-class _WeightsAndCheckpoints:
-    """Export, checkpoint and optimizer state of ``MegatronBackend``."""
-
-    def _local_hf_tensors(self, dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
-        """This PP stage's HF-named tensors, TP shards gathered (a collective over the TP group)."""
-        critic = self.role == "critic"
-        vpp = self.megatron_config.vpp
-        for v, chunk in enumerate(self.chunks):
-            offset = layer_offset(self.hf_config, self.pp_rank, self.pp_size, v if vpp else 0, vpp or 1)
-            params = dict(chunk.named_parameters())
-            for name, t in chunk.state_dict().items():
-                if name.endswith("_extra_state"):
-                    continue
-                if name == "output_layer.weight" and not critic and not chunk.pre_process and \
-                        chunk.share_embeddings_and_output_weights:
-                    continue  # the last stage's copy of the tied embedding
-                t = t.detach()
-                param = params.get(name)
-                if self.tp_size > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
-                    shards = [torch.empty_like(t) for _ in range(self.tp_size)]
-                    dist.all_gather(shards, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-                else:
-                    shards = [t]
-                for hf_name, hf_t in mcore_to_hf_tensors(name, shards, self.hf_config, critic=critic,
-                                                         layer_offset=offset):
-                    keep = dtype is None or hf_name.startswith("value_head.")
-                    yield hf_name, hf_t.to(dtype=hf_t.dtype if keep else dtype).contiguous()
+class _Checkpoints:
+    """Checkpoint and optimizer state of ``MegatronBackend``."""
 
     def lr_override(self, lr: float) -> contextlib.AbstractContextManager[None]:
         """Train at ``lr`` inside the block (e.g. a warm start), the configured rate after."""
@@ -80,96 +36,6 @@ class _WeightsAndCheckpoints:
                 inner.state.clear()
         self._init_optimizer_state()
         self.num_optimizer_steps = 0
-
-    def load_trunk_from(self, other) -> None:
-        """This critic's trunk := ``other``'s (the actor's, after the warm start), through HF names (a
-        collective: ``other.export_weights`` gathers over TP and PP); the value head is kept."""
-        self.load_hf_state_dict({n: t for n, t in other.export_weights(dtype=None) if n.startswith("model.")})
-
-    def export_weights(self, dtype: torch.dtype | None = None,
-                       device: str | torch.device | None = "cpu") -> Iterator[tuple[str, Tensor]]:
-        """HF-named (name, tensor) pairs on ``device`` (None: the model's, e.g. for SGLang's CUDA-IPC sync,
-        which would otherwise take every tensor through host memory and back), streamed one tensor at a
-        time: TP shards gathered, PP stages broadcast to the whole pipeline (a collective: every rank must
-        iterate to the end). ``dtype`` None (default) keeps the model dtype, like
-        ``TorchBackend.export_weights``; pass ``torch.bfloat16`` for a bf16 inference server. The critic's
-        value head stays float32. Every tensor is a copy, never a view of a live parameter."""
-        device = self.device if device is None else device
-        if self.pp_size == 1:
-            for name, t in self._local_hf_tensors(dtype):
-                yield name, t.to(device, copy=True)
-            return
-        group = parallel_state.get_pipeline_model_parallel_group()
-        for src in range(self.pp_size):
-            src_global = dist.get_global_rank(group, src)
-            local = self._local_hf_tensors(dtype) if src == self.pp_rank else None
-            while True:
-                item = next(local, None) if local is not None else None
-                meta: list[Any] = [None if item is None else (item[0], tuple(item[1].shape), item[1].dtype)]
-                dist.broadcast_object_list(meta, src=src_global, group=group)
-                if meta[0] is None:
-                    break
-                name, shape, dt = meta[0]
-                t = item[1].to(self.device) if item is not None else torch.empty(shape, dtype=dt, device=self.device)
-                dist.broadcast(t, src=src_global, group=group)
-                yield name, t.to(device, copy=True)
-
-    def hf_module(self, *, rank0_only: bool = False) -> torch.nn.Module | None:
-        """This role as a transformers module on CPU, from ``export_weights`` (a collective): a
-        ``Qwen3ForCausalLM`` for the actor, a ``ValueHeadModel`` (torch backend's critic) for the critic.
-
-        The module is allocated without its random init and filled one exported tensor at a time, so a
-        rank holds the model once (not the model plus a dict of its weights). ``rank0_only``: the other
-        ranks take part in the export and return None, so that a node of 8 ranks does not hold 8 copies.
-        Built under a forked RNG, so the caller's random stream does not move."""
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        from tempo_mega.models.critic import ValueHeadModel
-
-        stream = self.export_weights(dtype=None)
-        if rank0_only and dist.is_initialized() and dist.get_rank() != 0:
-            for _ in stream:  # the export is a collective
-                pass
-            return None
-        ahead: list[tuple[str, Tensor]] = []  # the model dtype is the first non-value-head tensor's
-        for name, t in stream:
-            ahead.append((name, t))
-            if not name.startswith("value_head."):
-                break
-        dtype = ahead[-1][1].dtype
-        with torch.random.fork_rng(devices=[]), _no_init_weights():
-            if self.role == "actor":
-                module = AutoModelForCausalLM.from_config(self.hf_config, dtype=dtype)
-            else:
-                module = ValueHeadModel(AutoModel.from_config(self.hf_config, dtype=dtype), seed=self.seed)
-        targets = module.state_dict(keep_vars=True)
-        loaded, unexpected = set(), []
-        with torch.no_grad():
-            for name, t in itertools.chain(ahead, stream):
-                if name not in targets or targets[name].shape != t.shape:
-                    unexpected.append(name if name not in targets else f"{name} {tuple(t.shape)}")
-                    continue
-                targets[name].copy_(t)
-                loaded.add(name)
-        tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
-        missing = [k for k in targets if k not in loaded and not (tied and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"MegatronBackend.hf_module: exported weights do not fit the HF model: "
-                               f"missing {missing}, unexpected {unexpected}")
-        if tied and self.role == "actor":
-            module.tie_weights()
-        return module.eval()
-
-    def export_hf(self, directory: str | Path) -> None:
-        """An HF directory (safetensors), as ``TorchBackend.export_hf`` writes it:
-        ``AutoModelForCausalLM.from_pretrained`` for the actor, ``ValueHeadModel.from_pretrained`` for the
-        critic. A collective (shards and stages are gathered); rank 0 alone builds the module and writes."""
-        module = self.hf_module(rank0_only=True)
-        if module is not None:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            module.save_pretrained(directory)
-        if dist.is_initialized():
-            dist.barrier()
 
     def _init_optimizer_state(self) -> None:
         """Zero moments (and step 0) where the optimizer has no state yet, so that a checkpoint's state
