@@ -263,7 +263,7 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         retries = 0
         server_aborts = 0
         abort_rounds = 0
-        if not self.servers[0].routed:  # in-process: the whole call at once, one dict per prompt where clamped
+        if self.servers and not self.servers[0].routed:  # in-process: one call, a dict per prompt where clamped
             outs = self.servers[0].call("/generate", {
                 "input_ids": prompts, "sampling_params": sps if clamped else sps[0], "return_logprob": True,
                 "logprob_start_len": -1})
