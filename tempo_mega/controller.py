@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # failed, weight re-syncs of restarted servers), summed over a step's generate calls
 ENGINE_COUNTERS = ("rollout/retried_requests", "rollout/weight_resyncs", "rollout/server_aborts",
                    "rollout/clamped_requests")
+# what an engine reports of its state after a call (the step keeps the last): servers serving, of all
+ENGINE_GAUGES = ("rollout/servers_up", "rollout/servers")
 
 
 class TempoController:
@@ -116,6 +118,7 @@ class TempoController:
         self._gen["tokens"] += sum(len(s.response_ids) for s in samples)
         for key in ENGINE_COUNTERS:  # SGLang's fault counters, where it reports them
             self._gen[key] += float(engine.get(key, 0.0))
+        self._gen.update({key: float(engine[key]) for key in ENGINE_GAUGES if key in engine})
         texts = self.prompts.decode_many([s.response_ids for s in samples])
         answers = [prompts[s.prompt_index][1] for s in samples]
         a = self.cfg.algo
@@ -169,6 +172,8 @@ class TempoController:
         m["rollout/generated_tokens"] = self._gen["tokens"]
         m["rollout/tokens_per_s"] = self._gen["tokens"] / max(self._gen["seconds"], 1e-9)
         m.update({key: self._gen[key] for key in ENGINE_COUNTERS})
+        m.update({key: self._gen[key] for key in ENGINE_GAUGES if key in self._gen})
+        m["timing/rollout_wait_s"] = self._gen["seconds"]  # the trainer waited for samples this long
         if result is not None:
             m["rollout/dropped_groups"] = float(result.dropped_groups)
             m["rollout/groups_short"] = float(result.groups_needed)

@@ -17,7 +17,7 @@ from tempo_mega.rollout.base import SamplingParams
 from tempo_mega.trainer import run_training, setup
 
 REQUIRED = ("step", "actor/loss", "critic/loss", "rollout/score_mean", "perf/tokens_per_s", "timing/step_s",
-            "rollout/tokens_per_s", "rollout/generated_tokens")
+            "rollout/tokens_per_s", "rollout/generated_tokens", "timing/rollout_wait_s")
 
 
 
@@ -48,6 +48,8 @@ def test_cli_debug_run_then_resume(tmp_path):
         kept = line["rollout/num_samples"] * line["rollout/response_len_mean"]
         assert line["rollout/generated_tokens"] >= kept - 1e-6 and line["rollout/tokens_per_s"] > 0
         assert line["rollout/retried_requests"] == 0.0  # the HF engine reports none: summed as 0
+        assert "rollout/servers_up" not in line  # no servers: no gauge
+        assert 0 < line["timing/rollout_wait_s"] <= line["timing/rollout_s"]
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").exists()
     r = cli("train", "experiment=debug_cpu", "trainer.total_steps=3", f"trainer.output_dir={out}",
             "trainer.resume=true", cwd=tmp_path)
@@ -286,6 +288,8 @@ def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
         for line in got:  # the sampler's log-probs are the trainer's, through HTTP and disk sync
             assert line["rollout/logprob_diff_max"] < 1e-3
             assert math.isfinite(line["actor/loss"])
+            assert line["rollout/servers_up"] == line["rollout/servers"] == 1.0
+            assert 0 < line["timing/rollout_wait_s"] <= line["timing/rollout_s"]
         assert type(run.rollout).__name__ == "SGLangRolloutEngine"
         # colocated: released after each step's rollout, taken back by the push (which the fake refuses
         # into released weights) and by generate; every resume matched a release (SGLang fails others)

@@ -164,6 +164,7 @@ def test_generate_prompt_major_concurrent_and_exact(fake):
     assert len({tuple(s.response_ids) for s in samples[:n]}) > 1
     again, m = eng.generate(PROMPTS, n, SAMPLING)
     assert [s.response_ids for s in again] == [s.response_ids for s in samples]
+    assert m["rollout/servers_up"] == m["rollout/servers"] == 2
     assert m["rollout/response_len_max"] == max(len(s.response_ids) for s in again)
     assert m["rollout/truncation_rate"] == sum(s.finish_reason == "length" for s in again) / len(again)
     assert m["rollout/tokens_per_s"] > 0
@@ -291,6 +292,7 @@ def test_watchdog_finds_a_hung_server_long_before_the_request_timeout(fake):
     assert [(x.prompt_index, x.response_ids) for x in out] == [(x.prompt_index, x.response_ids) for x in ref]
     assert not eng.servers[1].healthy and "hung: 2 /health_generate checks failed" in eng.servers[1].last_error
     assert m["rollout/retried_requests"] == 2  # prompts 1 and 3 had gone to the hung one
+    assert (m["rollout/servers_up"], m["rollout/servers"]) == (1, 2)  # the hung one is still down
     eng.shutdown()
 
 

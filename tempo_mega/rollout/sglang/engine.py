@@ -250,7 +250,8 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         prompt i; after ``abort()``, only the prompts that finished), and ``generation_metrics`` of the
         call with the fault counters: ``rollout/retried_requests`` (resubmitted after a server failed),
         ``rollout/server_aborts`` (aborted by SGLang itself), ``rollout/clamped_requests`` (max tokens
-        cut to the context)."""
+        cut to the context), and after the call ``rollout/servers_up`` of ``rollout/servers`` (healthy,
+        with the current weights)."""
         if self._closed:
             raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
         prompts = check_generate_args("SGLangRolloutEngine", prompt_ids, n)
@@ -311,9 +312,11 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
             raise RuntimeError(
                 f"SGLangRolloutEngine.generate: {len(samples)} samples for {len(prompts)} x {n}"
             )
+        up = sum(s.healthy and not s.weights_stale for s in self.servers)
         return samples, {**generation_metrics(samples, time.perf_counter() - t0),
                          "rollout/retried_requests": float(retries), "rollout/server_aborts": float(server_aborts),
-                         "rollout/clamped_requests": float(clamped)}
+                         "rollout/clamped_requests": float(clamped), "rollout/servers_up": float(up),
+                         "rollout/servers": float(len(self.servers))}
 
     def _run_round(self, prompts, pending: list[int], sps: list[dict], n: int, results) -> tuple[list[int], list[int]]:
         """One request per pending prompt; returns the prompts that failed and, of those, the ones the server
