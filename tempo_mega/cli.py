@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return eval_main(rest)
         if command == "convert":  # pure state-dict conversion: needs no megatron-core at all
-            from tempo_mega.backends.megatron.convert import main as convert_main
+            from tempo_mega.backends.megatron.convert_cli import main as convert_main
 
             return convert_main(rest)
         if command == "doctor":

@@ -89,3 +89,44 @@ def test_mcore_to_hf_output_loads_with_auto_tokenizer(tmp_path, capsys):
     assert main(["convert", "mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "b3"),
                  "--tokenizer", str(tmp_path / "hf")]) == 0
     AutoTokenizer.from_pretrained(tmp_path / "b3")
+
+
+@pytest.mark.parametrize("tp,ep,expert_tp,grouped", [(1, 1, "tp", False), (2, 2, "tp", False),
+                                                      (2, 2, "1", True), (1, 4, "tp", False)])
+def test_moe_round_trip_through_files(tmp_path, tp, ep, expert_tp, grouped):
+    """Qwen3-MoE: hf-to-mcore at (TP, EP) -> mcore-to-hf writes the checkpoint's per-expert names, which
+    transformers loads back into the same model (the same logits, exactly), whatever names the source
+    was saved with."""
+    from support.models import hf_moe_model, moe_checkpoint_state_dict, tiny_qwen3_moe_config
+    from transformers import Qwen3MoeForCausalLM
+
+    model = hf_moe_model(tiny_qwen3_moe_config())
+    model.save_pretrained(tmp_path / "hf")
+    args = ["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mc"),
+            "--tp", str(tp), "--ep", str(ep), "--expert-tp", expert_tp] + (["--grouped-gemm"] if grouped else [])
+    assert main(args) == 0
+    assert len(list((tmp_path / "mc").glob("mcore_tp*_pp*.safetensors"))) == tp * ep
+    layout = json.loads((tmp_path / "mc" / "tempo_mcore.json").read_text())
+    assert layout == {"tp": tp, "pp": 1, "critic": False, "ep": ep, "expert_tp": expert_tp, "grouped_gemm": grouped}
+    assert main(["convert", "mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "back")]) == 0
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    want = moe_checkpoint_state_dict(model)
+    assert set(back) == set(want)
+    for name, t in want.items():
+        assert torch.equal(back[name], t), name
+    again = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, 128, (2, 7))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_moe_flags_need_a_moe_model_and_a_dividing_ep(tmp_path, capsys):
+    from support.models import hf_moe_model, tiny_qwen3_moe_config
+
+    tiny(False).save_pretrained(tmp_path / "dense")
+    assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "dense"), "--out", str(tmp_path / "o"),
+                 "--ep", "2"]) == 2
+    assert "has no experts" in capsys.readouterr().err
+    hf_moe_model(tiny_qwen3_moe_config()).save_pretrained(tmp_path / "moe")
+    assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "moe"), "--out", str(tmp_path / "o"),
+                 "--ep", "3"]) == 2
+    assert "num_experts=4 is not divisible by --ep 3" in capsys.readouterr().err

@@ -108,7 +108,8 @@ def test_critic_round_trip_and_pipeline_stages():
 @pytest.mark.parametrize("field,value,match", [
     ("attention_bias", True, "attention_bias"),
     ("hidden_act", "gelu", "hidden_act"),
-    ("model_type", "qwen3_moe", "model_type"),
+    ("model_type", "llama", "model_type"),
+    ("model_type", "qwen3_moe", "num_experts=None"),  # a dense config named a mixture of experts
     ("num_experts", 8, "num_experts"),
     ("use_sliding_window", True, "use_sliding_window"),
 ])
@@ -130,3 +131,104 @@ def test_parallel_sizes_are_checked_against_the_model():
         MegatronConfig(recompute="sometimes")
     with pytest.raises(ValueError, match="world size 3"):
         MegatronConfig(tensor_parallel_size=2).data_parallel_size(3)
+
+
+# ---------------------------------------------------------------------------------------------- Qwen3-MoE
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_converted_moe_model_matches_hf_logits(megatron_world, norm_topk_prob):
+    """A tiny Qwen3-MoE (4 experts, top-2) through megatron's MoE layer (router, sequential experts, the
+    allgather dispatcher: the alltoall one needs CUDA streams) gives HF ``Qwen3MoeForCausalLM``'s logits,
+    from the checkpoint names and from transformers' fused in-memory names alike."""
+    from support.models import hf_moe_model, moe_checkpoint_state_dict, tiny_qwen3_moe_config
+
+    from tempo_mega.backends.megatron.model import build_model
+
+    cfg = tiny_qwen3_moe_config(norm_topk_prob=norm_topk_prob)
+    hf = hf_moe_model(cfg)
+    model, _ = build_model(cfg, FP32, role="actor", moe_token_dispatcher_type="allgather")
+    assert len(model.decoder.layers[0].mlp.experts.local_experts) == 4
+    checkpoint = hf_to_mcore_state_dict(moe_checkpoint_state_dict(hf), cfg)
+    fused = hf_to_mcore_state_dict(hf.state_dict(), cfg)
+    assert checkpoint.keys() == fused.keys() and all(torch.equal(checkpoint[k], fused[k]) for k in fused)
+    missing, unexpected = model.load_state_dict(checkpoint, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    model.eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids), attention_mask=None)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # the experts matter: a swapped pair of experts changes the logits
+    swapped = dict(checkpoint)
+    a, b = (f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight" for e in (0, 1))
+    swapped[a], swapped[b] = checkpoint[b], checkpoint[a]
+    model.load_state_dict(swapped, strict=False)
+    with torch.no_grad():
+        moved = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids), attention_mask=None)
+    assert (moved - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("tp_size,ep_size,expert_tp", [(1, 1, True), (2, 1, True), (1, 2, True), (2, 2, True),
+                                                        (2, 2, False), (1, 4, True)])
+def test_moe_round_trip_is_bit_exact_over_tp_ep_and_layouts(tp_size, ep_size, expert_tp, grouped):
+    """HF -> the shards of every (TP, EP) rank -> HF gives every checkpoint tensor back bit for bit, and
+    each EP rank holds only its own experts, each TP rank its slice of them (or all of it, expert TP 1)."""
+    from support.models import hf_moe_model, moe_checkpoint_state_dict, tiny_qwen3_moe_config
+
+    cfg = tiny_qwen3_moe_config()
+    sd = moe_checkpoint_state_dict(hf_moe_model(cfg))
+    back: dict = {}
+    for ep in range(ep_size):
+        shards = [hf_to_mcore_state_dict(sd, cfg, tp, tp_size, ep_rank=ep, ep_size=ep_size, expert_tp=expert_tp,
+                                         grouped_gemm=grouped) for tp in range(tp_size)]
+        fc1 = [k for k in shards[0] if "linear_fc1.weight" in k and "layers.0." in k and "experts" in k]
+        assert len(fc1) == 4 // ep_size
+        full_rows = 2 * cfg.moe_intermediate_size
+        assert shards[0][fc1[0]].shape[0] == (full_rows // tp_size if expert_tp else full_rows)
+        back.update(mcore_to_hf_state_dict(shards, cfg, ep_rank=ep, ep_size=ep_size, expert_tp=expert_tp))
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+def test_moe_expert_of_ep_rank_is_the_global_expert():
+    """EP rank 1 of 2 holds global experts 2 and 3 as its local 0 and 1."""
+    from support.models import hf_moe_model, moe_checkpoint_state_dict, tiny_qwen3_moe_config
+
+    cfg = tiny_qwen3_moe_config()
+    sd = moe_checkpoint_state_dict(hf_moe_model(cfg))
+    mc = hf_to_mcore_state_dict(sd, cfg, ep_rank=1, ep_size=2)
+    fc2 = mc["decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.weight"]
+    assert torch.equal(fc2, sd["model.layers.1.mlp.experts.2.down_proj.weight"])
+    assert torch.equal(mc["decoder.layers.1.mlp.router.weight"], sd["model.layers.1.mlp.gate.weight"])
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("decoder_sparse_step", 2, "decoder_sparse_step=2"),
+    ("mlp_only_layers", [0], "mlp_only_layers"),
+    ("num_experts_per_tok", 5, "top-k"),
+])
+def test_moe_configs_it_cannot_map_are_refused(key, value, match):
+    from support.models import tiny_qwen3_moe_config
+
+    cfg = tiny_qwen3_moe_config()
+    setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=match):
+        validate_hf_config(cfg)
+
+
+def test_expert_parallel_size_must_divide_the_experts():
+    from support.models import tiny_qwen3_moe_config
+
+    with pytest.raises(ValueError, match="does not divide num_experts=4"):
+        to_transformer_config(tiny_qwen3_moe_config(), FP32, expert_model_parallel_size=3)
+
+
+def test_megatron_backend_says_moe_training_is_not_built():
+    from support.models import tiny_qwen3_moe_config
+
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+
+    with pytest.raises(ValueError, match="training it .* is not built yet"):
+        MegatronBackend("actor", tiny_qwen3_moe_config(), FP32)

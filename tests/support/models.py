@@ -60,3 +60,52 @@ def hf_model(cfg, seed: int = 0):
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def tiny_qwen3_moe_config(experts: int = 4, top_k: int = 2, layers: int = 2, norm_topk_prob: bool = True):
+    """A ``Qwen3MoeConfig`` of the tiny shape (4 experts, top-2, 2 layers by default; every layer sparse,
+    as in the released Qwen3-MoE models)."""
+    from transformers import Qwen3MoeConfig
+
+    base = {k: v for k, v in tiny_shape().items() if k != "rope_theta"}
+    return Qwen3MoeConfig(**{**base, "vocab_size": 128, "num_hidden_layers": layers, "max_position_embeddings": 64,
+                             "intermediate_size": 96, "moe_intermediate_size": 48, "num_experts": experts,
+                             "num_experts_per_tok": top_k, "norm_topk_prob": norm_topk_prob,
+                             "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": False,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+
+
+def hf_moe_model(cfg, seed: int = 0):
+    """A ``Qwen3MoeForCausalLM`` of ``cfg`` from ``seed``, norms moved off 1 and a router that is not zero
+    (transformers initialises it at 0, which would route by index and hide a swapped expert)."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("mlp.gate.weight") or "experts" in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def moe_checkpoint_state_dict(model) -> dict:
+    """A Qwen3-MoE's weights under its checkpoint names (one tensor per expert), as its safetensors
+    files and SGLang name them; transformers >= 5 fuses the experts in memory."""
+    out = {}
+    for name, t in model.state_dict().items():
+        head, _, tail = name.rpartition("mlp.experts.")
+        if tail == "gate_up_proj":
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2, dim=0)
+                out[f"{head}mlp.experts.{e}.gate_proj.weight"] = gate.clone()
+                out[f"{head}mlp.experts.{e}.up_proj.weight"] = up.clone()
+        elif tail == "down_proj":
+            for e, w in enumerate(t):
+                out[f"{head}mlp.experts.{e}.down_proj.weight"] = w.clone()
+        else:
+            out[name] = t
+    return out

@@ -60,6 +60,7 @@ from tempo_mega.backends.base import (
 )
 from tempo_mega.backends.megatron.checkpointing import _Checkpoints
 from tempo_mega.backends.megatron.config import MegatronConfig
+from tempo_mega.backends.megatron.convert_moe import is_moe
 from tempo_mega.backends.megatron.logprobs import _SumOverGroup
 from tempo_mega.backends.megatron.model import HeadInputs, build_model_chunks, init_parallel
 from tempo_mega.backends.megatron.packing import PackedMicro, pack_micro_batch, stream_length
@@ -99,6 +100,10 @@ class MegatronBackend(_Checkpoints, _Weights):
             raise ValueError(f"MegatronBackend: role must be one of {ROLES}, got {role!r}")
         if temperature <= 0:
             raise ValueError(f"MegatronBackend: temperature must be positive, got {temperature}")
+        if is_moe(hf_config):
+            raise ValueError("MegatronBackend: Qwen3-MoE (model_type qwen3_moe) converts exactly (tempo-mega convert, "
+                             "TP/EP shards) and runs megatron's MoE forward, but training it (expert parallelism, "
+                             "MoE metrics, routing replay) is not built yet")
         mc = (megatron_config or MegatronConfig()).resolved()  # params_dtype null: bfloat16 here
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed

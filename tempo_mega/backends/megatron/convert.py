@@ -1,4 +1,5 @@
-"""Qwen3 (dense) HF <-> megatron.core: the config and the weights, exactly.
+"""Qwen3 (dense, and the mixture-of-experts Qwen3-MoE: ``convert_moe.py``) HF <-> megatron.core: the
+config and the weights, exactly.
 
 Weight layout in megatron-core (local and Transformer Engine specs), for one layer ``i``:
 
@@ -20,17 +21,16 @@ Every tensor is moved, never recomputed, so HF -> mcore -> HF is bit-identical.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-SUPPORTED_MODEL_TYPES = ("qwen3",)
+from tempo_mega.backends.megatron import convert_moe as moe
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -72,10 +72,14 @@ def validate_hf_config(hf_config: Any) -> None:
     model_type = _get(hf_config, "model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"HF config: model_type={model_type!r} is not supported (supported: "
-                         f"{SUPPORTED_MODEL_TYPES}; MoE models such as qwen3_moe are not yet)")
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if _get(hf_config, key):
-            raise ValueError(f"HF config: {key}={_get(hf_config, key)} (mixture of experts) is not supported")
+                         f"{SUPPORTED_MODEL_TYPES})")
+    if moe.is_moe(hf_config):
+        moe.validate_moe_config(hf_config)
+    else:
+        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if _get(hf_config, key):
+                raise ValueError(f"HF config: {key}={_get(hf_config, key)} (mixture of experts) with "
+                                 f"model_type={model_type!r}: only qwen3_moe is a mixture of experts here")
     if _get(hf_config, "attention_bias", False):
         raise ValueError("HF config: attention_bias=True is not supported (Qwen3 dense has no attention bias)")
     if _get(hf_config, "mlp_bias", False):
@@ -174,7 +178,12 @@ def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrid
         kwargs.update(fp8=mc.fp8, fp8_recipe=mc.fp8_recipe)
     if mc.fusions:
         kwargs.update(FUSIONS)
+    if moe.is_moe(hf_config):
+        kwargs.update(moe.transformer_kwargs(hf_config))
     kwargs.update(overrides)
+    if moe.is_moe(hf_config) and kwargs["num_moe_experts"] % kwargs["expert_model_parallel_size"]:
+        raise ValueError(f"expert_model_parallel_size={kwargs['expert_model_parallel_size']} does not divide "
+                         f"num_experts={kwargs['num_moe_experts']}")
     return TransformerConfig(**kwargs)
 
 
@@ -228,10 +237,14 @@ def layer_offset(hf_config: Any, pp_rank: int, pp_size: int, vp_stage: int = 0, 
 
 def hf_to_mcore_state_dict(hf_sd: Mapping[str, Tensor], hf_config: Any, tp_rank: int = 0, tp_size: int = 1, *,
                            pp_rank: int = 0, pp_size: int = 1, te_layout: bool = False, vp_stage: int = 0,
-                           vp_size: int = 1) -> dict[str, Tensor]:
+                           vp_size: int = 1, ep_rank: int = 0, ep_size: int = 1, expert_tp: bool = True,
+                           grouped_gemm: bool = False) -> dict[str, Tensor]:
     """The megatron state dict of TP rank ``tp_rank`` / PP stage ``pp_rank`` / virtual chunk ``vp_stage``
     (layer names local to the chunk). Actor: ``Qwen3ForCausalLM`` names (``lm_head.weight`` may be absent when tied). Critic: the
-    same trunk names plus ``value_head.weight`` / ``value_head.bias`` (detected by their presence)."""
+    same trunk names plus ``value_head.weight`` / ``value_head.bias`` (detected by their presence).
+    Qwen3-MoE: the experts of EP rank ``ep_rank`` of ``ep_size``, split over TP when ``expert_tp``
+    (expert TP = TP) or whole on every TP rank (expert TP = 1), in the sequential or ``grouped_gemm``
+    layout (``convert_moe.py``)."""
     validate_hf_config(hf_config)
     critic = "value_head.weight" in hf_sd
     tied = not critic and bool(_get(hf_config, "tie_word_embeddings", False))
@@ -241,6 +254,10 @@ def hf_to_mcore_state_dict(hf_sd: Mapping[str, Tensor], hf_config: Any, tp_rank:
     first = pp_rank == 0 and vp_stage == 0
     last = pp_rank == pp_size - 1 and vp_stage == vp_size - 1
     norms = _NORMS_TE if te_layout else _NORMS_LOCAL
+    sparse = moe.is_moe(hf_config)
+    if sparse and te_layout:  # the TE MoE layer keeps its own pre-MLP norm (nothing to fuse it into)
+        norms = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                 "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
 
     def need(name: str) -> Tensor:
         if name not in hf_sd:
@@ -259,11 +276,17 @@ def hf_to_mcore_state_dict(hf_sd: Mapping[str, Tensor], hf_config: Any, tp_rank:
         hf = f"model.layers.{local + offset}."
         mc = f"decoder.layers.{local}."
         for mname, (hname, dim) in _LAYER_SIMPLE.items():
-            out[mc + mname] = _tp_chunk(need(hf + hname), dim, tp_rank, tp_size)
+            if not (sparse and mname.startswith("mlp.")):  # a MoE layer's MLP is its experts, below
+                out[mc + mname] = _tp_chunk(need(hf + hname), dim, tp_rank, tp_size)
         for mname, hname in norms.items():
             out[mc + mname] = need(hf + hname)
         q, k, v = (need(hf + f"self_attn.{x}_proj.weight") for x in "qkv")
         out[mc + "self_attention.linear_qkv.weight"] = _tp_chunk(_qkv_to_mcore(q, k, v, hf_config), 0, tp_rank, tp_size)
+        if sparse:
+            out.update(moe.layer_to_mcore(need, hf_sd.__contains__, hf, mc, hf_config, ep_rank=ep_rank,
+                                          ep_size=ep_size, etp_rank=tp_rank if expert_tp else 0,
+                                          etp_size=tp_size if expert_tp else 1, grouped_gemm=grouped_gemm))
+            continue
         gate = _tp_chunk(need(hf + "mlp.gate_proj.weight"), 0, tp_rank, tp_size)
         up = _tp_chunk(need(hf + "mlp.up_proj.weight"), 0, tp_rank, tp_size)
         out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
@@ -278,9 +301,11 @@ def hf_to_mcore_state_dict(hf_sd: Mapping[str, Tensor], hf_config: Any, tp_rank:
 
 
 def mcore_to_hf_tensors(name: str, shards: Sequence[Tensor], hf_config: Any, *, critic: bool = False,
-                        layer_offset: int = 0) -> list[tuple[str, Tensor]]:
+                        layer_offset: int = 0, ep_rank: int = 0, ep_size: int = 1) -> list[tuple[str, Tensor]]:
     """One megatron tensor, given as its TP shards in rank order, -> its HF (name, tensor) pairs.
-    ``[]`` for names without an HF counterpart (``_extra_state``, the tied output copy)."""
+    ``[]`` for names without an HF counterpart (``_extra_state``, the tied output copy). An expert's
+    tensor is named by its global index (EP rank ``ep_rank`` of ``ep_size``); give it its expert-TP
+    shards (one shard when expert TP = 1)."""
     if name.endswith("_extra_state"):
         return []
 
@@ -302,6 +327,10 @@ def mcore_to_hf_tensors(name: str, shards: Sequence[Tensor], hf_config: Any, *, 
         raise ValueError(f"megatron state dict: unexpected tensor {name!r}")
     hf = f"model.layers.{int(m.group(1)) + layer_offset}."
     sub = m.group(2)
+    if moe.is_moe(hf_config):
+        pairs = moe.tensors_from_mcore(sub, shards, hf, hf_config, ep_rank=ep_rank, ep_size=ep_size)
+        if pairs is not None:
+            return pairs
     if sub in _LAYER_SIMPLE:
         hname, dim = _LAYER_SIMPLE[sub]
         return [(hf + hname, shards[0] if dim is None else cat(dim))]
@@ -322,9 +351,12 @@ def mcore_to_hf_tensors(name: str, shards: Sequence[Tensor], hf_config: Any, *, 
 
 
 def mcore_to_hf_state_dict(tp_shards: Sequence[Mapping[str, Tensor]], hf_config: Any, *, pp_rank: int = 0,
-                           pp_size: int = 1) -> dict[str, Tensor]:
+                           pp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
+                           expert_tp: bool = True) -> dict[str, Tensor]:
     """The TP shards of one PP stage (``tp_shards[r]`` = rank r's megatron state dict) -> HF tensors of
-    that stage; merge the stages' dicts for the whole model. Critic when ``output_layer.bias`` exists."""
+    that stage; merge the stages' dicts for the whole model. Critic when ``output_layer.bias`` exists.
+    Qwen3-MoE: the shards of EP rank ``ep_rank`` give its experts (``expert_tp`` as in
+    ``hf_to_mcore_state_dict``); merge the EP ranks' dicts too."""
     validate_hf_config(hf_config)
     if not tp_shards:
         raise ValueError("mcore_to_hf_state_dict: no shards")
@@ -336,140 +368,10 @@ def mcore_to_hf_state_dict(tp_shards: Sequence[Mapping[str, Tensor]], hf_config:
                 bool(_get(hf_config, "tie_word_embeddings", False)):
             continue
         shards = [sd[name] for sd in tp_shards]
-        for hname, t in mcore_to_hf_tensors(name, shards, hf_config, critic=critic, layer_offset=offset):
+        m = _LAYER.match(name)
+        if not expert_tp and m and moe.expert_of(m.group(2)) is not None:
+            shards = shards[:1]  # expert TP = 1: every TP rank holds the whole expert
+        for hname, t in mcore_to_hf_tensors(name, shards, hf_config, critic=critic, layer_offset=offset,
+                                            ep_rank=ep_rank, ep_size=ep_size):
             out[hname] = t.contiguous()
     return out
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-MCORE_LAYOUT_FILE = "tempo_mcore.json"
-
-
-def _shard_file(tp_rank: int, pp_rank: int) -> str:
-    return f"mcore_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
-
-
-def _read_hf_dir(src: Path, critic: bool) -> Mapping[str, Tensor]:
-    """HF tensors of an actor dir (``Qwen3ForCausalLM`` names) or a critic dir (the trunk saved by
-    ``ValueHeadModel.save_pretrained``, names without ``model.``, plus ``value_head.safetensors``),
-    read from the files as they are asked for."""
-    from safetensors.torch import load_file
-
-    from tempo_mega.backends.megatron.hf_weights import CriticWeights, SafetensorsWeights, trunk_weights
-    from tempo_mega.models.critic import VALUE_HEAD_FILE
-
-    if not critic:
-        return SafetensorsWeights(src)
-    head = src / VALUE_HEAD_FILE
-    if not head.is_file():
-        raise FileNotFoundError(f"{src}: --critic needs {VALUE_HEAD_FILE} (a critic saved by tempo-mega)")
-    return CriticWeights(trunk_weights(src), {f"value_head.{k}": v for k, v in load_file(head).items()})
-
-
-# What makes an HF folder loadable beyond its weights and config.json: the tokenizer (every format
-# transformers writes or reads) and the generation config. Carried hf -> mcore -> hf unchanged.
-HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                 "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                 "generation_config.json")
-
-
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer and generation-config files ``src`` has into ``dst``; returns their names."""
-    import shutil
-
-    copied = []
-    for name in HF_SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``tempo-mega convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M] [--critic]`` and
-    ``tempo-mega convert mcore-to-hf --mcore DIR --out DIR``.
-
-    The mcore directory holds one safetensors file per (TP rank, PP stage) with megatron names,
-    ``config.json`` (the HF config, checked before converting) and ``tempo_mcore.json`` (layout).
-    Both directions are exact: a round trip reproduces every tensor bit for bit. Dist-checkpoints
-    for resuming at any layout are written and read by ``MegatronBackend.save/load``."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig
-
-    from tempo_mega.models.critic import VALUE_HEAD_FILE
-
-    parser = argparse.ArgumentParser(prog="tempo-mega convert")
-    sub = parser.add_subparsers(dest="direction", required=True)
-    h2m = sub.add_parser("hf-to-mcore", help="HF Qwen3 dir -> megatron shards")
-    h2m.add_argument("--hf", required=True, help="HF checkpoint dir (actor, or critic with --critic)")
-    h2m.add_argument("--out", required=True)
-    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    h2m.add_argument("--critic", action="store_true", help="a critic dir: trunk + value_head.safetensors")
-    m2h = sub.add_parser("mcore-to-hf", help="megatron shards -> HF dir")
-    m2h.add_argument("--mcore", required=True)
-    m2h.add_argument("--out", required=True)
-    m2h.add_argument("--tokenizer", default=None,
-                     help="HF dir to take the tokenizer and generation config from (default: the --mcore dir, "
-                          "where hf-to-mcore put the source's)")
-    args = parser.parse_args(argv)
-
-    if args.direction == "hf-to-mcore":
-        src, dst = Path(args.hf), Path(args.out)
-        if not (src / "config.json").is_file():
-            raise FileNotFoundError(f"{src}: no config.json (not an HF checkpoint dir)")
-        hf_config = AutoConfig.from_pretrained(src)
-        validate_hf_config(hf_config)  # a mismatching config stops here, naming the field
-        if args.tp < 1 or args.pp < 1:
-            raise ValueError(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
-        for key, n in (("num_attention_heads", args.tp), ("num_key_value_heads", args.tp),
-                       ("num_hidden_layers", args.pp)):
-            if _get(hf_config, key) % n:
-                raise ValueError(f"{src}/config.json: {key}={_get(hf_config, key)} is not divisible by "
-                                 f"{'--tp' if key != 'num_hidden_layers' else '--pp'} {n}")
-        hf_sd = _read_hf_dir(src, args.critic)
-        dst.mkdir(parents=True, exist_ok=True)
-        for p in range(args.pp):
-            for r in range(args.tp):
-                shard = hf_to_mcore_state_dict(hf_sd, hf_config, r, args.tp, pp_rank=p, pp_size=args.pp)
-                save_file({k: v.contiguous() for k, v in shard.items()}, dst / _shard_file(r, p))
-        hf_config.save_pretrained(dst)
-        copy_side_files(src, dst)  # so that mcore-to-hf can give them back
-        (dst / MCORE_LAYOUT_FILE).write_text(json.dumps({"tp": args.tp, "pp": args.pp, "critic": args.critic}))
-        print(f"convert hf-to-mcore: {src} -> {dst} (TP {args.tp}, PP {args.pp}{', critic' if args.critic else ''})")
-        return 0
-
-    src, dst = Path(args.mcore), Path(args.out)
-    layout_file = src / MCORE_LAYOUT_FILE
-    if not layout_file.is_file():
-        raise FileNotFoundError(f"{src}: no {MCORE_LAYOUT_FILE} (not written by tempo-mega convert hf-to-mcore)")
-    layout = json.loads(layout_file.read_text())
-    hf_config = AutoConfig.from_pretrained(src)
-    hf_sd = {}
-    for p in range(layout["pp"]):
-        shards = [load_file(src / _shard_file(r, p)) for r in range(layout["tp"])]
-        hf_sd.update(mcore_to_hf_state_dict(shards, hf_config, pp_rank=p, pp_size=layout["pp"]))
-    dst.mkdir(parents=True, exist_ok=True)
-    hf_config.save_pretrained(dst)
-    if layout["critic"]:  # the layout ValueHeadModel.from_pretrained reads
-        trunk = {k.removeprefix("model."): v.contiguous() for k, v in hf_sd.items() if not k.startswith("value_head.")}
-        save_file(trunk, dst / "model.safetensors")
-        save_file({k.removeprefix("value_head."): v.contiguous() for k, v in hf_sd.items()
-                   if k.startswith("value_head.")}, dst / VALUE_HEAD_FILE)
-    else:
-        save_file({k: v.contiguous() for k, v in hf_sd.items()}, dst / "model.safetensors", metadata={"format": "pt"})
-    side = Path(args.tokenizer) if args.tokenizer else src
-    if args.tokenizer and not side.is_dir():
-        raise FileNotFoundError(f"--tokenizer {side}: no such directory")
-    copied = copy_side_files(side, dst)
-    if not any(name.startswith("tokenizer") for name in copied):
-        print(f"convert mcore-to-hf: warning: {side} has no tokenizer files, so {dst} does not load with "
-              "AutoTokenizer; pass --tokenizer HF_DIR", file=sys.stderr)
-    print(f"convert mcore-to-hf: {src} -> {dst}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -75,10 +75,12 @@ class AllGatherCPAttention(DotProductAttention):
         return super().forward(query, key, value, attention_mask, *args, **kwargs)
 
 
-def layer_spec(*, use_te: bool | None = None, context_parallel: bool = False):
+def layer_spec(*, use_te: bool | None = None, context_parallel: bool = False, num_experts: int | None = None,
+               grouped_gemm: bool = False):
     """(spec, te_layout): the Transformer Engine spec when TE imports (or ``use_te``), else the local
     spec with ``LocalRMSNorm`` for every norm (sequence parallel included; no FP8) and, with
-    ``context_parallel``, ``AllGatherCPAttention``. Said once in the log."""
+    ``context_parallel``, ``AllGatherCPAttention``. With ``num_experts``, the MLP is megatron's MoE layer
+    (router + experts, sequential or ``grouped_gemm``; no shared expert). Said once in the log."""
     global _SPEC_LOGGED
     te = transformer_engine_available() if use_te is None else use_te
     if not _SPEC_LOGGED:
@@ -88,8 +90,17 @@ def layer_spec(*, use_te: bool | None = None, context_parallel: bool = False):
     if te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True), True
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm,
+                                                          qk_layernorm=True), True
+    if num_experts:
+        from megatron.core.transformer.moe import moe_utils
+
+        # megatron-core 0.16 reads moe_utils.te_general_gemm in the router whether or not TE imported,
+        # and defines it only when it did: without TE it is "none here", which the router then handles
+        if not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=True,
+                                    normalization="RMSNorm")
     layer, attention = spec.submodules, spec.submodules.self_attention.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
     attention.q_layernorm = attention.k_layernorm = LocalRMSNorm
@@ -260,14 +271,15 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
     if mc.vpp and vp_stage is None:
         raise ValueError("build_model: megatron.virtual_pipeline_parallel_size is set, pass vp_stage "
                          "(or use build_model_chunks)")
-    spec, te_layout = layer_spec(use_te=use_te, context_parallel=mc.context_parallel_size > 1)
+    config = to_transformer_config(hf_config, mc, **config_overrides)
+    spec, te_layout = layer_spec(use_te=use_te, context_parallel=mc.context_parallel_size > 1,
+                                 num_experts=config.num_moe_experts, grouped_gemm=config.moe_grouped_gemm)
     if not te_layout:
         if mc.fp8 != "none":
             raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
     if mc.fusions and not (te_layout and torch.cuda.is_available()):
         raise ValueError("megatron.fusions=true needs a GPU and Transformer Engine (its fused RoPE and "
                          "weight-gradient kernels); set it false here")
-    config = to_transformer_config(hf_config, mc, **config_overrides)
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if not te_layout:  # the block's final norm too (megatron would pick its own for a layer spec)
