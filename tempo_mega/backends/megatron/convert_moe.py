@@ -121,6 +121,10 @@ def layer_to_mcore(need: Callable[[str], Tensor], has: Callable[[str], bool], hf
     e_all = num_experts(hf_config)
     local = e_all // ep_size
     out = {mc + "mlp.router.weight": need(hf + "mlp.gate.weight")}
+    if has(hf + "mlp.experts.gate_up_proj"):  # fused: each [E, ...] tensor read once, not once per expert
+        fused = {hf + "mlp.experts.gate_up_proj": need(hf + "mlp.experts.gate_up_proj"),
+                 hf + "mlp.experts.down_proj": need(hf + "mlp.experts.down_proj")}
+        need, has = fused.__getitem__, fused.__contains__
     for le in range(local):
         gate, up, down = _expert_weights(need, has, hf, ep_rank * local + le)
         fc1 = torch.cat([_split(gate, 0, etp_rank, etp_size), _split(up, 0, etp_rank, etp_size)], dim=0)
@@ -161,20 +165,3 @@ def tensors_from_mcore(sub: str, shards: Sequence[Tensor], hf: str, hf_config: A
     halves = [s.chunk(2, dim=0) for s in shards]
     return [(x + "gate_proj.weight", torch.cat([h[0] for h in halves], dim=0)),
             (x + "up_proj.weight", torch.cat([h[1] for h in halves], dim=0))]
-
-
-def fuse_for_transformers(hf_sd: Mapping[str, Tensor], hf_config: Any) -> dict[str, Tensor]:
-    """Checkpoint names -> the fused in-memory names of transformers >= 5's ``Qwen3MoeForCausalLM``
-    (``load_state_dict`` of a module built from the config)."""
-    out = dict(hf_sd)
-    for i in range(int(_get(hf_config, "num_hidden_layers"))):
-        hf = f"model.layers.{i}."
-        if hf + "mlp.experts.0.gate_proj.weight" not in out:
-            continue
-        ws = [_expert_weights(out.__getitem__, out.__contains__, hf, e) for e in range(num_experts(hf_config))]
-        out[hf + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([g, u], dim=0) for g, u, _ in ws])
-        out[hf + "mlp.experts.down_proj"] = torch.stack([d for _, _, d in ws])
-        for e in range(num_experts(hf_config)):
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                del out[f"{hf}mlp.experts.{e}.{p}.weight"]
-    return out

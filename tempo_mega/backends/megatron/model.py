@@ -26,6 +26,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor, nn
 
+from tempo_mega.backends.megatron import convert_moe as moe
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import gpt_model_kwargs, to_transformer_config
 from tempo_mega.backends.megatron.logprobs import vocab_parallel_logprobs
@@ -271,15 +272,16 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
     if mc.vpp and vp_stage is None:
         raise ValueError("build_model: megatron.virtual_pipeline_parallel_size is set, pass vp_stage "
                          "(or use build_model_chunks)")
-    config = to_transformer_config(hf_config, mc, **config_overrides)
-    spec, te_layout = layer_spec(use_te=use_te, context_parallel=mc.context_parallel_size > 1,
-                                 num_experts=config.num_moe_experts, grouped_gemm=config.moe_grouped_gemm)
+    experts = moe.num_experts(hf_config) if moe.is_moe(hf_config) else None
+    spec, te_layout = layer_spec(use_te=use_te, context_parallel=mc.context_parallel_size > 1, num_experts=experts,
+                                 grouped_gemm=bool(config_overrides.get("moe_grouped_gemm", False)))
     if not te_layout:
         if mc.fp8 != "none":
             raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
     if mc.fusions and not (te_layout and torch.cuda.is_available()):
         raise ValueError("megatron.fusions=true needs a GPU and Transformer Engine (its fused RoPE and "
                          "weight-gradient kernels); set it false here")
+    config = to_transformer_config(hf_config, mc, **config_overrides)
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if not te_layout:  # the block's final norm too (megatron would pick its own for a layer spec)
