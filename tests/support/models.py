@@ -47,19 +47,27 @@ def megatron_tiny_config(tied: bool, layers: int = 2):
                              tie_word_embeddings=tied, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
 
 
-def hf_model(cfg, seed: int = 0):
-    """A ``Qwen3ForCausalLM`` of ``cfg`` from ``seed`` whose norm weights are moved off 1, so that a swapped
-    or missing norm in a conversion changes the outputs."""
+def _seeded(cls, cfg, seed: int, redraw=lambda name: False):
+    """``cls(cfg)`` from ``seed`` in eval mode, its norm weights moved off 1 (so that a swapped or missing
+    norm in a conversion changes the outputs) and the parameters ``redraw(name)`` picks drawn N(0, 0.2)."""
     import torch
-    from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            if redraw(name):
+                p.normal_(0.0, 0.2)
     return model
+
+
+def hf_model(cfg, seed: int = 0):
+    """A ``Qwen3ForCausalLM`` of ``cfg`` from ``seed``, norms moved off 1."""
+    from transformers import Qwen3ForCausalLM
+
+    return _seeded(Qwen3ForCausalLM, cfg, seed)
 
 
 def tiny_qwen3_moe_config(experts: int = 4, top_k: int = 2, layers: int = 2, norm_topk_prob: bool = True):
@@ -76,20 +84,11 @@ def tiny_qwen3_moe_config(experts: int = 4, top_k: int = 2, layers: int = 2, nor
 
 
 def hf_moe_model(cfg, seed: int = 0):
-    """A ``Qwen3MoeForCausalLM`` of ``cfg`` from ``seed``, norms moved off 1 and a router that is not zero
-    (transformers initialises it at 0, which would route by index and hide a swapped expert)."""
-    import torch
+    """A ``Qwen3MoeForCausalLM`` of ``cfg`` from ``seed``, norms moved off 1 and a router (and experts) not
+    as transformers initialises them: a zero router would route by index and hide a swapped expert."""
     from transformers import Qwen3MoeForCausalLM
 
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            if name.endswith("mlp.gate.weight") or "experts" in name:
-                p.normal_(0.0, 0.2)
-    return model
+    return _seeded(Qwen3MoeForCausalLM, cfg, seed, lambda name: name.endswith("mlp.gate.weight") or "experts" in name)
 
 
 def moe_checkpoint_state_dict(model) -> dict:
