@@ -63,6 +63,17 @@ class _Server:
         assert self.transport is not None
         return self.transport.call(self.url, path, body, timeout_s, method=method)
 
+    def post(self, path: str, body: dict, timeout_s: float) -> Any:
+        """``call``, its answer checked (``_check_success``: a refusal is ``SGLangServerError``); a server
+        that did not answer is marked failed before ``_ServerDown`` goes on."""
+        try:
+            resp = self.call(path, body, timeout_s)
+        except _ServerDown as e:
+            self.fail(self.epoch, str(e))
+            raise
+        _check_success(resp, f"{self.url}{path}")
+        return resp
+
     def server_info(self, timeout_s: float) -> dict | None:
         for path in ("/server_info", "/get_server_info"):  # 0.5.23; the deprecated route of older ones
             try:

@@ -15,7 +15,6 @@ from torch import Tensor
 from tempo_mega.rollout.sglang.handles import _Server
 from tempo_mega.rollout.sglang.transport import (
     SGLangServerError,
-    _check_success,
     _NoSuchRoute,
     _ServerDown,
 )
@@ -85,12 +84,7 @@ class _WeightSync:
 
     def _post_each(self, only: list[_Server] | None, path: str, body: dict) -> None:
         for s in self._targets(only):
-            try:
-                resp = s.call(path, body, self.cfg.request_timeout_s)
-            except _ServerDown as e:
-                s.fail(s.epoch, str(e))
-                raise
-            _check_success(resp, f"{s.url}{path}")
+            s.post(path, body, self.cfg.request_timeout_s)
 
     @contextlib.contextmanager
     def _update_session(self, only: list[_Server] | None) -> Iterator[None]:
@@ -122,11 +116,7 @@ class _WeightSync:
     def _begin_session(self, s: _Server) -> bool:
         """Open a session on ``s``; False where the server has no sessions (SGLang < 0.5.23)."""
         try:
-            _check_success(s.call("/begin_weight_update", {}, self.cfg.request_timeout_s),
-                           f"{s.url}/begin_weight_update")
-        except _ServerDown as e:
-            s.fail(s.epoch, str(e))
-            raise
+            s.post("/begin_weight_update", {}, self.cfg.request_timeout_s)
         except _NoSuchRoute:
             log.info("%s has no /begin_weight_update (SGLang < 0.5.23): updating without the session", s.url)
             self._begin_end_supported[s.url] = False
@@ -139,11 +129,7 @@ class _WeightSync:
         """Close our session on ``s``. ``missing_ok``: a refusal means it has none open (it ended it, or it
         is a new process), which is what was wanted."""
         try:
-            _check_success(s.call("/end_weight_update", {}, self.cfg.request_timeout_s),
-                           f"{s.url}/end_weight_update")
-        except _ServerDown as e:
-            s.fail(s.epoch, str(e))
-            raise
+            s.post("/end_weight_update", {}, self.cfg.request_timeout_s)
         except SGLangServerError:
             if not missing_ok:
                 raise
