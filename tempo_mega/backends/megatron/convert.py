@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from tempo_mega.backends.megatron import convert_moe as moe
+from tempo_mega.backends.megatron.convert_moe import _get
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -53,12 +54,6 @@ _NORMS_TE = {
 
 
 # ---------------------------------------------------------------------------------------------- config
-def _get(hf_config: Any, key: str, default: Any = None) -> Any:
-    if isinstance(hf_config, Mapping):
-        return hf_config.get(key, default)
-    return getattr(hf_config, key, default)
-
-
 def rope_theta(hf_config: Any) -> float:
     params = _get(hf_config, "rope_parameters") or {}
     theta = params.get("rope_theta", _get(hf_config, "rope_theta"))

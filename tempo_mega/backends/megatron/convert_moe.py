@@ -38,6 +38,7 @@ _GROUPED = re.compile(r"^mlp\.experts\.(linear_fc1|linear_fc2)\.weight(\d+)$")
 
 
 def _get(hf_config: Any, key: str, default: Any = None) -> Any:
+    """A field of an HF config object or of its dict (``convert.py`` reads them through this too)."""
     if isinstance(hf_config, Mapping):
         return hf_config.get(key, default)
     return getattr(hf_config, key, default)
@@ -68,32 +69,27 @@ def validate_moe_config(hf_config: Any) -> None:
         raise ValueError("HF config: moe_intermediate_size is missing")
 
 
-def transformer_kwargs(hf_config: Any, *, dispatcher: str = "alltoall", grouped_gemm: bool = False,
-                       expert_parallel_size: int = 1, expert_tensor_parallel_size: int | None = None,
-                       aux_loss_coeff: float = 0.0, z_loss_coeff: float | None = None) -> dict[str, Any]:
-    """The ``TransformerConfig`` fields of Qwen3-MoE's experts and router. No token is dropped (no
-    capacity factor): the trainer must see the tokens the sampler saw. The router's logits are computed in
-    the model's dtype, as HF (and the sampler) compute them."""
+def transformer_kwargs(hf_config: Any) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields of Qwen3-MoE's experts and router, with megatron's alltoall
+    dispatcher, sequential experts, no load-balancing loss and EP 1 (``to_transformer_config``'s overrides
+    change them). No token is dropped (no capacity factor): the trainer must see the tokens the sampler
+    saw. The router's logits are computed in the model's dtype, as HF (and the sampler) compute them."""
     validate_moe_config(hf_config)
-    e = num_experts(hf_config)
-    if e % expert_parallel_size:
-        raise ValueError(f"expert_model_parallel_size={expert_parallel_size} does not divide num_experts={e}")
-    kw: dict[str, Any] = dict(
-        num_moe_experts=e,
+    return dict(
+        num_moe_experts=num_experts(hf_config),
         moe_router_topk=int(_get(hf_config, "num_experts_per_tok")),
         moe_ffn_hidden_size=int(_get(hf_config, "moe_intermediate_size")),
         moe_router_pre_softmax=not bool(_get(hf_config, "norm_topk_prob", True)),
         moe_router_score_function="softmax",
-        moe_token_dispatcher_type=dispatcher,
-        moe_grouped_gemm=grouped_gemm,
-        moe_aux_loss_coeff=aux_loss_coeff,
-        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
-        moe_z_loss_coeff=z_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_aux_loss_coeff=0.0,
+        moe_router_load_balancing_type="none",
+        moe_z_loss_coeff=None,
         moe_expert_capacity_factor=None,
-        expert_model_parallel_size=expert_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
+        expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None,
     )
-    return kw
 
 
 def _expert_weights(need: Callable[[str], Tensor], has: Callable[[str], bool], hf: str, e: int) -> tuple[Tensor, Tensor, Tensor]:
