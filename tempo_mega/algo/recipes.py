@@ -80,16 +80,17 @@ class Recipe:
         """The range this mode's unlabeled reward lives in, for calibration."""
         return reward_range(self.unlabeled_reward, negative, positive)
 
-    def row_rewards(self, scores: Tensor, values: Tensor, response_mask: Tensor, is_labeled: Tensor) -> Tensor:
+    def critic_reward(self, scores: Tensor, values: Tensor, response_mask: Tensor, is_labeled: Tensor) -> Tensor:
         """R_b of every row, [B]: the verified score of labeled rows; for unlabeled rows the critic's
         reward (tempo) or the pseudo-reward already in ``scores`` (ttrl, empo)."""
         import torch
 
-        from tempo_mega.algo.advantages import critic_reward
+        from tempo_mega.algo import advantages
 
         if self.unlabeled_reward != "critic":
             return scores
-        return torch.where(is_labeled.bool(), scores, critic_reward(values, response_mask).to(scores.dtype))
+        last_value = advantages.critic_reward(values, response_mask)  # the critic's value before each row's last token
+        return torch.where(is_labeled.bool(), scores, last_value.to(scores.dtype))
 
     def critic_row_mask(self, is_labeled: Tensor) -> Tensor | None:
         """The rows the E-step fits, or None for all rows."""
@@ -97,13 +98,13 @@ class Recipe:
 
     def advantages(self, scores: Tensor, values: Tensor, response_mask: Tensor, is_labeled: Tensor, *,
                    eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
-        """(R_b [B], advantages [B, L], returns [B, L]) of a step's rows (``row_rewards``, then em_token
+        """(R_b [B], advantages [B, L], returns [B, L]) of a step's rows (``critic_reward``, then em_token
         advantages, or GAE with gamma = lambda = 1 on the outcome reward for RLVR)."""
         import torch
 
         from tempo_mega.algo.advantages import em_token_advantages, gae_advantages, outcome_token_rewards
 
-        reward = self.row_rewards(scores, values, response_mask, is_labeled)
+        reward = self.critic_reward(scores, values, response_mask, is_labeled)
         if self.advantage == "gae":
             adv, ret = gae_advantages(outcome_token_rewards(reward, response_mask, values.dtype), values, response_mask)
         else:

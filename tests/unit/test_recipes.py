@@ -75,11 +75,11 @@ def _rows(seed: int = 0):
 
 def test_tempo_rewards_unlabeled_rows_with_the_critic_and_keeps_verified_scores():
     scores, values, mask, labeled = _rows()
-    got = recipe("tempo").row_rewards(scores, values, mask, labeled)
+    got = recipe("tempo").critic_reward(scores, values, mask, labeled)
     assert got[:2].tolist() == [1.0, -1.0]
     assert got[2].item() == values[2, 0].item() and got[3].item() == values[3, 3].item()
     pseudo = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    assert recipe("ttrl").row_rewards(pseudo, values, mask, labeled) is pseudo  # already the reward
+    assert recipe("ttrl").critic_reward(pseudo, values, mask, labeled) is pseudo  # already the reward
 
 
 @pytest.mark.parametrize("mode", ["tempo", "ttrl", "supervised_continuation"])
