@@ -113,7 +113,11 @@ def em_token_advantages(
     # computed on the valid tokens only (a batch of long-tailed responses is mostly padding), in row-major
     # order, and scattered back: the same whitening as masked_whiten, a third of the memory traffic
     mask = response_mask.bool()
-    reward = torch.where(is_labeled.bool(), scores.to(values.dtype), critic_reward(values, response_mask).to(values.dtype))
+    labeled = is_labeled.bool()
+    if labeled.all():  # R_b given for every row (the recipe's critic_reward): no critic read to throw away
+        reward = scores.to(values.dtype)
+    else:
+        reward = torch.where(labeled, scores.to(values.dtype), critic_reward(values, response_mask).to(values.dtype))
     reward_tok = torch.repeat_interleave(reward, mask.sum(-1))
     raw = reward_tok - values[mask]
     n = raw.numel()
