@@ -221,14 +221,36 @@ def test_moe_configs_it_cannot_map_are_refused(key, value, match):
 def test_expert_parallel_size_must_divide_the_experts():
     from support.models import tiny_qwen3_moe_config
 
-    with pytest.raises(ValueError, match="does not divide num_experts=4"):
+    from tempo_mega.backends.megatron import MegatronConfig
+
+    with pytest.raises(ValueError, match="megatron.expert_model_parallel_size=3 does not divide the model's num_experts=4"):
+        to_transformer_config(tiny_qwen3_moe_config(), MegatronConfig(params_dtype="float32", expert_model_parallel_size=3))
+    with pytest.raises(ValueError, match="does not divide num_experts=4"):  # an override past the config's check
         to_transformer_config(tiny_qwen3_moe_config(), FP32, expert_model_parallel_size=3)
+    with pytest.raises(ValueError, match="not divisible by megatron.expert_tensor_parallel_size"):
+        MegatronConfig(expert_model_parallel_size=4).data_parallel_size(2)
 
 
-def test_megatron_backend_says_moe_training_is_not_built():
+def test_moe_with_tensor_parallel_needs_sequence_parallel():
     from support.models import tiny_qwen3_moe_config
 
+    from tempo_mega.backends.megatron import MegatronConfig
+
+    with pytest.raises(ValueError, match="megatron.sequence_parallel must be true for a mixture of experts"):
+        to_transformer_config(tiny_qwen3_moe_config(), MegatronConfig(params_dtype="float32", tensor_parallel_size=2))
+
+
+@pytest.mark.parametrize(("keys", "match"), [
+    ({}, "moe_token_dispatcher=alltoall needs a GPU"),  # the default dispatcher
+    ({"moe_token_dispatcher": "allgather", "moe_grouped_gemm": True}, "moe_grouped_gemm=true needs a GPU"),
+])
+def test_moe_options_this_machine_cannot_run_are_refused_by_key(megatron_world, keys, match):
+    from support.models import tiny_qwen3_moe_config
+
+    from tempo_mega.backends.megatron import MegatronConfig
     from tempo_mega.backends.megatron.backend import MegatronBackend
 
-    with pytest.raises(ValueError, match="training it .* is not built yet"):
-        MegatronBackend("actor", tiny_qwen3_moe_config(), FP32)
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU these options run")
+    with pytest.raises(ValueError, match=match):
+        MegatronBackend("actor", tiny_qwen3_moe_config(), MegatronConfig(params_dtype="float32", **keys))

@@ -116,6 +116,15 @@ def test_config_is_frozen():
         (["backend=megatron", "precision.fp8=fp4"], "precision.fp8"),
         (["backend=megatron", "precision.fp8=hybrid", "precision.fp8_recipe=nvfp4"], "precision.fp8_recipe"),
         (["backend=megatron", "model.dtype=bfloat16", "precision.fp8=e4m3", "megatron.fp8=hybrid"], "megatron.fp8"),
+        # mixture-of-experts keys
+        (["backend=megatron", "megatron.expert_model_parallel_size=0"], "megatron.expert_model_parallel_size"),
+        (["backend=megatron", "megatron.tensor_parallel_size=2", "megatron.expert_tensor_parallel_size=3"],
+         "megatron.expert_tensor_parallel_size"),
+        (["backend=megatron", "megatron.moe_token_dispatcher=deepep"], "megatron.moe_token_dispatcher"),
+        (["backend=megatron", "megatron.moe_aux_loss_type=sinkhorn"], "megatron.moe_aux_loss_type"),
+        (["backend=megatron", "megatron.moe_aux_loss_coeff=-0.1"], "megatron.moe_aux_loss_coeff"),
+        (["backend=megatron", "megatron.moe_z_loss_coeff=-1"], "megatron.moe_z_loss_coeff"),
+        (["backend=megatron", "megatron.moe_expert_capacity_factor=0"], "megatron.moe_expert_capacity_factor"),
     ],
 )
 def test_bad_values_name_the_key(override, match):

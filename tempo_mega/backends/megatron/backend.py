@@ -63,6 +63,7 @@ from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert_moe import is_moe
 from tempo_mega.backends.megatron.logprobs import _SumOverGroup
 from tempo_mega.backends.megatron.model import HeadInputs, build_model_chunks, init_parallel
+from tempo_mega.backends.megatron.moe import RouterInputs, moe_step_metrics, reset_step_counts
 from tempo_mega.backends.megatron.packing import PackedMicro, pack_micro_batch, stream_length
 from tempo_mega.backends.megatron.weights import _Weights
 from tempo_mega.batch import RolloutBatch
@@ -85,7 +86,8 @@ class _Micro:
 
 
 class MegatronBackend(_Checkpoints, _Weights):
-    """Train backend for one role (satisfies ``TrainBackend``). ``hf_config``: a Qwen3 dense config;
+    """Train backend for one role (satisfies ``TrainBackend``). ``hf_config``: a Qwen3 config, dense or
+    mixture of experts (``qwen3_moe``: expert parallel per ``megatron.expert_*``, ``moe.py``);
     ``hf_state_dict``: HF-named weights to start from (``Qwen3ForCausalLM`` names for the actor, plus
     ``value_head.*`` for the critic; without them the critic's head is freshly initialized), or None
     for megatron's random init. ``use_kernels`` (the trainer's ``kernels.enable``, on both roles): the
@@ -100,10 +102,6 @@ class MegatronBackend(_Checkpoints, _Weights):
             raise ValueError(f"MegatronBackend: role must be one of {ROLES}, got {role!r}")
         if temperature <= 0:
             raise ValueError(f"MegatronBackend: temperature must be positive, got {temperature}")
-        if is_moe(hf_config):
-            raise ValueError("MegatronBackend: Qwen3-MoE (model_type qwen3_moe) converts exactly (tempo-mega convert, "
-                             "TP/EP shards) and runs megatron's MoE forward, but training it (expert parallelism, "
-                             "MoE metrics, routing replay) is not built yet")
         mc = (megatron_config or MegatronConfig()).resolved()  # params_dtype null: bfloat16 here
         self.role, self.hf_config, self.megatron_config = role, hf_config, mc
         self.optim, self.temperature, self.seed = optim or OptimConfig(), temperature, seed
@@ -113,8 +111,11 @@ class MegatronBackend(_Checkpoints, _Weights):
         # tensor-parallel attributes of a weight inside its init, so perform_initialization=False leaves
         # TP weights unmarked (found by the 2-rank test: the export stopped gathering their shards).
         self.heads = HeadInputs()  # what every chunk's head is told about the micro-batch in flight
+        self.routers = RouterInputs()  # and, for a mixture of experts, every router (moe.py)
+        self.moe = is_moe(hf_config)
         self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te,
-                                                         use_kernels=use_kernels, head_inputs=self.heads)
+                                                         use_kernels=use_kernels, head_inputs=self.heads,
+                                                         router_inputs=self.routers)
         # Micro-batch shapes vary and are sent ahead of the activations. Not with virtual stages on
         # PP=2: the interleaved schedule sends to and receives from both neighbours at once, which are
         # the same rank there, and megatron's batched exchange (of the shapes, and by default of the
@@ -178,6 +179,14 @@ class MegatronBackend(_Checkpoints, _Weights):
         return parallel_state.get_context_parallel_world_size()
 
     @property
+    def ep_rank(self) -> int:
+        return parallel_state.get_expert_model_parallel_rank()
+
+    @property
+    def ep_size(self) -> int:
+        return parallel_state.get_expert_model_parallel_world_size()
+
+    @property
     def dp_rank(self) -> int:
         return parallel_state.get_data_parallel_rank()
 
@@ -238,9 +247,12 @@ class MegatronBackend(_Checkpoints, _Weights):
         returns, on the last PP stage, one entry per real micro-batch: the [b, L'] outputs (``loss_fn``
         None) or (loss, metrics, weight)."""
         micros = list(micros)
-        need = 1
+        # expert parallel: the MoE layers are collectives over EP ranks, which hold different DP ranks'
+        # rows: every DP rank runs as many micro-batches, as long (the allgather dispatcher needs it)
+        ep_sync = self.moe and self.ep_size > 1 and self.dp_size > 1
+        need = max(1, self._max_over_dp([len(micros)])[0] if ep_sync else 1)
         if self.megatron_config.vpp:  # interleaved 1F1B: a multiple of PP, at least PP
-            need = max(self.pp_size, -(-len(micros) // self.pp_size) * self.pp_size)
+            need = max(self.pp_size, -(-max(need, len(micros)) // self.pp_size) * self.pp_size)
         while len(micros) < need:
             micros.append(_Micro(source.select(torch.arange(1)), weight=0.0, filler=True))
         # sequence parallel splits the packed stream over TP (a multiple of TP tokens); FP8 GEMMs want
@@ -249,6 +261,8 @@ class MegatronBackend(_Checkpoints, _Weights):
         mult *= 16 if self.megatron_config.fp8 != "none" else 1
         mult *= 2 * self.cp_size if self.cp_size > 1 else 1  # CP: 2 chunks per rank, as many tokens each
         lengths = [stream_length(m.batch, cp_size=self.cp_size, per_sequence=self.te_layout) for m in micros]
+        if ep_sync:
+            lengths = self._max_over_dp(lengths)
         tokens = -(-max(lengths) // mult) * mult
         for m, n in zip(micros, lengths):
             m.tokens = tokens if self._fixed_shapes else -(-n // mult) * mult
@@ -260,6 +274,12 @@ class MegatronBackend(_Checkpoints, _Weights):
             num_microbatches=len(micros), seq_length=tokens, micro_batch_size=1, forward_only=forward_only)
         return [r["result"] for r in store if not r["filler"]] if self.is_last_stage else []
 
+    def _max_over_dp(self, values: list[int]) -> list[int]:
+        """Element-wise max of ``values`` over the DP group (the same length on every rank)."""
+        t = torch.tensor(values, dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+        return [int(x) for x in t.tolist()]
+
     def _forward_step(self, data_iterator, model, *, loss_fn: LossFn | None, temperature: float):
         """megatron's forward_step_func: one micro-batch through one model chunk."""
         micro: _Micro = next(data_iterator)
@@ -269,9 +289,12 @@ class MegatronBackend(_Checkpoints, _Weights):
         mask = batch.response_mask.to(dev).bool()
         owned = pm.owned.to(dev)
         targets = batch.response_ids.to(dev)[mask][owned] if self.role == "actor" else None
-        with self.heads.selecting(pm.select.to(dev), targets, temperature=temperature):
-            out = model(input_ids=pm.input_ids.to(dev), position_ids=pm.position_ids.to(dev),
-                        **self._attention_kwargs(pm))
+        extra = self._attention_kwargs(pm)
+        if self.moe:
+            extra["padding_mask"] = self._padding_mask(pm, model)
+        with self.heads.selecting(pm.select.to(dev), targets, temperature=temperature), \
+                self.routers.weighting(micro.weight, tokens=int(batch.attention_mask.sum()), count=not micro.filler):
+            out = model(input_ids=pm.input_ids.to(dev), position_ids=pm.position_ids.to(dev), **extra)
         return out, functools.partial(self._loss, micro, mask, owned, loss_fn)
 
     def _attention_kwargs(self, pm: PackedMicro) -> dict[str, Any]:
@@ -288,6 +311,16 @@ class MegatronBackend(_Checkpoints, _Weights):
                 qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
                 cu_seqlens_kv_padded=cu_pad, max_seqlen_q=pm.max_seqlen, max_seqlen_kv=pm.max_seqlen)}
         return {"attention_mask": pm.block_causal_mask().to(dev)}
+
+    def _padding_mask(self, pm: PackedMicro, model) -> Tensor:
+        """[1, t] True where the stream holds no row's token, for the MoE routers (``moe.py``). megatron
+        splits it over sequence-parallel ranks on the first stage only; later stages get this rank's
+        part."""
+        mask = pm.padding.to(self.device)
+        first = getattr(model, "module", model).pre_process
+        if self.chunks[0].config.sequence_parallel and not first:
+            mask = mask.tensor_split(self.tp_size, dim=1)[self.tp_rank]
+        return mask
 
     def _loss(self, micro: _Micro, mask: Tensor, owned: Tensor, loss_fn: LossFn | None, output: Tensor):
         """megatron's loss_func on the last stage: (scalar to backward, token count (unused: we weight
@@ -316,6 +349,8 @@ class MegatronBackend(_Checkpoints, _Weights):
         o = self.optim
         for chunk in self.chunks:
             chunk.train()
+        if self.moe:
+            reset_step_counts(self.chunks)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 1_000_003 + self.num_train_steps)
@@ -330,7 +365,13 @@ class MegatronBackend(_Checkpoints, _Weights):
                 chunk.eval()
         self.num_train_steps += 1
         stats.totals, stats.n_micro = self._reduce_stats(dict(stats.totals), stats.n_micro)
-        return stats.metrics(self.role, self.optim.lr)
+        metrics = stats.metrics(self.role, self.optim.lr)
+        if self.moe:
+            c = self.chunks[0].config
+            metrics.update(moe_step_metrics(self.chunks, self.role, num_layers=c.num_layers,
+                                            num_experts=c.num_moe_experts, topk=c.moe_router_topk,
+                                            sequence_parallel=c.sequence_parallel))
+        return metrics
 
     def _accumulate(self, loss_fn: LossFn, micros: list[RolloutBatch], denom: int, mini: RolloutBatch,
                     totals: dict[str, float], frozen: bool) -> int:

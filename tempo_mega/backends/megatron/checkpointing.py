@@ -52,27 +52,15 @@ class _Checkpoints:
                         inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
 
     def _load_optimizer_state(self, state_dict: dict[str, Any]) -> None:
-        """``optimizer.load_state_dict``, except for megatron's distributed optimizer over torch's Adam
-        (no Apex / TE): there torch keeps a per-parameter ``step`` that megatron's checkpoint does not
-        hold, and its loader would look for it; the moments and master weights are loaded with the steps
-        set aside (they come from the param groups)."""
+        """``optimizer.load_state_dict``, per sub-optimizer (a mixture of experts has a dense and an
+        expert one, whose states megatron keeps under keys 0 and 1), except for megatron's distributed
+        optimizer over torch's Adam (no Apex / TE): there torch keeps a per-parameter ``step`` that
+        megatron's checkpoint does not hold, and its loader would look for it; the moments and master
+        weights are loaded with the steps set aside (they come from the param groups)."""
         subs = self._sub_optimizers
-        inner = getattr(subs[0], "optimizer", None) if len(subs) == 1 else None
-        per_param_step = inner is not None and any("step" in st for st in inner.state.values())
-        if "param_state" not in state_dict or not per_param_step:
-            self.optimizer.load_state_dict(state_dict)
-            return
-        param_state, kind = state_dict.pop("param_state"), state_dict.pop("param_state_sharding_type")
-        self.optimizer.load_state_dict(state_dict)  # param groups and step
-        steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
-        try:
-            with torch.no_grad():
-                getattr(subs[0], f"load_parameter_state_from_{kind}")(param_state)
-        finally:
-            for p, step in steps.items():
-                # one tensor per parameter: megatron hands every parameter the same step tensor, which
-                # torch's Adam would then advance once per parameter and step
-                inner.state[p]["step"] = step.detach().clone()
+        parts = [state_dict] if len(subs) == 1 else [state_dict[i] for i in range(len(subs))]
+        for opt, part in zip(subs, parts):
+            _load_one_optimizer_state(opt, part)
 
     @staticmethod
     def _optim_ckpt_metadata() -> dict[str, Any]:
@@ -130,3 +118,22 @@ class _Checkpoints:
         self.num_train_steps = int(state["num_train_steps"])
         self.num_optimizer_steps = int(state["num_optimizer_steps"])
 
+
+def _load_one_optimizer_state(opt: Any, state_dict: dict[str, Any]) -> None:
+    """One (not chained) megatron optimizer's state (``_Checkpoints._load_optimizer_state``)."""
+    inner = getattr(opt, "optimizer", None)
+    per_param_step = inner is not None and any("step" in st for st in inner.state.values())
+    if "param_state" not in state_dict or not per_param_step:
+        opt.load_state_dict(state_dict)
+        return
+    param_state, kind = state_dict.pop("param_state"), state_dict.pop("param_state_sharding_type")
+    opt.load_state_dict(state_dict)  # param groups and step
+    steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
+    try:
+        with torch.no_grad():
+            getattr(opt, f"load_parameter_state_from_{kind}")(param_state)
+    finally:
+        for p, step in steps.items():
+            # one tensor per parameter: megatron hands every parameter the same step tensor, which
+            # torch's Adam would then advance once per parameter and step
+            inner.state[p]["step"] = step.detach().clone()

@@ -126,7 +126,8 @@ def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrid
     mc = (megatron_config or MegatronConfig(params_dtype="float32")).resolved()
     mc.validate_for(num_attention_heads=_get(hf_config, "num_attention_heads"),
                     num_key_value_heads=_num_kv_heads(hf_config),
-                    num_layers=_get(hf_config, "num_hidden_layers"), vocab_size=_get(hf_config, "vocab_size"))
+                    num_layers=_get(hf_config, "num_hidden_layers"), vocab_size=_get(hf_config, "vocab_size"),
+                    num_experts=moe.num_experts(hf_config) if moe.is_moe(hf_config) else None)
     dtype = getattr(torch, mc.params_dtype)
     kwargs: dict[str, Any] = dict(
         num_layers=_get(hf_config, "num_hidden_layers"),
@@ -174,7 +175,10 @@ def to_transformer_config(hf_config: Any, megatron_config: Any = None, **overrid
     if mc.fusions:
         kwargs.update(FUSIONS)
     if moe.is_moe(hf_config):
-        kwargs.update(moe.transformer_kwargs(hf_config))
+        if mc.tensor_parallel_size > 1 and not mc.sequence_parallel:
+            raise ValueError(f"megatron.sequence_parallel must be true for a mixture of experts with "
+                             f"megatron.tensor_parallel_size={mc.tensor_parallel_size} (megatron-core requires it)")
+        kwargs.update(moe.transformer_kwargs(hf_config), **moe.megatron_kwargs(mc))
     kwargs.update(overrides)
     if moe.is_moe(hf_config) and kwargs["num_moe_experts"] % kwargs["expert_model_parallel_size"]:
         raise ValueError(f"expert_model_parallel_size={kwargs['expert_model_parallel_size']} does not divide "

@@ -70,10 +70,9 @@ def validate_moe_config(hf_config: Any) -> None:
 
 
 def transformer_kwargs(hf_config: Any) -> dict[str, Any]:
-    """The ``TransformerConfig`` fields of Qwen3-MoE's experts and router, with megatron's alltoall
-    dispatcher, sequential experts, no load-balancing loss and EP 1 (``to_transformer_config``'s overrides
-    change them). No token is dropped (no capacity factor): the trainer must see the tokens the sampler
-    saw. The router's logits are computed in the model's dtype, as HF (and the sampler) compute them."""
+    """The ``TransformerConfig`` fields of Qwen3-MoE's experts and router (its shape and routing rule);
+    how they are laid out and trained is ``megatron_kwargs``'. The router's logits are computed in the
+    model's dtype, as HF (and the sampler) compute them."""
     validate_moe_config(hf_config)
     return dict(
         num_moe_experts=num_experts(hf_config),
@@ -81,14 +80,25 @@ def transformer_kwargs(hf_config: Any) -> dict[str, Any]:
         moe_ffn_hidden_size=int(_get(hf_config, "moe_intermediate_size")),
         moe_router_pre_softmax=not bool(_get(hf_config, "norm_topk_prob", True)),
         moe_router_score_function="softmax",
-        moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
-        moe_aux_loss_coeff=0.0,
-        moe_router_load_balancing_type="none",
-        moe_z_loss_coeff=None,
-        moe_expert_capacity_factor=None,
-        expert_model_parallel_size=1,
-        expert_tensor_parallel_size=None,
+    )
+
+
+def megatron_kwargs(megatron_config: Any) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields of a ``MegatronConfig``'s MoE keys: expert parallel sizes, the
+    token dispatcher, the expert GEMM, the router's load-balancing and z losses (megatron's
+    ``moe_router_load_balancing_type`` is "none" when the coefficient is 0) and the capacity factor
+    (null: no token dropped, the trainer must see the tokens the sampler saw)."""
+    mc = megatron_config
+    aux = float(mc.moe_aux_loss_coeff)
+    return dict(
+        expert_model_parallel_size=mc.expert_model_parallel_size,
+        expert_tensor_parallel_size=mc.etp,
+        moe_token_dispatcher_type=mc.moe_token_dispatcher,
+        moe_grouped_gemm=mc.moe_grouped_gemm,
+        moe_aux_loss_coeff=aux,
+        moe_router_load_balancing_type=mc.moe_aux_loss_type if aux > 0 else "none",
+        moe_z_loss_coeff=float(mc.moe_z_loss_coeff) or None,
+        moe_expert_capacity_factor=mc.moe_expert_capacity_factor,
     )
 
 

@@ -30,6 +30,7 @@ from tempo_mega.backends.megatron import convert_moe as moe
 from tempo_mega.backends.megatron.config import MegatronConfig
 from tempo_mega.backends.megatron.convert import gpt_model_kwargs, to_transformer_config
 from tempo_mega.backends.megatron.logprobs import vocab_parallel_logprobs
+from tempo_mega.backends.megatron.moe import RouterInputs, check_moe_runtime, router_builder
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,12 @@ class AllGatherCPAttention(DotProductAttention):
 
 
 def layer_spec(*, use_te: bool | None = None, context_parallel: bool = False, num_experts: int | None = None,
-               grouped_gemm: bool = False):
+               grouped_gemm: bool = False, router: Any = None):
     """(spec, te_layout): the Transformer Engine spec when TE imports (or ``use_te``), else the local
     spec with ``LocalRMSNorm`` for every norm (sequence parallel included; no FP8) and, with
     ``context_parallel``, ``AllGatherCPAttention``. With ``num_experts``, the MLP is megatron's MoE layer
-    (router + experts, sequential or ``grouped_gemm``; no shared expert). Said once in the log."""
+    (router + experts, sequential or ``grouped_gemm``; no shared expert), its router built by ``router``
+    (``moe.router_builder``; None: megatron's ``TopKRouter``). Said once in the log."""
     global _SPEC_LOGGED
     te = transformer_engine_available() if use_te is None else use_te
     if not _SPEC_LOGGED:
@@ -91,8 +93,11 @@ def layer_spec(*, use_te: bool | None = None, context_parallel: bool = False, nu
     if te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm,
-                                                          qk_layernorm=True), True
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm,
+                                                          qk_layernorm=True)
+        if num_experts and router is not None:
+            spec.submodules.mlp.submodules.router = router
+        return spec, True
     if num_experts:
         from megatron.core.transformer.moe import moe_utils
 
@@ -103,6 +108,8 @@ def layer_spec(*, use_te: bool | None = None, context_parallel: bool = False, nu
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=True,
                                     normalization="RMSNorm")
     layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    if num_experts and router is not None:
+        layer.mlp.submodules.router = router
     layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
     attention.q_layernorm = attention.k_layernorm = LocalRMSNorm
     if context_parallel:
@@ -126,17 +133,23 @@ def init_parallel(megatron_config: MegatronConfig, *, seed: int = 0) -> None:
     mc.data_parallel_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         have = (parallel_state.get_tensor_model_parallel_world_size(),
-                parallel_state.get_pipeline_model_parallel_world_size())
-        if have != (mc.tensor_parallel_size, mc.pipeline_parallel_size):
-            raise ValueError(f"megatron parallel state already initialized with TP, PP = {have}, config asks "
-                             f"megatron.tensor_parallel_size={mc.tensor_parallel_size}, "
-                             f"megatron.pipeline_parallel_size={mc.pipeline_parallel_size}")
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_world_size())
+        want = (mc.tensor_parallel_size, mc.pipeline_parallel_size, mc.expert_model_parallel_size, mc.etp)
+        if have != want:
+            raise ValueError(f"megatron parallel state already initialized with TP, PP, EP, ETP = {have}, config "
+                             f"asks megatron.tensor_parallel_size={want[0]}, megatron.pipeline_parallel_size="
+                             f"{want[1]}, megatron.expert_model_parallel_size={want[2]}, "
+                             f"megatron.expert_tensor_parallel_size={want[3]}")
     else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=mc.tensor_parallel_size,
             pipeline_model_parallel_size=mc.pipeline_parallel_size,
             virtual_pipeline_model_parallel_size=mc.vpp,
             context_parallel_size=mc.context_parallel_size,
+            expert_model_parallel_size=mc.expert_model_parallel_size,
+            expert_tensor_parallel_size=mc.etp,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -259,13 +272,15 @@ class DeferredNorm(nn.Module):
 
 def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
                 use_te: bool | None = None, vp_stage: int | None = None, use_kernels: bool = False,
-                head_inputs: HeadInputs | None = None, **config_overrides: Any) -> tuple[GPTModel, bool]:
+                head_inputs: HeadInputs | None = None, router_inputs: RouterInputs | None = None,
+                **config_overrides: Any) -> tuple[GPTModel, bool]:
     """(model of this rank's PP stage, or of its virtual chunk ``vp_stage`` with VPP; te_layout).
     ``init_parallel`` must have run. Weights are megatron's random init (load HF weights with
     ``convert.hf_to_mcore_state_dict``). The last stage's ``output_layer`` is the role's head (module
     docstring), reading ``head_inputs`` (a fresh one, selecting nothing, when None). The critic's final
     norm and value head run as one ``fused_value_head`` (the Triton kernel with ``use_kernels``, its
-    torch reference otherwise)."""
+    torch reference otherwise). A mixture of experts routes with ``MoERouter``, its losses weighted by
+    ``router_inputs`` (``moe.py``)."""
     if role not in ("actor", "critic"):
         raise ValueError(f"build_model: role must be 'actor' or 'critic', got {role!r}")
     mc = megatron_config
@@ -273,8 +288,10 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
         raise ValueError("build_model: megatron.virtual_pipeline_parallel_size is set, pass vp_stage "
                          "(or use build_model_chunks)")
     experts = moe.num_experts(hf_config) if moe.is_moe(hf_config) else None
+    grouped = bool(config_overrides.get("moe_grouped_gemm", mc.moe_grouped_gemm))
+    router = router_builder(router_inputs or RouterInputs()) if experts else None
     spec, te_layout = layer_spec(use_te=use_te, context_parallel=mc.context_parallel_size > 1, num_experts=experts,
-                                 grouped_gemm=bool(config_overrides.get("moe_grouped_gemm", False)))
+                                 grouped_gemm=grouped, router=router)
     if not te_layout:
         if mc.fp8 != "none":
             raise ValueError(f"megatron.fp8={mc.fp8!r} needs Transformer Engine, which does not import here")
@@ -282,6 +299,8 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
         raise ValueError("megatron.fusions=true needs a GPU and Transformer Engine (its fused RoPE and "
                          "weight-gradient kernels); set it false here")
     config = to_transformer_config(hf_config, mc, **config_overrides)
+    if experts:
+        check_moe_runtime(config, te_layout=te_layout)
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if not te_layout:  # the block's final norm too (megatron would pick its own for a layer spec)
@@ -296,6 +315,8 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
         torch.manual_seed(seed)
         model = GPTModel(config=config, transformer_layer_spec=spec, pre_process=first, post_process=last,
                          vp_stage=vp_stage, **gpt_model_kwargs(hf_config, role=role))
+    if experts:
+        mark_expert_parameters(model)
     if model.post_process:
         inputs, sp = head_inputs or HeadInputs(), config.sequence_parallel
         if role == "critic":
@@ -312,11 +333,27 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
     return model, te_layout
 
 
+def mark_expert_parameters(model: nn.Module) -> None:
+    """Mark every expert weight as megatron marks them under expert parallelism (``allreduce=False``),
+    at EP=1 too: megatron-core marks them only when EP > 1, and then its optimizer is a chain of a
+    dense and an expert optimizer, its distributed checkpoint ``chained_0`` / ``chained_1``; at EP=1
+    the experts would be dense parameters of a single optimizer, and a checkpoint saved at EP=2 would
+    not load at EP=1. Their gradients are reduced over the expert data-parallel group, which is the
+    data-parallel (x context-parallel) group at EP=1."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            for p in module.experts.parameters():
+                p.allreduce = False
+
+
 def build_model_chunks(hf_config: Any, megatron_config: MegatronConfig, *, role: str = "actor", seed: int = 0,
                        use_te: bool | None = None, use_kernels: bool = False, head_inputs: HeadInputs | None = None,
+                       router_inputs: RouterInputs | None = None,
                        **config_overrides: Any) -> tuple[list[GPTModel], bool]:
     """The model chunks of this rank: one per virtual pipeline stage (one without VPP), their heads
-    reading one ``head_inputs``."""
+    reading one ``head_inputs`` and their routers one ``router_inputs``."""
     head_inputs = head_inputs or HeadInputs()
     vpp = megatron_config.vpp
     stages: list[int | None] = list(range(vpp)) if vpp else [None]
@@ -324,6 +361,6 @@ def build_model_chunks(hf_config: Any, megatron_config: MegatronConfig, *, role:
     for v in stages:
         model, te_layout = build_model(hf_config, megatron_config, role=role, seed=seed, use_te=use_te,
                                        vp_stage=v, use_kernels=use_kernels, head_inputs=head_inputs,
-                                       **config_overrides)
+                                       router_inputs=router_inputs, **config_overrides)
         chunks.append(model)
     return chunks, te_layout

@@ -40,6 +40,7 @@ class PackedMicro:
     segment: Tensor  # [T] segment of every stream position
     select: Tensor  # [n_owned] local positions of this rank's response outputs
     owned: Tensor  # [N] bool over the micro-batch's response outputs
+    padding: Tensor  # [1, t_local] bool: True where the stream holds no token of a row (filler, padding)
 
     def block_causal_mask(self) -> Tensor:
         """[1, 1, t_local, T] bool, True = masked out: a local token sees the earlier tokens of its own
@@ -113,7 +114,10 @@ def pack_micro_batch(batch: RolloutBatch, *, tokens: int | None = None, cp_size:
     where = torch.full((total,), -1, dtype=torch.long)
     where[local] = torch.arange(len(local))
     owned = where[read_at] >= 0
+    padding = torch.ones(total, dtype=torch.bool)
+    padding[real_pos] = False
     return PackedMicro(
         input_ids=ids[local][None], position_ids=positions[local][None], cu_seqlens=cu.to(torch.int32),
         cu_seqlens_padded=cu_pad.to(torch.int32), max_seqlen=int(padded.max()), local_index=local,
-        gathered_index=gathered, segment=segment, select=where[read_at[owned]], owned=owned)
+        gathered_index=gathered, segment=segment, select=where[read_at[owned]], owned=owned,
+        padding=padding[local][None])

@@ -1,7 +1,8 @@
 """Weights into and out of ``MegatronBackend`` (``_Weights``, a mixin: the state is the backend's): HF-named
 weights loaded into this rank's chunks (each reads only its stage's names and keeps its TP slice), the
 critic's trunk copied from the actor, HF-named tensors streamed from the local shards (``export_weights``,
-gathered over TP and PP), and an HF module or directory on one rank."""
+gathered over TP and PP, and a mixture of experts' over expert TP and EP), and an HF module or directory
+on one rank."""
 
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ def _no_init_weights():
     return no_init_weights()
 
 
+def _gather(t: Tensor, size: int, group: Any) -> list[Tensor]:
+    """``t`` of every rank of ``group`` (``size`` ranks), in rank order."""
+    if size == 1:
+        return [t]
+    shards = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(shards, t.contiguous(), group=group)
+    return shards
+
+
 class _Weights:
     """HF weights in and out of ``MegatronBackend``."""
 
@@ -57,7 +67,9 @@ class _Weights:
         for v, chunk in enumerate(self.chunks):
             mc = hf_to_mcore_state_dict(sd, self.hf_config, self.tp_rank, self.tp_size, pp_rank=self.pp_rank,
                                         pp_size=self.pp_size, te_layout=self.te_layout, vp_stage=v if vpp else 0,
-                                        vp_size=vpp or 1)
+                                        vp_size=vpp or 1, ep_rank=self.ep_rank, ep_size=self.ep_size,
+                                        expert_tp=self.megatron_config.etp == self.tp_size,
+                                        grouped_gemm=self.megatron_config.moe_grouped_gemm)
             missing, unexpected = chunk.load_state_dict(mc, strict=False)
             missing = [k for k in missing if not k.endswith("_extra_state")]
             if missing or unexpected:
@@ -77,17 +89,28 @@ class _Weights:
                 if name == "output_layer.weight" and not critic and not chunk.pre_process and \
                         chunk.share_embeddings_and_output_weights:
                     continue  # the last stage's copy of the tied embedding
-                t = t.detach()
                 param = params.get(name)
-                if self.tp_size > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
-                    shards = [torch.empty_like(t) for _ in range(self.tp_size)]
-                    dist.all_gather(shards, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-                else:
-                    shards = [t]
-                for hf_name, hf_t in mcore_to_hf_tensors(name, shards, self.hf_config, critic=critic,
-                                                         layer_offset=offset):
+                for hf_name, hf_t in self._hf_tensors_of(name, t.detach(), param, critic, offset):
                     keep = dtype is None or hf_name.startswith("value_head.")
                     yield hf_name, hf_t.to(dtype=hf_t.dtype if keep else dtype).contiguous()
+
+    def _hf_tensors_of(self, name: str, t: Tensor, param: Any, critic: bool, offset: int) -> list[tuple[str, Tensor]]:
+        """The HF tensors of one local tensor: its TP shards gathered (a collective over the TP group); an
+        expert weight's (megatron marks them ``allreduce=False``) over the expert-TP group, then every EP
+        rank's copy of the same local expert gathered (a collective over the EP group), each named by
+        its global expert."""
+        split = param is not None and getattr(param, "tensor_model_parallel", False)
+        if param is None or getattr(param, "allreduce", True):  # dense (the router too: replicated)
+            shards = _gather(t, self.tp_size, parallel_state.get_tensor_model_parallel_group()) if split else [t]
+            return mcore_to_hf_tensors(name, shards, self.hf_config, critic=critic, layer_offset=offset)
+        etp = parallel_state.get_expert_tensor_parallel_world_size()
+        shards = _gather(t, etp, parallel_state.get_expert_tensor_parallel_group()) if split else [t]
+        per_rank = [_gather(s, self.ep_size, parallel_state.get_expert_model_parallel_group()) for s in shards]
+        out = []
+        for ep_rank in range(self.ep_size):
+            out += mcore_to_hf_tensors(name, [r[ep_rank] for r in per_rank], self.hf_config, critic=critic,
+                                       layer_offset=offset, ep_rank=ep_rank, ep_size=self.ep_size)
+        return out
 
     def load_trunk_from(self, other) -> None:
         """This critic's trunk := ``other``'s (the actor's, after the warm start), through HF names (a

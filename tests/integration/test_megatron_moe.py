@@ -1,0 +1,202 @@
+"""MegatronBackend on a tiny Qwen3-MoE (4 experts, top-2, 2 layers), CPU and gloo, megatron's allgather
+token dispatcher: every expert layout gives the log-probs, values, losses, grad norms, MoE metrics and
+post-step weights of the layout without expert parallelism, for an actor trained with the router's
+load-balancing and z losses and a critic without them:
+
+- EP=2 (DP=2), EP=2 with the distributed optimizer, TP=2 x EP=2 (expert TP = TP; sequence parallel,
+  which megatron-core requires for MoE with TP), the same with expert TP 1, PP=2 x EP=2: against DP=2 without EP (the router losses are per micro-batch, so the
+  micro-batches must be the same: DP=2's);
+- the critic (no router loss) also against EP=TP=PP=DP=1;
+- a dist-checkpoint saved at EP=2 (distributed optimizer) loads at EP=1 and continues identically.
+
+Each layout runs in its own ``torchrun``-like subprocess world (spawned, under a timeout)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+HERE = Path(__file__).resolve()
+
+# name -> (world size, megatron config keys)
+LAYOUTS = {
+    "single": (1, {}),
+    "dp2": (2, {}),
+    "ep2": (2, {"expert_model_parallel_size": 2}),
+    "ep2dist": (2, {"expert_model_parallel_size": 2, "use_distributed_optimizer": True}),
+    "tp2ep2": (4, {"tensor_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 2}),
+    "tp2ep2etp1": (4, {"tensor_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 2,
+                       "expert_tensor_parallel_size": 1}),
+    "pp2ep2": (4, {"pipeline_parallel_size": 2, "expert_model_parallel_size": 2}),
+    "ep1dist": (1, {"use_distributed_optimizer": True}),  # loads ep2dist's checkpoint
+}
+ROUTER_LOSSES = {"moe_aux_loss_coeff": 0.05, "moe_z_loss_coeff": 0.01}  # the actor's
+ROLES = ("actor", "critic")
+METRICS = ("loss", "grad_norm", "num_micro_batches", "moe_aux_loss", "moe_z_loss", "moe_load_imbalance",
+           "moe_load_imbalance_max")
+
+
+def run_world(tmp: Path, layout: str, mode: str, ckpt: Path | None = None, timeout_s: int = 400) -> dict:
+    from support.net import free_port
+
+    out = tmp / f"out_{mode}_{layout}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={LAYOUTS[layout][0]}",
+           f"--master-port={free_port()}", str(HERE), layout, mode, str(out), str(ckpt or "")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=HERE.parents[2])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """``world(name)``: one torchrun world's results, run on first use and kept for the module; "loaded"
+    is ep1dist loading ep2dist's checkpoint."""
+    tmp = tmp_path_factory.mktemp("megatron_moe")
+    saves = {"ep2dist": tmp / "ckpt_ep2dist"}
+    done: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in done:
+            if name == "loaded":
+                get("ep2dist")
+                done[name] = run_world(tmp, "ep1dist", "load", saves["ep2dist"])
+            else:
+                done[name] = run_world(tmp, name, "train", saves.get(name))
+        return done[name]
+
+    return get
+
+
+def _assert_same(got: dict, ref: dict, roles: tuple[str, ...]) -> None:
+    for role in roles:
+        for key in (role, f"{role}_after"):
+            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-5, msg=key)
+        assert got[f"{role}_weights"].keys() == ref[f"{role}_weights"].keys()
+        for name, t in ref[f"{role}_weights"].items():  # one optimizer step
+            torch.testing.assert_close(got[f"{role}_weights"][name], t, atol=1e-4, rtol=1e-4, msg=f"{role} {name}")
+        for key in METRICS:
+            name = f"{role}/{key}"
+            assert got[f"{role}_metrics"][name] == pytest.approx(ref[f"{role}_metrics"][name], rel=1e-5), name
+
+
+@pytest.mark.parametrize("layout", ["ep2", "ep2dist", "tp2ep2", "tp2ep2etp1", "pp2ep2"])
+def test_expert_layout_matches_dp2(world, layout):
+    _assert_same(world(layout), world("dp2"), ROLES)
+
+
+def test_critic_without_router_losses_matches_one_process(world):
+    _assert_same(world("ep2"), world("single"), ("critic",))
+
+
+def test_router_losses_train_and_report(world):
+    """The actor's router losses are on (coefficients > 0) and the critic's off: only the actor's router
+    weights get a gradient beyond the policy loss's, and both report the step's routing."""
+    res = world("single")
+    for role in ROLES:
+        m = res[f"{role}_metrics"]
+        assert m[f"{role}/moe_load_imbalance_max"] >= m[f"{role}/moe_load_imbalance"] >= 1.0
+        assert m[f"{role}/moe_aux_loss"] > 0 and m[f"{role}/moe_z_loss"] > 0
+    # the same actor trained without the router losses ends elsewhere: they reached the gradient
+    plain, aux = res["actor_plain_weights"], res["actor_weights"]
+    router = [n for n in plain if n.endswith("mlp.gate.weight")]
+    assert router and any(not torch.allclose(plain[n], aux[n], atol=1e-6) for n in router)
+
+
+def test_checkpoint_saved_at_ep2_loads_at_ep1(world):
+    saved, loaded = world("ep2dist"), world("loaded")
+    for role in ROLES:
+        for name, t in saved[f"{role}_weights"].items():
+            assert torch.equal(loaded[f"{role}_weights"][name], t), name
+    # the optimizer moments came back too: one more identical step agrees
+    torch.testing.assert_close(loaded["actor_after_2nd"], saved["actor_after_2nd"], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _pg_loss(logprobs, micro):
+    mask = micro.response_mask.bool()
+    return -(logprobs * micro.advantages)[mask].sum() / mask.sum(), {}
+
+
+def _value_loss(values, micro):
+    mask = micro.response_mask.bool()
+    return ((values - micro.returns) ** 2)[mask].sum() / mask.sum(), {}
+
+
+_pg_loss.agg = "token"
+_value_loss.agg = "token"
+
+
+def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
+    import torch.distributed as dist
+    from support.megatron_cpu import megatron_on_cpu
+    from support.models import hf_moe_model, moe_checkpoint_state_dict, tiny_qwen3_moe_config
+
+    from tempo_mega.backends.megatron import MegatronConfig
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+    from tempo_mega.backends.torch import OptimConfig, ValueHeadModel
+    from tempo_mega.batch import RolloutBatch
+
+    torch.use_deterministic_algorithms(True)
+    with megatron_on_cpu():
+        dist.init_process_group("gloo")
+        cfg = tiny_qwen3_moe_config()
+        hf = hf_moe_model(cfg)
+        actor_sd = moe_checkpoint_state_dict(hf)
+        head = ValueHeadModel.from_actor(hf_moe_model(cfg), seed=3).value_head.state_dict()
+        critic_sd = {**{k: v for k, v in actor_sd.items() if k.startswith("model.")},
+                     **{f"value_head.{k}": v for k, v in head.items()}}
+        gen = torch.Generator().manual_seed(5)
+        prompts = [[int(x) for x in torch.randint(0, 128, (n,), generator=gen)] for n in (3, 5, 2, 4, 3, 4)]
+        responses = [[int(x) for x in torch.randint(0, 128, (n,), generator=gen)] for n in (4, 2, 5, 3, 1, 3)]
+        batch = RolloutBatch.from_samples(prompts, responses, is_labeled=[True] * 6, group_ids=[0, 0, 1, 1, 2, 2],
+                                          pad_token_id=0)
+        batch.advantages = torch.randn(batch.response_mask.shape, generator=gen)
+        batch.returns = torch.randn(batch.response_mask.shape, generator=gen)
+        # two mini-batches of 3 rows, micro-batches of <= 8 tokens; Adam with eps 1 (see test_megatron_parallel)
+        optim = OptimConfig(lr=1.0, eps=1.0, mini_batch_size=3, max_tokens_per_micro_batch=8, grad_clip=0.5)
+        base = dict(params_dtype="float32", logprob_chunk_tokens=3, moe_token_dispatcher="allgather",
+                    **LAYOUTS[layout][1])
+        backends = {"actor": MegatronBackend("actor", cfg, MegatronConfig(**base, **ROUTER_LOSSES), optim,
+                                             hf_state_dict=actor_sd),
+                    "critic": MegatronBackend("critic", cfg, MegatronConfig(**base), optim, hf_state_dict=critic_sd)}
+        losses = {"actor": _pg_loss, "critic": _value_loss}
+
+        def forward(role):
+            b = backends[role]
+            return b.forward_values(batch) if role == "critic" else b.forward_logprobs(batch)
+
+        res = {}
+        if mode == "load":
+            for role, b in backends.items():
+                b.load(Path(ckpt) / role)
+        else:
+            for role, b in backends.items():
+                res[role] = forward(role)
+                res[f"{role}_metrics"] = b.train_step(batch, losses[role])
+                res[f"{role}_after"] = forward(role)
+        for role, b in backends.items():
+            res[f"{role}_weights"] = dict(b.export_weights(dtype=None))
+        if ckpt:
+            if mode != "load":
+                for role, b in backends.items():
+                    b.save(Path(ckpt) / role)
+            backends["actor"].train_step(batch, _pg_loss)
+            res["actor_after_2nd"] = backends["actor"].forward_logprobs(batch)
+        if mode == "train" and layout == "single":  # the actor without router losses
+            plain = MegatronBackend("actor", cfg, MegatronConfig(**base), optim, hf_state_dict=actor_sd)
+            plain.train_step(batch, _pg_loss)
+            res["actor_plain_weights"] = dict(plain.export_weights(dtype=None))
+        if dist.get_rank() == 0:
+            torch.save(res, out_path)
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])
