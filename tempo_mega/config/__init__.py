@@ -35,6 +35,13 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
     gradient_checkpointing: bool = False
+    # mixture of experts (a fresh Qwen3-MoE; a checkpoint's own config says it): num_experts > 0 makes
+    # every layer's MLP num_experts experts of moe_intermediate_size, num_experts_per_tok of them per token
+    # (renormalised over the top k when norm_topk_prob), no shared expert, as Qwen3-30B-A3B / 235B-A22B
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
 
 
 @dataclass(frozen=True)
@@ -338,6 +345,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if m.path is None:
         _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
                "must divide model.num_attention_heads")
+        _check(m.num_experts >= 0, "model.num_experts", f"must be >= 0 (0: a dense model), got {m.num_experts}")
+        if m.num_experts:
+            _check(1 <= m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
+                   f"must be in 1..model.num_experts={m.num_experts}, got {m.num_experts_per_tok}")
+            _check(m.moe_intermediate_size > 0, "model.moe_intermediate_size",
+                   f"must be > 0, got {m.moe_intermediate_size}")
     _check(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {cfg.backend!r}")
     if cfg.precision.fp8 != "none":
         from tempo_mega.backends.megatron.config import FP8, FP8_RECIPES
@@ -355,6 +368,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                    f"{tp} does not divide model.num_attention_heads={m.num_attention_heads}")
             _check(m.num_key_value_heads % tp == 0, "megatron.tensor_parallel_size",
                    f"{tp} does not divide model.num_key_value_heads={m.num_key_value_heads}")
+            if m.num_experts:
+                ep = mc.expert_model_parallel_size
+                _check(m.num_experts % ep == 0, "megatron.expert_model_parallel_size",
+                       f"{ep} does not divide model.num_experts={m.num_experts}")
+                _check(tp == 1 or mc.sequence_parallel, "megatron.sequence_parallel",
+                       f"must be true for a mixture of experts with megatron.tensor_parallel_size={tp} "
+                       "(megatron-core requires it)")
             vpp = mc.virtual_pipeline_parallel_size or 1
             _check(m.num_hidden_layers % (pp * vpp) == 0, "megatron.pipeline_parallel_size",
                    f"{pp} x megatron.virtual_pipeline_parallel_size={mc.virtual_pipeline_parallel_size} does not "

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tempo_mega.models.moe_names import to_module_names
 from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args, generation_metrics
 
 __all__ = ["HFRolloutEngine", "filter_logits", "sample_from_logits"]
@@ -245,7 +246,8 @@ class HFRolloutEngine:
         targets = model.state_dict()  # detached views of the live parameters and persistent buffers
         loaded = 0
         with torch.no_grad():
-            for name, tensor in named_tensors:
+            # a mixture of experts' per-expert names (an exporter's, a checkpoint's) fused as the model holds them
+            for name, tensor in to_module_names(named_tensors, targets):
                 target = targets.get(name)
                 if target is None:
                     raise ValueError(

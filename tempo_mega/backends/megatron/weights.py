@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from tempo_mega.backends.megatron.convert import hf_to_mcore_state_dict, layer_offset, mcore_to_hf_tensors
+from tempo_mega.models.moe_names import to_module_names
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class _Weights:
         targets = module.state_dict(keep_vars=True)
         loaded, unexpected = set(), []
         with torch.no_grad():
-            for name, t in itertools.chain(ahead, stream):
+            for name, t in to_module_names(itertools.chain(ahead, stream), targets):
                 if name not in targets or targets[name].shape != t.shape:
                     unexpected.append(name if name not in targets else f"{name} {tuple(t.shape)}")
                     continue
