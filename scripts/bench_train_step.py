@@ -26,7 +26,10 @@ own timeout); ``--spec local`` builds megatron's local layer spec even where Tra
 The model is Qwen3-8B's layer (hidden 4096, MLP 12288, 32 query heads, 8 KV heads, head_dim 128,
 vocabulary 151,936, untied) with fewer layers (``--layers``, default 4 of 36) so that weights,
 optimizer state, activations of a 16K-token sequence and its [tokens, vocab] logits fit one 80 GB card;
-the script says so in its output. Weights are megatron's random init. Each sequence is ``--seq-len``
+the script says so in its output. ``--model qwen3_30b_a3b``: Qwen3-30B-A3B's layer (hidden 2048, 32 query
+heads, 4 KV heads, 128 experts of 768, top-8), default 4 of 48 layers, expert parallel ``--ep`` with
+``--dispatcher``; FLOPs and MFU count the parameters a token is multiplied with (router + its 8 experts:
+``param_counts``' active ones), as MoE MFU is quoted. Weights are megatron's random init. Each sequence is ``--seq-len``
 real tokens (a ``--prompt-len`` prompt and the rest response, no padding); a step is ``--seqs``
 sequences, one optimizer step, micro-batched by ``--micro-tokens``.
 
@@ -91,6 +94,14 @@ PHASES = ("fwd", "train")
 QWEN3_8B = {"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "num_hidden_layers": 36}
 DEFAULT_LAYERS = 4  # of Qwen3-8B's 36: fits one 80 GB card at 16K tokens per sequence (see the module doc)
+# Qwen3-30B-A3B's layer (its config.json): 128 experts of 768, top-8, every layer sparse, no shared expert
+QWEN3_30B_A3B = {"hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "num_hidden_layers": 48,
+                 "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}
+MODELS = {"qwen3_8b": QWEN3_8B, "qwen3_30b_a3b": QWEN3_30B_A3B}
+MODEL_NAMES = {"qwen3_8b": "Qwen3-8B", "qwen3_30b_a3b": "Qwen3-30B-A3B"}
+DISPATCHERS = ("alltoall", "allgather", "flex")
+DEFAULT_MOE_LAYERS = 4  # of Qwen3-30B-A3B's 48: 3.1B parameters (2.4B of them experts), ~56 GB of state
 # FP8 choices as MegatronConfig spells them (kept here so --help works without megatron installed)
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -123,35 +134,50 @@ class Row:
 
 # ----------------------------------------------------------------------------- shape and card
 def qwen3_config(args: argparse.Namespace):
-    """A transformers ``Qwen3Config``: Qwen3-8B's dims unless overridden. With ``--hidden`` alone, the
-    other dims follow Qwen3-8B's ratios: head_dim 128, heads = hidden / 128, KV heads = heads / 4,
-    MLP = 3 x hidden."""
-    from transformers import Qwen3Config
+    """A transformers ``Qwen3Config`` (``Qwen3MoeConfig`` for ``--model qwen3_30b_a3b``): the model's dims
+    unless overridden. With ``--hidden`` alone, the other dims follow Qwen3-8B's ratios: head_dim 128,
+    heads = hidden / 128, KV heads = heads / 4, MLP = 3 x hidden."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
-    hidden = args.hidden or QWEN3_8B["hidden_size"]
-    custom = args.hidden is not None and args.hidden != QWEN3_8B["hidden_size"]
-    head_dim = args.head_dim or QWEN3_8B["head_dim"]
-    heads = args.heads or (QWEN3_8B["num_attention_heads"] if not custom else max(1, hidden // head_dim))
-    kv_heads = args.kv_heads or (QWEN3_8B["num_key_value_heads"] if not custom else max(1, heads // 4))
+    base = MODELS[args.model]
+    hidden = args.hidden or base["hidden_size"]
+    custom = args.hidden is not None and args.hidden != base["hidden_size"]
+    head_dim = args.head_dim or base["head_dim"]
+    heads = args.heads or (base["num_attention_heads"] if not custom else max(1, hidden // head_dim))
+    kv_heads = args.kv_heads or (base["num_key_value_heads"] if not custom else max(1, heads // 4))
     if heads % kv_heads:
         raise ValueError(f"--kv-heads {kv_heads} does not divide --heads {heads}")
-    return Qwen3Config(
+    common = dict(
         hidden_size=hidden,
-        intermediate_size=args.intermediate or (3 * hidden if custom else QWEN3_8B["intermediate_size"]),
+        intermediate_size=args.intermediate or (3 * hidden if custom else base["intermediate_size"]),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        vocab_size=args.vocab or QWEN3_8B["vocab_size"],
+        vocab_size=args.vocab or base["vocab_size"],
         num_hidden_layers=args.layers,
         max_position_embeddings=max(40960, args.seq_len),
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     )
+    if "num_experts" not in base:
+        return Qwen3Config(**common)
+    experts = args.experts or base["num_experts"]
+    top_k = args.top_k or base["num_experts_per_tok"]
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"--top-k {top_k} must be in 1..--experts {experts}")
+    return Qwen3MoeConfig(**common, num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+                          moe_intermediate_size=args.moe_intermediate or base["moe_intermediate_size"],
+                          decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def is_model_layer(cfg, model: str) -> bool:
+    """Whether ``cfg`` has ``model``'s layer (any number of layers)."""
+    return all(getattr(cfg, k, None) == v for k, v in MODELS[model].items() if k != "num_hidden_layers")
 
 
 def is_qwen3_8b_layer(cfg) -> bool:
-    return all(getattr(cfg, k) == v for k, v in QWEN3_8B.items() if k != "num_hidden_layers")
+    return is_model_layer(cfg, "qwen3_8b")
 
 
 def peak_key(device_name: str) -> str | None:
@@ -261,6 +287,9 @@ def build_megatron(role: str, hf_config, args: argparse.Namespace, precision: st
 
     kw: dict[str, Any] = dict(tensor_parallel_size=args.tp, sequence_parallel=args.sequence_parallel,
                               recompute=args.recompute, params_dtype="bfloat16", fusions=args.fusions)
+    if getattr(hf_config, "num_experts", None):
+        kw.update(expert_model_parallel_size=args.ep, moe_token_dispatcher=args.dispatcher
+                  or ("alltoall" if torch.cuda.is_available() else "allgather"))
     if precision == "fp8":
         kw.update(fp8=args.fp8_format, fp8_recipe=fp8_recipe or args.fp8_recipe)
     use_te = {"auto": None, "te": True, "local": False}[args.spec]
@@ -623,7 +652,11 @@ def _csv_list(allowed: tuple[str, ...]):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="num_hidden_layers (Qwen3-8B has 36)")
+    p.add_argument("--model", choices=tuple(MODELS), default="qwen3_8b",
+                   help="whose layer: Qwen3-8B (dense) or Qwen3-30B-A3B (128 experts, top-8)")
+    p.add_argument("--layers", type=int, default=None,
+                   help=f"num_hidden_layers (default {DEFAULT_LAYERS} of Qwen3-8B's 36, {DEFAULT_MOE_LAYERS} of "
+                        "Qwen3-30B-A3B's 48)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size (default Qwen3-8B's 4096)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 3 x hidden)")
     p.add_argument("--heads", type=int, default=None, help="query heads (default hidden / head_dim)")
@@ -641,6 +674,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--roles", type=_csv_list(ROLES), default=list(ROLES), help="actor,critic")
     p.add_argument("--phases", type=_csv_list(PHASES), default=list(PHASES), help="fwd,train")
     p.add_argument("--tp", type=int, default=1, help="megatron tensor-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="megatron expert-parallel size (--model qwen3_30b_a3b)")
+    p.add_argument("--dispatcher", choices=DISPATCHERS, default=None,
+                   help="megatron.moe_token_dispatcher (default alltoall on a GPU, allgather on CPU)")
+    p.add_argument("--experts", type=int, default=None, help="num_experts (default the model's)")
+    p.add_argument("--top-k", type=int, default=None, help="num_experts_per_tok (default the model's)")
+    p.add_argument("--moe-intermediate", type=int, default=None, help="moe_intermediate_size (default the model's)")
     p.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel (TP >= 2, TE)")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none", help="megatron activation recompute")
     p.add_argument("--fusions", action="store_true",
@@ -674,7 +713,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.micro_tokens is None:
         args.micro_tokens = args.seq_len
-    for key in ("layers", "seq_len", "seqs", "micro_tokens", "steps", "tp"):
+    if args.layers is None:
+        args.layers = DEFAULT_LAYERS if args.model == "qwen3_8b" else DEFAULT_MOE_LAYERS
+    for key in ("layers", "seq_len", "seqs", "micro_tokens", "steps", "tp", "ep"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0:
@@ -723,16 +764,21 @@ def main(argv: list[str] | None = None) -> int:
     say(f"## bench_train_step: {device_name}, {world_size} GPU{'s' if world_size > 1 else ''}"
         if device.type == "cuda" else f"## bench_train_step: {device_name} (wiring check; not GPU numbers)")
     say(f"- {versions()}")
-    c = hf_config
-    if is_qwen3_8b_layer(c):
-        if c.num_hidden_layers < QWEN3_8B["num_hidden_layers"]:
-            say(f"- Qwen3-8B-shaped layers, num_hidden_layers REDUCED from {QWEN3_8B['num_hidden_layers']} to "
+    c, name, full = hf_config, MODEL_NAMES[args.model], MODELS[args.model]["num_hidden_layers"]
+    if is_model_layer(c, args.model):
+        if c.num_hidden_layers < full:
+            say(f"- {name}-shaped layers, num_hidden_layers REDUCED from {full} to "
                 f"{c.num_hidden_layers} to fit one card (--layers)")
         else:
-            say(f"- Qwen3-8B shape, {c.num_hidden_layers} layers")
+            say(f"- {name} shape, {c.num_hidden_layers} layers")
     else:
-        say(f"- custom shape (not Qwen3-8B): {c.num_hidden_layers} layers")
+        say(f"- custom shape (not {name}): {c.num_hidden_layers} layers")
     counts = param_counts(c)
+    if getattr(c, "num_experts", None):
+        say(f"- mixture of experts: {c.num_experts} experts of {c.moe_intermediate_size}, top-{c.num_experts_per_tok}; "
+            f"{counts['active_total']:,} of the {counts['total']:,} params active per token (the FLOPs and MFU "
+            f"count the active ones); megatron EP {args.ep}, dispatcher "
+            f"{args.dispatcher or ('alltoall' if torch.cuda.is_available() else 'allgather')}")
     head_share = 6 * counts["lm_head"] / train_flops_per_token(c, args.seq_len)
     say(f"- hidden {c.hidden_size}, MLP {c.intermediate_size}, heads {c.num_attention_heads} (KV "
         f"{c.num_key_value_heads}) x {c.head_dim}, vocab {c.vocab_size}; {counts['total']:,} params, "

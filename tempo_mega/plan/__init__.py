@@ -108,6 +108,8 @@ def model_shape(cfg: Any, vocab_size: int | None = None) -> TransformerShape:
     fields = {k: getattr(m, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
                                          "num_attention_heads", "num_key_value_heads", "head_dim",
                                          "tie_word_embeddings")}
+    if m.num_experts:
+        fields.update({k: getattr(m, k) for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")})
     return TransformerShape(vocab_size=vocab_size or _vocab_size(cfg), **fields)
 
 
@@ -134,17 +136,23 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
         try:
             dp = mc.data_parallel_size(world)
             mc.validate_for(num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
-                            num_layers=s.num_hidden_layers, vocab_size=s.vocab_size)
+                            num_layers=s.num_hidden_layers, vocab_size=s.vocab_size,
+                            num_experts=s.num_experts or None)
         except ValueError as e:
             raise ValueError(f"config key 'megatron': {e} (--nodes {nodes} x --gpus-per-node {gpus_per_node})") from None
         db = dtype_bytes[mc.params_dtype]
+        ep, etp = (mc.expert_model_parallel_size, mc.etp) if s.num_experts else (1, tp)
+        edp = world // (etp * ep * pp)
         by_stage = [{role: megatron_role_memory(s, role, dtype_bytes=db, tp=tp, pp=pp, vpp=vpp, dp=dp,
-                                                distributed_optimizer=mc.use_distributed_optimizer, pp_rank=stage)
+                                                distributed_optimizer=mc.use_distributed_optimizer, pp_rank=stage,
+                                                ep=ep, etp=etp, expert_dp=edp)
                      for role in ("actor", "critic")} for stage in sorted({0, pp - 1})]
         roles = max(by_stage, key=lambda rs: sum(rm.state for rm in rs.values()))  # the fuller stage
         recompute, chunk_tokens, sp = mc.recompute, mc.logprob_chunk_tokens, mc.sequence_parallel
         layout = {"backend": "megatron", "tp": tp, "pp": pp, "vpp": vpp, "cp": cp, "dp": dp, "recompute": recompute,
                   "distributed_optimizer": mc.use_distributed_optimizer}
+        if s.num_experts:
+            layout.update(ep=ep, etp=etp, expert_dp=edp)
     else:
         if world != 1:
             notes.append("backend=torch trains in one process on one GPU: only GPU 0 is planned")
@@ -264,7 +272,8 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
     step_s["total"] = sum(v for v in step_s.values() if not math.isnan(v))
     exact = tuple(k for k in memory if k.startswith(("actor_", "critic_")) or k == "trainer_state")
     return Plan(experiment=cfg.experiment or "(no preset)", card=card, nodes=nodes, gpus_per_node=gpus_per_node,
-                world=world, layout=layout, params_total=param_counts(s)["total"], memory=memory, exact_keys=exact,
+                world=world, layout=layout, params_total=param_counts(s)["total"],
+                params_active=param_counts(s)["active_total"], memory=memory, exact_keys=exact,
                 fits=fits, headroom=headroom, sglang=sglang, step_s=step_s, assumptions=a, notes=notes)
 
 

@@ -21,24 +21,33 @@ from tempo_mega.telemetry.flops import TransformerShape, param_counts
 
 
 def _megatron_chunk_params(s: TransformerShape, role: str, tp: int, layers: int, first: bool, last: bool,
-                           pp: int) -> list[tuple[int, bool]]:
-    """(numel, float32 regardless of the model dtype) of one model chunk's parameters on one TP rank, in
-    megatron's parameter order (embedding, per layer: input norm, qkv, q/k norm, proj, MLP norm, fc1, fc2;
-    final norm, output layer)."""
+                           pp: int, ep: int = 1, etp: int | None = None) -> list[tuple[int, bool, bool]]:
+    """(numel, float32 regardless of the model dtype, expert weight) of one model chunk's parameters on
+    one TP rank, in megatron's parameter order (embedding, per layer: input norm, qkv, q/k norm, proj,
+    MLP norm, fc1, fc2 or router + this EP rank's experts (fc1, fc2 each, split over expert TP); final
+    norm, output layer)."""
     h, q, kv, f = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, \
         s.intermediate_size
-    out: list[tuple[int, bool]] = []
+    etp = tp if etp is None else etp
+    out: list[tuple[int, bool, bool]] = []
     if first:
-        out.append((s.vocab_size // tp * h, False))
+        out.append((s.vocab_size // tp * h, False, False))
     for _ in range(layers):
-        out += [(h, False), ((q + 2 * kv) // tp * h, False), (s.head_dim, False), (s.head_dim, False),
-                (h * (q // tp), False), (h, False), (2 * f // tp * h, False), (h * (f // tp), False)]
+        out += [(h, False, False), ((q + 2 * kv) // tp * h, False, False), (s.head_dim, False, False),
+                (s.head_dim, False, False), (h * (q // tp), False, False), (h, False, False)]
+        if s.num_experts:
+            fe = s.moe_intermediate_size
+            out.append((s.num_experts * h, False, False))  # router, replicated
+            for _ in range(s.num_experts // ep):
+                out += [(2 * fe // etp * h, False, True), (h * (fe // etp), False, True)]
+        else:
+            out += [(2 * f // tp * h, False, False), (h * (f // tp), False, False)]
     if last:
-        out.append((h, False))  # final norm
+        out.append((h, False, False))  # final norm
         if role == "critic":
-            out += [(h, True), (1, True)]  # value head, float32
+            out += [(h, True, False), (1, True, False)]  # value head, float32
         elif not s.tie_word_embeddings or pp > 1:  # tied at PP > 1: the last stage keeps its own copy
-            out.append((s.vocab_size // tp * h, False))
+            out.append((s.vocab_size // tp * h, False, False))
     return out
 
 
@@ -61,18 +70,23 @@ class RoleMemory:
 
 
 def megatron_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int, tp: int, pp: int, vpp: int,
-                         dp: int, distributed_optimizer: bool, pp_rank: int = 0, dp_rank: int = 0) -> RoleMemory:
+                         dp: int, distributed_optimizer: bool, pp_rank: int = 0, dp_rank: int = 0, ep: int = 1,
+                         etp: int | None = None, expert_dp: int | None = None) -> RoleMemory:
     """Exact bytes of ``MegatronBackend`` (megatron-core 0.16.1, overlap_grad_reduce off: one bucket per
-    buffer) for one role on the GPU at (pp_rank, dp_rank)."""
+    buffer) for one role on the GPU at (pp_rank, dp_rank). A mixture of experts' expert weights live in
+    buffers of their own, sharded by the distributed optimizer over the expert data-parallel group
+    (``expert_dp`` = world / (expert TP x EP x PP)); ``dp_rank`` indexes both groups."""
     per_chunk = s.num_hidden_layers // (pp * vpp)
     params = weights = grads = masters = moments = steps = 0
     for v in range(vpp):
         chunk = _megatron_chunk_params(s, role, tp, per_chunk, first=pp_rank == 0 and v == 0,
-                                       last=pp_rank == pp - 1 and v == vpp - 1, pp=pp)
-        buffers: dict[int, list[int]] = {}  # one DDP buffer per parameter dtype in each chunk, in order
-        for n, is32 in chunk:
-            buffers.setdefault(4 if is32 else dtype_bytes, []).append(n)
-        for pbytes, numels in buffers.items():
+                                       last=pp_rank == pp - 1 and v == vpp - 1, pp=pp, ep=ep, etp=etp)
+        # one DDP buffer per (dense | expert, parameter dtype) in each chunk, parameters in order
+        buffers: dict[tuple[bool, int], list[int]] = {}
+        for n, is32, expert in chunk:
+            buffers.setdefault((expert, 4 if is32 else dtype_bytes), []).append(n)
+        for (expert, pbytes), numels in buffers.items():
+            group = (expert_dp or dp) if expert else dp
             params += sum(numels)
             if not distributed_optimizer:
                 weights += sum(numels) * pbytes
@@ -85,10 +99,10 @@ def megatron_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int, tp
                     start = _ceil(start, 64)
                     ranges.append((start, start + n))
                     start += n
-                size = _ceil(start, math.lcm(dp, 128))
+                size = _ceil(start, math.lcm(group, 128))
                 weights += size * pbytes
                 grads += size * 4
-                shard = size // dp
+                shard = size // group
                 lo, hi = dp_rank * shard, (dp_rank + 1) * shard
                 local = [min(b, hi) - max(a, lo) for a, b in ranges if min(b, hi) > max(a, lo)]
             if pbytes < 4:
@@ -124,10 +138,17 @@ def layer_activation_bytes_per_token(s: TransformerShape, tp: int) -> float:
     """Estimate: bytes one layer keeps per token for its backward without recompute (bf16, flash
     attention: no [T, T] scores): the two norm inputs and outputs (4 h, split over TP by sequence
     parallel), q/k/v before and after their norms and RoPE (2 (2q + 3kv)), the attention output and
-    the projection input (4q), fc1's output and fc2's input (6 f), TP-sharded."""
+    the projection input (4q), fc1's output and fc2's input (6 f), TP-sharded. A mixture of experts: each
+    token's k copies through its experts (6 k f_moe) plus the permuted input and the experts' outputs
+    (2 x 2 k h) and the router's float32 scores (4 E)."""
     h, q, kv, f = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, \
         s.intermediate_size
-    return (2 * (4 * h) + 2 * (2 * q + 3 * kv) + 2 * (2 * q) + 2 * 3 * f) / tp
+    if s.num_experts:
+        k = s.num_experts_per_tok
+        mlp = 2 * 3 * k * s.moe_intermediate_size + 2 * 2 * k * h + 4 * s.num_experts
+    else:
+        mlp = 2 * 3 * f
+    return (2 * (4 * h) + 2 * (2 * q + 3 * kv) + 2 * (2 * q) + mlp) / tp
 
 
 def activation_bytes(s: TransformerShape, recompute: str, tokens: int, tp: int, layers_per_rank: int,

@@ -28,6 +28,7 @@ class Plan:
     world: int
     layout: dict[str, int | bool | str]
     params_total: int
+    params_active: int  # per token (a mixture of experts: router + top-k experts; dense: params_total)
     memory: dict[str, float]  # bytes per GPU, by item
     exact_keys: tuple[str, ...]
     fits: dict[str, bool]
@@ -40,8 +41,12 @@ class Plan:
     def numbers(self) -> dict[str, Any]:
         """Flat machine-checkable numbers (what the presets' ``plan:`` comment lines quote), GiB to 0.1."""
         g = {k: round(v / GIB, 1) for k, v in self.memory.items()}
+        moe = {"active_params_b": round(self.params_active / 1e9, 2), "ep": self.layout.get("ep", 1),
+               "expert_dp": self.layout.get("expert_dp", self.layout["dp"])} \
+            if self.params_active != self.params_total else {}
         return {
             "params_b": round(self.params_total / 1e9, 2),
+            **moe,
             "dp": self.layout["dp"],
             "trainer_state_gib": g["trainer_state"],
             "train_peak_gib": g["train_peak"],
@@ -73,6 +78,8 @@ class Plan:
             f"layout: backend {L['backend']}, TP {L['tp']}, PP {L['pp']} (virtual {L['vpp']}), CP {L['cp']}, "
             f"DP {L['dp']}, recompute {L['recompute']}, distributed optimizer {L['distributed_optimizer']}; "
             f"model {self.params_total:,} parameters",
+            *([f"experts: EP {L['ep']}, expert TP {L['etp']}, expert DP {L['expert_dp']}; "
+               f"{self.params_active:,} parameters active per token"] if "ep" in L else []),
             "",
             "per GPU (the busiest: fuller pipeline stage, DP rank 0, rank 0's node)         GiB",
         ]

@@ -6,7 +6,8 @@ The convention, in one place (``train_flops_per_token``): per token of a sequenc
     forward only                   2 * N  +   4 * L * H * Q * T      (one third of training)
     generating one token           2 * N  +   4 * L * H * Q * kv     (kv: keys it attends to)
 
-N counts the weights that take part in a matmul: per layer q, k, v, o and the three MLP projections,
+N counts the weights that take part in a matmul: per layer q, k, v, o and the three MLP projections
+(a mixture of experts: the router and the top-k experts a token is sent to, the "active" parameters),
 plus the LM head (``include_lm_head``; the critic has a [hidden -> 1] value head instead, whose
 2 * hidden FLOPs per token are left out). Embedding lookups and norms are not matmuls and are not
 counted; a tied embedding still costs its LM-head matmul. L is the number of layers, H the number
@@ -75,6 +76,11 @@ class TransformerShape:
     head_dim: int
     vocab_size: int
     tie_word_embeddings: bool
+    # a mixture of experts (Qwen3-MoE): every layer's MLP is num_experts experts of moe_intermediate_size
+    # behind a [hidden -> num_experts] router, num_experts_per_tok of them per token; 0: a dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
     @classmethod
     def of(cls, cfg: Any) -> TransformerShape:
@@ -101,27 +107,39 @@ class TransformerShape:
             head_dim=int(get("head_dim", hidden // heads)),
             vocab_size=int(get("vocab_size")),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            num_experts=int(get("num_experts", 0) or 0),
+            num_experts_per_tok=int(get("num_experts_per_tok", 0) or 0) if get("num_experts", 0) else 0,
+            moe_intermediate_size=int(get("moe_intermediate_size", 0) or 0) if get("num_experts", 0) else 0,
         )
 
 
 def param_counts(cfg: Any) -> dict[str, int]:
     """Parameters of a Qwen3 causal LM by kind (no biases; RMSNorm on q and k per head).
 
-    ``attention_per_layer`` (q, k, v, o), ``mlp_per_layer`` (gate, up, down), ``layers_matmul``
-    (L times both), ``lm_head``, ``embedding``, ``norms``, ``matmul`` (layers + LM head: the N of the
-    FLOPs formula) and ``total`` (the LM head counted once when tied)."""
+    ``attention_per_layer`` (q, k, v, o), ``mlp_per_layer`` (gate, up, down; a mixture of experts: the
+    router and every expert's), ``layers_matmul`` (L times both), ``lm_head``, ``embedding``, ``norms``,
+    ``matmul`` (layers + LM head) and ``total`` (the LM head counted once when tied). ``active_*``: what one
+    token multiplies with (a mixture of experts: the router and its top-k experts; dense: all of it), so
+    ``active_matmul`` is the N of the FLOPs formula and ``active_total`` a MoE's "active parameters"."""
     s = TransformerShape.of(cfg)
     h, q_width, kv_width = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
     attention = h * q_width + 2 * h * kv_width + q_width * h
-    mlp = 3 * h * s.intermediate_size
+    if s.num_experts:
+        expert = 3 * h * s.moe_intermediate_size
+        mlp, active_mlp = h * s.num_experts + s.num_experts * expert, h * s.num_experts + s.num_experts_per_tok * expert
+    else:
+        mlp = active_mlp = 3 * h * s.intermediate_size
     layers = s.num_hidden_layers * (attention + mlp)
+    active_layers = s.num_hidden_layers * (attention + active_mlp)
     embedding = s.vocab_size * h
     lm_head = s.vocab_size * h
     norms = s.num_hidden_layers * (2 * h + 2 * s.head_dim) + h  # input + post-attn, q_norm + k_norm; final
-    total = layers + embedding + norms + (0 if s.tie_word_embeddings else lm_head)
+    untied_head = 0 if s.tie_word_embeddings else lm_head
     return {"attention_per_layer": attention, "mlp_per_layer": mlp, "layers_matmul": layers,
             "lm_head": lm_head, "embedding": embedding, "norms": norms, "matmul": layers + lm_head,
-            "total": total}
+            "total": layers + embedding + norms + untied_head, "active_mlp_per_layer": active_mlp,
+            "active_layers_matmul": active_layers, "active_matmul": active_layers + lm_head,
+            "active_total": active_layers + embedding + norms + untied_head}
 
 
 def train_flops_per_token(cfg: Any, seq_len: float, include_lm_head: bool = True) -> float:
@@ -134,7 +152,7 @@ def train_flops_per_token(cfg: Any, seq_len: float, include_lm_head: bool = True
         raise ValueError(f"seq_len must be >= 0, got {seq_len}")
     s = TransformerShape.of(cfg)
     counts = param_counts(s)
-    n_matmul = counts["layers_matmul"] + (counts["lm_head"] if include_lm_head else 0)
+    n_matmul = counts["active_layers_matmul"] + (counts["lm_head"] if include_lm_head else 0)
     attention = 12 * s.num_hidden_layers * s.num_attention_heads * s.head_dim * seq_len
     return float(6 * n_matmul + attention)
 

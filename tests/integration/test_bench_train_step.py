@@ -122,6 +122,40 @@ def test_bench_train_step_cpu_smoke(tmp_path, megatron_world, capsys):
     assert "| 0 | " in printed and "value MSE, bf16 (2nd) vs bf16" in printed
 
 
+def test_bench_train_step_moe_cpu_smoke(tmp_path, megatron_world, capsys):
+    """--model qwen3_30b_a3b at a toy shape: both backends run the mixture of experts, FLOPs count the
+    active parameters (the router and the top-k experts), and the header says what was reduced."""
+    pytest.importorskip("megatron.core")
+    from tempo_mega.telemetry.flops import TransformerShape
+
+    bench = load_script()
+    out_csv = tmp_path / "bench.csv"
+    rc = bench.main(["--device", "cpu", "--model", "qwen3_30b_a3b", "--hidden", "64", "--heads", "4",
+                     "--kv-heads", "2", "--head-dim", "16", "--vocab", "256", "--layers", "2", "--experts", "4",
+                     "--top-k", "2", "--moe-intermediate", "32", "--seq-len", str(SEQ_LEN), "--prompt-len", "8",
+                     "--seqs", str(SEQS), "--micro-tokens", "32", "--steps", "1", "--warmup", "0",
+                     "--precision", "bf16", "--value-steps", "0", "--csv", str(out_csv)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "custom shape (not Qwen3-30B-A3B): 2 layers" in printed
+    assert "mixture of experts: 4 experts of 32, top-2" in printed and "dispatcher allgather" in printed
+    moe = TransformerShape(hidden_size=64, num_hidden_layers=2, intermediate_size=192, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=False,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    # 6 N + 12 L H Q T with N = per layer attention + router + 2 experts, and the LM head (by hand)
+    n = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 64 * 4 + 2 * 3 * 64 * 32) + 256 * 64
+    assert train_flops_per_token(moe, SEQ_LEN) == 6 * n + 12 * 2 * 4 * 16 * SEQ_LEN
+    rows = list(csv.DictReader(out_csv.open()))
+    assert {(r["backend"], r["role"], r["phase"]) for r in rows} == {
+        (b, role, ph) for b in ("megatron", "torch") for role in ("actor", "critic") for ph in ("fwd", "train")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        per_token = (forward_flops_per_token if r["phase"] == "fwd" else train_flops_per_token)(
+            moe, SEQ_LEN, include_lm_head=r["role"] == "actor")
+        tokens, step_s = int(r["tokens_per_step"]), float(r["step_s"])
+        assert float(r["tflops_per_gpu"]) == pytest.approx(tokens * per_token / step_s / 1e12, rel=1e-9)
+
+
 def test_value_stats_masked():
     """The comparison's numbers on a hand-computed case: padding (mask 0) never counts."""
     bench = load_script()

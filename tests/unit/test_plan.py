@@ -56,11 +56,15 @@ def _optimizer_bytes(optimizers) -> int:
     return _storage_bytes(state) + _storage_bytes(masters)
 
 
-def test_tiny_model_bytes_equal_the_torch_backend(tmp_path):
+TINY_MOE = ("model.num_experts=4", "model.num_experts_per_tok=2", "model.moe_intermediate_size=48")
+
+
+@pytest.mark.parametrize("overrides", [(), TINY_MOE], ids=["dense", "moe"])
+def test_tiny_model_bytes_equal_the_torch_backend(tmp_path, overrides):
     from tempo_mega.build import build_models
     from tempo_mega.data.pool import load_tokenizer
 
-    cfg = load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}"])
+    cfg = load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}", *overrides])
     actor, critic = build_models(cfg, load_tokenizer(cfg), torch.device("cpu"))
     p = plan(cfg, nodes=1, gpus_per_node=1)
     for role, backend in (("actor", actor), ("critic", critic)):
@@ -76,7 +80,9 @@ def test_tiny_model_bytes_equal_the_torch_backend(tmp_path):
 @pytest.mark.parametrize("overrides", [
     ("megatron.use_distributed_optimizer=true", "megatron.params_dtype=bfloat16"),
     ("megatron.use_distributed_optimizer=false", "megatron.params_dtype=float32"),
-])
+    ("megatron.use_distributed_optimizer=true", "megatron.params_dtype=bfloat16", "megatron.moe_token_dispatcher=allgather",
+     *TINY_MOE),
+], ids=["distopt-bf16", "fp32", "moe-distopt-bf16"])
 def test_tiny_model_bytes_equal_the_megatron_backend(tmp_path, monkeypatch, overrides):
     pytest.importorskip("megatron.core")
     from support.megatron_cpu import one_process_world
