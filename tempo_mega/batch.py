@@ -18,6 +18,10 @@ chosen reward for unlabeled rows once known), ``group_ids`` [B] long (which prom
 from). Per-token fields, all [B, L] and aligned with ``response_mask``: ``rollout_logprobs`` (from the
 sampler), ``old_logprobs`` and ``values`` (trainer, weights before the step), ``advantages``,
 ``returns``. Non-tensor side data (answers, texts) lives in ``meta`` as lists of length B.
+
+A mixture of experts sampled with ``return_routed_experts`` also carries ``routed_experts``: per row, the
+[real tokens - 1, layers, top-k] expert ids the sampler routed the row's tokens (prompt then response,
+all but the last) to, ragged like the rows (``rollout.base.Sample.routed_experts``), for routing replay.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class RolloutBatch:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     meta: dict[str, list[Any]] = field(default_factory=dict)
+    routed_experts: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -89,6 +94,7 @@ class RolloutBatch:
         rollout_logprobs: Sequence[Sequence[float]] | None = None,
         scores: Sequence[float] | None = None,
         meta: dict[str, list[Any]] | None = None,
+        routed_experts: Sequence[Tensor] | None = None,
     ) -> RolloutBatch:
         """Build the padded layout from ragged token lists (one entry per sample)."""
         b = len(prompt_ids)
@@ -131,6 +137,15 @@ class RolloutBatch:
                 )
             lp = torch.zeros((b, resp_len), dtype=torch.float32)
             lp.masked_scatter_(response_valid, torch.from_numpy(flat_numbers(rollout_logprobs, np.float32, int(resp_lens.sum()))))
+        if routed_experts is not None:
+            routed_experts = list(routed_experts)
+            if len(routed_experts) != b:
+                raise ValueError(f"RolloutBatch.from_samples: {len(routed_experts)} routed-expert tensors for {b} samples")
+            for i, (t, n) in enumerate(zip(routed_experts, (prompt_lens + resp_lens).tolist())):
+                if t is None or t.dim() != 3 or t.shape[0] != n - 1:
+                    got = "none" if t is None else tuple(t.shape)
+                    raise ValueError(f"RolloutBatch.from_samples: sample {i} has {n} tokens, so [{n - 1}, layers, "
+                                     f"top-k] routed experts, got {got}")
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -140,6 +155,7 @@ class RolloutBatch:
             group_ids=torch.as_tensor(list(group_ids), dtype=torch.long),
             rollout_logprobs=lp,
             meta={k: list(v) for k, v in (meta or {}).items()},
+            routed_experts=routed_experts,
         )
 
     # ------------------------------------------------------------------ shape helpers
@@ -196,6 +212,8 @@ class RolloutBatch:
         kw = {name: t[idx] for name, t in self._tensor_fields()}
         il = idx.tolist()
         kw["meta"] = {k: [v[i] for i in il] for k, v in self.meta.items()}
+        if self.routed_experts is not None:
+            kw["routed_experts"] = [self.routed_experts[i] for i in il]
         return dataclasses.replace(self, **kw)
 
     def trim(self) -> RolloutBatch:
@@ -244,6 +262,8 @@ class RolloutBatch:
         """Rows ``start:stop`` as views of this batch's tensors (no copy; ``select`` copies)."""
         kw = {name: t[start:stop] for name, t in self._tensor_fields()}
         kw["meta"] = {k: v[start:stop] for k, v in self.meta.items()}
+        if self.routed_experts is not None:
+            kw["routed_experts"] = self.routed_experts[start:stop]
         return dataclasses.replace(self, **kw)
 
     @staticmethod
@@ -286,6 +306,11 @@ class RolloutBatch:
         if any(set(b.meta) != keys for b in batches):
             raise ValueError("RolloutBatch.cat: batches carry different meta keys")
         kw["meta"] = {k: [x for b in batches for x in b.meta[k]] for k in keys}
+        routed = [b.routed_experts for b in batches]
+        if all(r is not None for r in routed):
+            kw["routed_experts"] = [t for r in routed for t in r]
+        elif any(r is not None for r in routed):
+            raise ValueError("RolloutBatch.cat: routed_experts is set on some batches and not on others")
         return RolloutBatch(**kw)
 
     def to(self, device: torch.device | str) -> RolloutBatch:

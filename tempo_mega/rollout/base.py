@@ -18,6 +18,9 @@ class SamplingParams:
     max_response_tokens: int = 16384
     stop_token_ids: tuple[int, ...] = ()  # EOS and other stop tokens; the stop token is kept in the response
     seed: int | None = None
+    # a mixture of experts: also return the experts the sampler routed every token to (Sample.routed_experts),
+    # for routing replay (algo.routing_replay=r3)
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -40,6 +43,19 @@ class Sample:
     logprobs: list[float]
     finish_reason: str  # "stop" (a stop token was produced) | "length" (max_response_tokens reached)
     extra: dict = field(default_factory=dict)
+    # with SamplingParams.return_routed_experts: [len(prompt) + len(response) - 1, layers, top-k] expert ids
+    # of every token the sampler ran through the model (the prompt's and the response's but the last,
+    # which was sampled and never fed back), in SGLang's layout; ``expert_ids`` dtype
+    routed_experts: Tensor | None = None
+
+
+def expert_ids(ids: Tensor | Sequence, num_experts: int) -> Tensor:
+    """Expert ids in the smallest integer dtype that holds ``num_experts`` (uint8 up to 256: Qwen3-MoE's
+    128 experts x 48 layers x top-8 are 384 B per token, not SGLang's 1.5 KiB of int32)."""
+    t = torch.as_tensor(ids)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_experts):
+        raise ValueError(f"expert ids outside [0, {num_experts}): min {int(t.min())}, max {int(t.max())}")
+    return t.to(torch.uint8 if num_experts <= 256 else torch.int16)
 
 
 def check_generate_args(engine: str, prompt_ids: Sequence[Sequence[int]], n: int) -> list[list[int]]:

@@ -22,13 +22,20 @@ import inspect
 import secrets
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from tempo_mega.models.moe_names import to_module_names
-from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args, generation_metrics
+from tempo_mega.rollout.base import (
+    Sample,
+    SamplingParams,
+    check_generate_args,
+    expert_ids,
+    generation_metrics,
+)
 
 __all__ = ["HFRolloutEngine", "filter_logits", "sample_from_logits"]
 
@@ -177,21 +184,24 @@ class HFRolloutEngine:
         finish: list[str] = ["length"] * b
         active = list(range(b))  # chunk rows still decoding, in the order of the batch dimension
 
+        record = sampling.return_routed_experts
+        if record and not getattr(model.config, "num_experts", None):
+            raise ValueError("HFRolloutEngine.generate: return_routed_experts needs a mixture-of-experts model")
+        routed: list[list[Tensor]] = [[] for _ in rows]  # per row: [tokens, layers, k] pieces, in order
+
         cache = self._new_cache(model)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **self._prefill_kwargs,
-            **{self._cache_kwarg: cache},
-        )
+        logits, ids = self._forward(model, record, input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids, cache=cache, prefill=True)
+        if record:  # the prompt's tokens: each row's last len(prompt) positions
+            ids = ids.view(b, width, -1, model.config.num_experts_per_tok)
+            for r, (i, _) in enumerate(rows):
+                routed[r].append(ids[r, width - len(prompts[i]) :])
         for step in range(sampling.max_response_tokens):
             # uniforms drawn on the CPU from each row's own generator (one tiny copy per step)
             uniforms = torch.cat(
                 [torch.rand(1, generator=generators[r], dtype=torch.float64) for r in active]
             )
-            tokens, token_logprobs = sample_from_logits(out.logits[:, -1], sampling, uniforms)
+            tokens, token_logprobs = sample_from_logits(logits, sampling, uniforms)
             stopped = torch.isin(tokens, stop_ids)
             for r, t, lp, s in zip(active, tokens.tolist(), token_logprobs.tolist(), stopped.tolist()):
                 responses[r].append(t)
@@ -208,18 +218,33 @@ class HFRolloutEngine:
                 tokens = tokens[keep]
                 active = [active[k] for k in keep.tolist()]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
-            out = model(
-                input_ids=tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=next_position,
-                use_cache=True,
-                **{self._cache_kwarg: cache},
-            )
+            logits, ids = self._forward(model, record, input_ids=tokens[:, None], attention_mask=attention_mask,
+                                        position_ids=next_position, cache=cache)
+            if record:  # the token just fed, of each row still decoding
+                for k, r in enumerate(active):
+                    routed[r].append(ids[k : k + 1])
             next_position = next_position + 1
+        experts = [expert_ids(torch.cat(p).cpu(), model.config.num_experts) if record else None for p in routed]
         return [
-            Sample(prompt_index=i, response_ids=responses[r], logprobs=logprobs[r], finish_reason=finish[r])
+            Sample(prompt_index=i, response_ids=responses[r], logprobs=logprobs[r], finish_reason=finish[r],
+                   routed_experts=experts[r])
             for r, (i, _) in enumerate(rows)
         ]
+
+    def _forward(self, model: torch.nn.Module, record: bool, *, input_ids: Tensor, attention_mask: Tensor,
+                 position_ids: Tensor, cache: Any, prefill: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(last position's logits [b, V], [tokens, layers, k] expert ids of the fed tokens or None). The
+        experts come from the router logits of the decoder (transformers' ``output_router_logits`` on
+        the base model: the causal-LM head would also compute its load-balancing loss, which a cached
+        decode step cannot); the top k of the logits are the top k of the router's softmax."""
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                  **{self._cache_kwarg: cache})
+        if not record:
+            return model(**kw, **(self._prefill_kwargs if prefill else {})).logits[:, -1], None
+        out = model.model(**kw, output_router_logits=True)
+        logits = model.lm_head(out.last_hidden_state[:, -1])
+        k = model.config.num_experts_per_tok
+        return logits, torch.stack([x.topk(k, dim=-1).indices for x in out.router_logits], dim=1)
 
     @staticmethod
     def _new_cache(model: torch.nn.Module):

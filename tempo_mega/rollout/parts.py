@@ -50,4 +50,5 @@ class SampledPart:
             self.prompt_ids, [x.response_ids for x in s], is_labeled=self.labeled_rows(), group_ids=self.group_ids,
             pad_token_id=pad_token_id, rollout_logprobs=[x.logprobs for x in s], scores=self.scores,
             meta={"text": self.texts, "answer": self.answers, "truncated": [x.finish_reason == "length" for x in s]},
+            routed_experts=[x.routed_experts for x in s] if s and s[0].routed_experts is not None else None,
         )

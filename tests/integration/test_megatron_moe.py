@@ -117,6 +117,94 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(world):
     torch.testing.assert_close(loaded["actor_after_2nd"], saved["actor_after_2nd"], atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------- replay
+@pytest.fixture
+def megatron_world(monkeypatch):
+    from support.megatron_cpu import one_process_world
+
+    with one_process_world(monkeypatch):
+        yield
+
+
+def _replay_case(seed: int = 0):
+    """The tiny MoE, samples of the HF engine with their routed experts, and those experts shifted (every
+    token sent to other experts than its own)."""
+    from support.models import hf_moe_model, tiny_qwen3_moe_config
+
+    from tempo_mega.batch import RolloutBatch
+    from tempo_mega.rollout.base import SamplingParams
+    from tempo_mega.rollout.hf import HFRolloutEngine
+
+    cfg = tiny_qwen3_moe_config()
+    hf = hf_moe_model(cfg)
+    engine = HFRolloutEngine(hf_moe_model(cfg), pad_token_id=0)
+    prompts = [[5, 9, 11, 3], [7, 2]]
+    samples, _ = engine.generate(prompts, 2, SamplingParams(max_response_tokens=6, seed=seed,
+                                                            return_routed_experts=True))
+    prompt_of = [prompts[s.prompt_index] for s in samples]
+    batch = RolloutBatch.from_samples(prompt_of, [s.response_ids for s in samples], is_labeled=[True] * 4,
+                                      group_ids=[0, 0, 1, 1], pad_token_id=0,
+                                      routed_experts=[s.routed_experts for s in samples])
+    shifted = [((t.long() + 1) % cfg.num_experts).to(t.dtype) for t in batch.routed_experts]
+    return cfg, hf, samples, prompt_of, batch, shifted
+
+
+def test_hf_engine_records_the_routing_of_every_token_it_ran(megatron_world):
+    """The HF engine's routed experts ([prompt + response - 1, layers, k], uint8) are the top k of the
+    model's own router on the whole sequence, token by token."""
+    cfg, hf, samples, prompt_of, _, _ = _replay_case()
+    for s, p in zip(samples, prompt_of):
+        ids = torch.tensor([p + s.response_ids])
+        with torch.no_grad():
+            logits = hf(input_ids=ids, output_router_logits=True).router_logits
+        own = torch.stack([x.topk(cfg.num_experts_per_tok, dim=-1).indices for x in logits], dim=1)[:-1]
+        assert s.routed_experts.dtype == torch.uint8
+        assert s.routed_experts.shape == (len(p) + len(s.response_ids) - 1, cfg.num_hidden_layers, 2)
+        assert torch.equal(s.routed_experts.long().sort(-1).values, own.sort(-1).values)
+
+
+def test_routing_replay_routes_the_trainer_as_recorded(megatron_world):
+    """With routing replay the megatron actor's log-probs are those of HF's model routed to the recorded
+    experts (an independent reference: its routers replaced by forced ones) - for experts other than its
+    own, too; without replay they stay the model's own. Training reports how often the trainer's own
+    routing agreed with the recorded one: always for the sampler's own, never for shifted experts."""
+    import dataclasses
+
+    from support.models import hf_logprobs_with_routing, moe_checkpoint_state_dict
+
+    from tempo_mega.backends.megatron import MegatronConfig
+    from tempo_mega.backends.megatron.backend import MegatronBackend
+    from tempo_mega.backends.torch import OptimConfig
+
+    cfg, hf, samples, prompt_of, batch, shifted = _replay_case()
+    mc = MegatronConfig(params_dtype="float32", moe_token_dispatcher="allgather")
+    sd = moe_checkpoint_state_dict(hf)
+    optim = OptimConfig(lr=1e-3, max_tokens_per_micro_batch=12)  # several micro-batches
+    replay = MegatronBackend("actor", cfg, mc, optim, hf_state_dict=sd, routing_replay=True)
+    plain = MegatronBackend("actor", cfg, mc, optim, hf_state_dict=sd)
+    moved = dataclasses.replace(batch, routed_experts=shifted)
+    got_moved, got_own, got_plain = (replay.forward_logprobs(moved), replay.forward_logprobs(batch),
+                                     plain.forward_logprobs(moved))
+    mask = batch.response_mask.bool()
+    for r, (s, p) in enumerate(zip(samples, prompt_of)):
+        n = len(s.response_ids)
+        ref_moved = hf_logprobs_with_routing(hf, p, s.response_ids, shifted[r])
+        ref_own = hf_logprobs_with_routing(hf, p, s.response_ids, batch.routed_experts[r])
+        torch.testing.assert_close(got_moved[r, :n], ref_moved, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got_own[r, :n], ref_own, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got_plain[r, :n], ref_own, atol=1e-4, rtol=1e-4)
+        assert (ref_moved - ref_own).abs().max() > 1e-2  # the shift changes the numbers
+    assert not torch.allclose(got_moved[mask], got_own[mask])
+
+    moved.advantages = batch.advantages = torch.randn(batch.response_mask.shape)
+    assert replay.train_step(moved, _pg_loss)["actor/moe_routing_agreement"] == 0.0
+    fresh = MegatronBackend("actor", cfg, mc, optim, hf_state_dict=sd, routing_replay=True)
+    assert fresh.train_step(batch, _pg_loss)["actor/moe_routing_agreement"] == 1.0
+    assert "actor/moe_routing_agreement" not in plain.train_step(moved, _pg_loss)
+    with pytest.raises(ValueError, match="carries no routed experts"):
+        replay.forward_logprobs(dataclasses.replace(batch, routed_experts=None))
+
+
 # ---------------------------------------------------------------------------------------------- worker
 def _pg_loss(logprobs, micro):
     mask = micro.response_mask.bool()

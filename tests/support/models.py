@@ -108,3 +108,48 @@ def moe_checkpoint_state_dict(model) -> dict:
         else:
             out[name] = t
     return out
+
+
+def _forced_gate(gate, forced):
+    """A module standing in for a Qwen3-MoE layer's router (``mlp.gate``) in a test: it routes every token
+    to the experts ``forced`` names ([tokens, k]; rows of -1 route as the router would), with the router's
+    own gate weights over those experts (softmax, gathered, renormalised when ``norm_topk_prob``): what
+    routing replay means."""
+    import torch
+
+    class ForcedGate(torch.nn.Module):
+        def forward(self, hidden):
+            logits = torch.nn.functional.linear(hidden.reshape(-1, gate.hidden_dim), gate.weight)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+            own = probs.topk(gate.top_k, dim=-1).indices
+            idx = torch.where(forced[:, :1] >= 0, forced, own)
+            weights = probs.gather(1, idx)
+            if gate.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return logits, weights.to(logits.dtype), idx
+
+    return ForcedGate()
+
+
+def hf_logprobs_with_routing(model, prompt, response, routed):
+    """[len(response)] float32 log-probs of ``response`` after ``prompt`` under the HF Qwen3-MoE ``model``
+    with its routers forced to ``routed`` ([len(prompt) + len(response) - 1, layers, k]; the last token
+    routes as the router would), one sequence, no padding: an independent reference for routing replay."""
+    import torch
+
+    ids = torch.tensor([list(prompt) + list(response)])
+    n = ids.shape[1]
+    layers = model.model.layers
+    saved = [layer.mlp.gate for layer in layers]
+    try:
+        for i, layer in enumerate(layers):
+            forced = torch.full((n, routed.shape[2]), -1, dtype=torch.long)
+            forced[: n - 1] = routed[:, i].long()
+            layer.mlp.gate = _forced_gate(saved[i], forced)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+    finally:
+        for layer, gate in zip(layers, saved):
+            layer.mlp.gate = gate
+    lp = torch.log_softmax(logits[len(prompt) - 1 : n - 1], dim=-1)
+    return lp.gather(1, ids[0, len(prompt):, None])[:, 0]

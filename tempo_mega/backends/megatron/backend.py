@@ -97,7 +97,8 @@ class MegatronBackend(_Checkpoints, _Weights):
 
     def __init__(self, role: str, hf_config: Any, megatron_config: MegatronConfig | None = None,
                  optim: OptimConfig | None = None, *, hf_state_dict: Mapping[str, Tensor] | None = None,
-                 temperature: float = 1.0, seed: int = 0, use_te: bool | None = None, use_kernels: bool = False):
+                 temperature: float = 1.0, seed: int = 0, use_te: bool | None = None, use_kernels: bool = False,
+                 routing_replay: bool = False):
         if role not in ROLES:
             raise ValueError(f"MegatronBackend: role must be one of {ROLES}, got {role!r}")
         if temperature <= 0:
@@ -113,6 +114,11 @@ class MegatronBackend(_Checkpoints, _Weights):
         self.heads = HeadInputs()  # what every chunk's head is told about the micro-batch in flight
         self.routers = RouterInputs()  # and, for a mixture of experts, every router (moe.py)
         self.moe = is_moe(hf_config)
+        if routing_replay and not (self.moe and role == "actor"):
+            raise ValueError("MegatronBackend: routing replay (algo.routing_replay=r3) replays the sampler's experts "
+                             f"in the actor of a mixture of experts; this is the {role} of a "
+                             f"{'mixture of experts' if self.moe else 'dense model'}")
+        self.routing_replay = routing_replay
         self.chunks, self.te_layout = build_model_chunks(hf_config, mc, role=role, seed=seed, use_te=use_te,
                                                          use_kernels=use_kernels, head_inputs=self.heads,
                                                          router_inputs=self.routers)
@@ -290,10 +296,14 @@ class MegatronBackend(_Checkpoints, _Weights):
         owned = pm.owned.to(dev)
         targets = batch.response_ids.to(dev)[mask][owned] if self.role == "actor" else None
         extra = self._attention_kwargs(pm)
+        replay = None
         if self.moe:
             extra["padding_mask"] = self._padding_mask(pm, model)
+            if self.routing_replay:
+                replay = self._replay_targets(batch, pm)
         with self.heads.selecting(pm.select.to(dev), targets, temperature=temperature), \
-                self.routers.weighting(micro.weight, tokens=int(batch.attention_mask.sum()), count=not micro.filler):
+                self.routers.weighting(micro.weight, tokens=int(batch.attention_mask.sum()), count=not micro.filler,
+                                       replay=replay):
             out = model(input_ids=pm.input_ids.to(dev), position_ids=pm.position_ids.to(dev), **extra)
         return out, functools.partial(self._loss, micro, mask, owned, loss_fn)
 
@@ -311,6 +321,33 @@ class MegatronBackend(_Checkpoints, _Weights):
                 qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
                 cu_seqlens_kv_padded=cu_pad, max_seqlen_q=pm.max_seqlen, max_seqlen_kv=pm.max_seqlen)}
         return {"attention_mask": pm.block_causal_mask().to(dev)}
+
+    def _replay_targets(self, batch: RolloutBatch, pm: PackedMicro) -> dict[int, tuple[Tensor, Tensor]]:
+        """The sampler's experts for this rank's router tokens of the micro-batch, per layer number:
+        (target [tokens, k], valid [tokens]), laid out as the packed stream (this CP rank's part, this TP
+        rank's sequence-parallel part); a row's last token and the padding are not valid."""
+        if batch.routed_experts is None:
+            raise ValueError("MegatronBackend: routing replay is on (algo.routing_replay=r3) but the batch carries "
+                             "no routed experts: the sampler must return them (SamplingParams.return_routed_experts)")
+        cfg = self.chunks[0].config
+        layers, k = cfg.num_layers, cfg.moe_router_topk
+        total = int(pm.segment.numel())
+        target = torch.zeros(total, layers, k, dtype=torch.long)
+        valid = torch.zeros(total, dtype=torch.bool)
+        rows, flags = [], []
+        for t in batch.routed_experts:
+            if tuple(t.shape[1:]) != (layers, k):
+                raise ValueError(f"routing replay: the batch's routed experts are [tokens, {', '.join(map(str, t.shape[1:]))}] "
+                                 f"per token, the model routes {layers} layers x top-{k}")
+            rows += [t.long(), torch.zeros(1, layers, k, dtype=torch.long)]  # the last token: never routed
+            flags += [torch.ones(t.shape[0], dtype=torch.bool), torch.zeros(1, dtype=torch.bool)]
+        target[pm.real_pos] = torch.cat(rows)
+        valid[pm.real_pos] = torch.cat(flags)
+        target, valid = target[pm.local_index], valid[pm.local_index]
+        if cfg.sequence_parallel:  # the routers see this TP rank's contiguous part of the stream
+            target, valid = target.tensor_split(self.tp_size)[self.tp_rank], valid.tensor_split(self.tp_size)[self.tp_rank]
+        target, valid = target.to(self.device), valid.to(self.device)
+        return {n + 1: (target[:, n], valid) for n in range(layers)}
 
     def _padding_mask(self, pm: PackedMicro, model) -> Tensor:
         """[1, t] True where the stream holds no row's token, for the MoE routers (``moe.py``). megatron

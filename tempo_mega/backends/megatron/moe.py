@@ -27,10 +27,11 @@ one length per micro-batch (``backend._schedule``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,22 +40,63 @@ from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler, TopKRoute
 from torch import Tensor, nn
 
 
+class _Micro(NamedTuple):
+    """What one router call knows of its micro-batch (``RouterInputs``), kept for its recompute."""
+
+    weight: float
+    tokens: int
+    count: bool
+    replay: tuple[Tensor, Tensor] | None  # this layer's (target [n, k] long, valid [n] bool)
+
+
 class RouterInputs:
     """What the backend tells the routers of one model about the micro-batch in flight (``weighting``):
-    its loss weight, its number of real tokens (over all sequence- and context-parallel ranks), and
-    whether its routing counts in the step's metrics (not for the filler micro-batches a schedule is
-    padded with)."""
+    its loss weight, its number of real tokens (over all sequence- and context-parallel ranks), whether
+    its routing counts in the step's metrics (not for the filler micro-batches a schedule is padded
+    with), and for routing replay the experts to route this rank's tokens to, per layer number:
+    (target [tokens, k], valid [tokens]); where ``valid`` is False (padding, a row's last token, which the
+    sampler never routed) the router routes as it would."""
 
     def __init__(self) -> None:
         self.weight, self.tokens, self.count = 1.0, 1, True
+        self.replay: Mapping[int, tuple[Tensor, Tensor]] | None = None
 
     @contextlib.contextmanager
-    def weighting(self, weight: float, *, tokens: int, count: bool = True) -> Iterator[None]:
-        self.weight, self.tokens, self.count = weight, tokens, count
+    def weighting(self, weight: float, *, tokens: int, count: bool = True,
+                  replay: Mapping[int, tuple[Tensor, Tensor]] | None = None) -> Iterator[None]:
+        self.weight, self.tokens, self.count, self.replay = weight, tokens, count, replay
         try:
             yield
         finally:
-            self.weight, self.tokens, self.count = 1.0, 1, True
+            self.weight, self.tokens, self.count, self.replay = 1.0, 1, True, None
+
+    def micro(self, layer_number: int) -> _Micro:
+        return _Micro(self.weight, self.tokens, self.count, self.replay.get(layer_number) if self.replay else None)
+
+
+class _Replay:
+    """What megatron's top-k routing asks for the top k (``topk_routing_with_score_function``'s
+    ``router_replay``): the router's own top k, replaced where the micro-batch names the sampler's
+    experts. The gate weights stay the trainer's: its scores gathered at the replayed experts (softmax
+    over their logits, or their pre-softmax probabilities), so the router still gets a gradient."""
+
+    def __init__(self, router: MoERouter):
+        self._router = [router]  # a list: not a submodule
+
+    def get_replay_topk(self, scores: Tensor, topk: int, num_groups: int | None = None,
+                        group_topk: int | None = None, default_compute_topk: Any = None) -> tuple[Tensor, Tensor]:
+        probs, idx = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        router = self._router[0]
+        micro = router._micro
+        if micro is None or micro.replay is None:
+            return probs, idx
+        target, valid = micro.replay
+        if target.shape != idx.shape:
+            raise RuntimeError(f"routing replay: layer {router.layer_number} routes {tuple(idx.shape)} (tokens, k) "
+                               f"here, the recorded routing has {tuple(target.shape)}")
+        router._observe_agreement(idx, target, valid)
+        idx = torch.where(valid[:, None], target, idx)
+        return scores.gather(1, idx), idx
 
 
 class MoERouter(TopKRouter):
@@ -64,14 +106,38 @@ class MoERouter(TopKRouter):
     def __init__(self, config: Any, pg_collection: Any = None, *, inputs: RouterInputs):
         super().__init__(config=config, pg_collection=pg_collection)
         self.inputs = inputs
+        self.router_replay = _Replay(self)  # megatron asks it for the top k; replays what inputs names
         e = config.num_moe_experts
-        # [tokens per expert (E), probability mass per expert (E), sum of logsumexp^2, tokens]
-        self.register_buffer("step_counts", torch.zeros(2 * e + 2, dtype=torch.float64), persistent=False)
+        # [tokens per expert (E), probability mass per expert (E), sum of logsumexp^2, tokens, replayed tokens
+        # whose own top k is the sampler's, replayed tokens]
+        self.register_buffer("step_counts", torch.zeros(2 * e + 4, dtype=torch.float64), persistent=False)
+        self._micro: _Micro | None = None  # the micro-batch of the call in progress
+        self._recompute: collections.deque[_Micro] = collections.deque()
+
+    def _micro_of_call(self) -> _Micro:
+        """The micro-batch this call computes: the one in flight, except in the recompute of a fully
+        recomputed layer, which runs in the backward (another micro-batch in flight by then under 1F1B):
+        its first, gradient-free pass keeps what it saw for it (the backward recomputes in order)."""
+        now = self.inputs.micro(self.layer_number)
+        if not self.training or self.config.recompute_granularity != "full":
+            return now
+        if not torch.is_grad_enabled():
+            self._recompute.append(now)
+            return now
+        return self._recompute.popleft() if self._recompute else now
+
+    def forget_recompute(self) -> None:
+        """Drop what gradient-free training passes kept (a frozen role's step has no backward)."""
+        self._recompute.clear()
 
     def routing(self, logits: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        self._micro = self._micro_of_call()
+        try:
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        finally:
+            micro, self._micro = self._micro, None
         # a training forward (or its recompute, not both: the first pass of a recomputed layer has no grad)
-        if self.training and torch.is_grad_enabled() and self.inputs.count:
+        if self.training and torch.is_grad_enabled() and micro.count:
             with torch.no_grad():
                 e = self.config.num_moe_experts
                 flat = logits.detach().reshape(-1, e).float()
@@ -86,10 +152,19 @@ class MoERouter(TopKRouter):
                 c[2 * e + 1] += flat.shape[0]
         return probs, routing_map
 
+    def _observe_agreement(self, own: Tensor, target: Tensor, valid: Tensor) -> None:
+        """Count the replayed tokens whose own top k (as a set) is the sampler's, in training forwards."""
+        if self.training and torch.is_grad_enabled() and self._micro is not None and self._micro.count:
+            with torch.no_grad():
+                same = (own.sort(dim=-1).values == target.sort(dim=-1).values).all(dim=-1) & valid
+                e = self.config.num_moe_experts
+                self.step_counts[2 * e + 2] += same.sum().to(self.step_counts.dtype)
+                self.step_counts[2 * e + 3] += valid.sum().to(self.step_counts.dtype)
+
     def attach_and_log_load_balancing_loss(self, activation: Tensor, aux_loss_coeff: float, aux_loss: Tensor,
                                            aux_loss_name: str, reduce_group: Any, reduce_group_has_dp: bool = False,
                                            valid_token_count: Any = None) -> Tensor:
-        return MoEAuxLossAutoScaler.apply(activation, aux_loss * self.inputs.weight)
+        return MoEAuxLossAutoScaler.apply(activation, aux_loss * self._micro.weight)
 
     def apply_z_loss(self, logits: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """The ST-MoE z-loss, coeff x mean over the micro-batch's real tokens of logsumexp(logits)^2. Each
@@ -101,8 +176,8 @@ class MoERouter(TopKRouter):
             lse2 = torch.logsumexp(logits.float(), dim=-1).square()
             if padding_mask is not None:  # True = padding
                 lse2 = lse2.masked_fill(padding_mask.reshape(-1), 0.0)
-            z = lse2.sum() * (coeff / max(self.inputs.tokens, 1))
-            logits = MoEAuxLossAutoScaler.apply(logits, z * self.inputs.weight)
+            z = lse2.sum() * (coeff / max(self._micro.tokens, 1))
+            logits = MoEAuxLossAutoScaler.apply(logits, z * self._micro.weight)
         return logits
 
 
@@ -118,6 +193,7 @@ def routers(chunks: list[nn.Module]) -> list[MoERouter]:
 def reset_step_counts(chunks: list[nn.Module]) -> None:
     for r in routers(chunks):
         r.step_counts.zero_()
+        r.forget_recompute()
 
 
 def moe_step_metrics(chunks: list[nn.Module], role: str, *, num_layers: int, num_experts: int, topk: int,
@@ -127,7 +203,7 @@ def moe_step_metrics(chunks: list[nn.Module], role: str, *, num_layers: int, num
     token counts once (TP ranks without sequence parallel hold the same tokens; DP and CP ranks, and TP
     ranks with it, hold distinct ones; PP stages hold distinct layers)."""
     e = num_experts
-    table = torch.zeros(num_layers, 2 * e + 2, dtype=torch.float64)
+    table = torch.zeros(num_layers, 2 * e + 4, dtype=torch.float64)
     for r in routers(chunks):
         table[r.layer_number - 1] += r.step_counts.cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -139,9 +215,11 @@ def moe_step_metrics(chunks: list[nn.Module], role: str, *, num_layers: int, num
         dist.all_reduce(box)
         table = box.cpu()
     tokens, mass, lse2, n = table[:, :e], table[:, e : 2 * e], table[:, 2 * e], table[:, 2 * e + 1]
+    agree, replayed = float(table[:, 2 * e + 2].sum()), float(table[:, 2 * e + 3].sum())
     seen = n > 0
     if not bool(seen.any()):
         return {}
+    extra = {f"{role}/moe_routing_agreement": agree / replayed} if replayed > 0 else {}
     tokens, mass, lse2, n = tokens[seen], mass[seen], lse2[seen], n[seen]
     imbalance = tokens.max(dim=1).values / tokens.mean(dim=1).clamp_min(1e-12)
     f = tokens / (n[:, None] * topk)  # fraction of the routed slots per expert
@@ -150,7 +228,7 @@ def moe_step_metrics(chunks: list[nn.Module], role: str, *, num_layers: int, num
     return {f"{role}/moe_load_imbalance": float(imbalance.mean()),
             f"{role}/moe_load_imbalance_max": float(imbalance.max()),
             f"{role}/moe_aux_loss": float(aux.mean()),
-            f"{role}/moe_z_loss": float((lse2 / n).mean())}
+            f"{role}/moe_z_loss": float((lse2 / n).mean()), **extra}
 
 
 def check_moe_runtime(config: Any, *, te_layout: bool) -> None:

@@ -41,6 +41,7 @@ class PackedMicro:
     select: Tensor  # [n_owned] local positions of this rank's response outputs
     owned: Tensor  # [N] bool over the micro-batch's response outputs
     padding: Tensor  # [1, t_local] bool: True where the stream holds no token of a row (filler, padding)
+    real_pos: Tensor  # [N_real] stream position of every real token of the rows, row-major
 
     def block_causal_mask(self) -> Tensor:
         """[1, 1, t_local, T] bool, True = masked out: a local token sees the earlier tokens of its own
@@ -120,4 +121,4 @@ def pack_micro_batch(batch: RolloutBatch, *, tokens: int | None = None, cp_size:
         input_ids=ids[local][None], position_ids=positions[local][None], cu_seqlens=cu.to(torch.int32),
         cu_seqlens_padded=cu_pad.to(torch.int32), max_seqlen=int(padded.max()), local_index=local,
         gathered_index=gathered, segment=segment, select=where[read_at[owned]], owned=owned,
-        padding=padding[local][None])
+        padding=padding[local][None], real_pos=real_pos)
