@@ -4,6 +4,7 @@ rollout engine (keyed by ``rollout.engine`` and ``backend``)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
     # use_kernels on both roles: the controller routes the GSPO and value losses through the packed kernels
     # by it (the actor's log-probs stay megatron's vocab-parallel ones, which no kernel here replaces)
     actor = MegatronBackend("actor", hf_config, mc, optim["actor"], hf_state_dict=actor_sd,
-                            temperature=cfg.rollout.temperature, seed=seed, use_kernels=use_kernels)
+                            temperature=cfg.rollout.temperature, seed=seed, use_kernels=use_kernels,
+                            routing_replay=cfg.algo.routing_replay != "none")
     critic = MegatronBackend("critic", hf_config, mc, optim["critic"], hf_state_dict=critic_sd,
                              seed=seed, use_kernels=use_kernels)
     log.info("backend=megatron: TP %d, PP %d (virtual %s), DP %d, params %s, distributed optimizer %s",
@@ -159,23 +161,28 @@ def _hf_on_megatron(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, de
                            weights_device=device)
 
 
-def _sglang_config(cfg: TrainConfig):
+def _sglang_config(cfg: TrainConfig, actor: TrainBackend):
     sg = sglang_config(cfg)
-    # server logs under the run's output dir; the response budget checked against the servers' context
+    if cfg.algo.routing_replay != "none":  # the servers must be able to return every token's experts
+        sg = dataclasses.replace(sg, return_routed_experts=True)
+    # server logs under the run's output dir; the response budget checked against the servers' context;
+    # a mixture of experts' shape, to read the routed experts of its responses
+    hf = getattr(actor, "hf_config", None) or getattr(getattr(actor, "model", None), "config", None)
+    moe = (hf.num_hidden_layers, hf.num_experts_per_tok, hf.num_experts) if getattr(hf, "num_experts", None) else None
     where = {"log_dir": Path(cfg.trainer.output_dir) / "sglang_logs",
-             "max_response_tokens": cfg.rollout.max_response_tokens}
+             "max_response_tokens": cfg.rollout.max_response_tokens, "moe_shape": moe}
     return sg, where
 
 
 def _sglang_on_torch(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
     from tempo_mega.rollout.sglang import build_sglang_engine
 
-    sg, where = _sglang_config(cfg)
+    sg, where = _sglang_config(cfg, actor)
     return build_sglang_engine(sg, pad_token_id=pad_token_id, **where)
 
 
 def _sglang_on_megatron(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
-    sg, where = _sglang_config(cfg)
+    sg, where = _sglang_config(cfg, actor)
     return RankZeroSGLang(sg, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype], **where)
 
 

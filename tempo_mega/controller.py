@@ -100,7 +100,8 @@ class TempoController:
         r = self.cfg.rollout
         return SamplingParams(temperature=temperature or r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_response_tokens=r.max_response_tokens,
-                              stop_token_ids=self.prompts.stop_token_ids, seed=seed)
+                              stop_token_ids=self.prompts.stop_token_ids, seed=seed,
+                              return_routed_experts=self.cfg.algo.routing_replay != "none")
 
     def generate(self, prompts: list[tuple[list[int], str | None]], labeled: bool, seed: int,
                  first_group: int, n: int | None = None, temperature: float | None = None) -> RolloutBatch:

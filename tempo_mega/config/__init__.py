@@ -79,6 +79,11 @@ class AlgoConfig:
     # Truncated importance sampling for the sampler/trainer mismatch (SGLang kernels, bf16): each token's
     # policy loss is weighted by min(exp(old_logp - rollout_logp), tis_cap). 0 = off.
     tis_cap: float = 0.0
+    # A mixture of experts (backend=megatron): "r3" replays the experts the sampler routed each token to
+    # when the actor recomputes log-probs and trains (rollout routing replay), so the routing mismatch of
+    # sampler and trainer does not enter the ratio; the engine returns them (SGLang: its server runs with
+    # --enable-return-routed-experts). "none": the trainer routes on its own.
+    routing_replay: str = "none"
     actor: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0))
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
 
@@ -196,6 +201,7 @@ class TrainConfig:
 
 
 BACKENDS = ("torch", "megatron")
+ROUTING_REPLAY = ("none", "r3")
 RESUME = ("auto", "true", "false")
 # Which prompts each mode trains on is its recipe's (algo/recipes.py); the other count is derived as 0
 # (see derive_prompt_split). tempo uses both, also with a frozen critic (algo.e_step_every=0): its M-step
@@ -276,6 +282,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(a.ppo_clip_high >= 0, "algo.ppo_clip_high", f"must be >= 0, got {a.ppo_clip_high}")
     _check(a.clip_range_value > 0, "algo.clip_range_value", f"must be > 0, got {a.clip_range_value}")
     _check(a.e_step_every >= 0, "algo.e_step_every", f"must be >= 0 (0 = frozen critic), got {a.e_step_every}")
+    _check(a.routing_replay in ROUTING_REPLAY, "algo.routing_replay",
+           f"must be one of {ROUTING_REPLAY}, got {a.routing_replay!r}")
+    if a.routing_replay != "none":
+        _check(cfg.backend == "megatron", "algo.routing_replay",
+               f"routing replay runs in the megatron backend's routers; got backend={cfg.backend}")
+        _check(cfg.model.path is not None or cfg.model.num_experts > 0, "algo.routing_replay",
+               "replays a mixture of experts' routing; model.num_experts is 0 (a dense model)")
     _check(a.grading_workers >= 0, "algo.grading_workers", f"must be >= 0 (0 = auto), got {a.grading_workers}")
     _check(a.max_gen_batches >= 1, "algo.max_gen_batches", f"must be >= 1, got {a.max_gen_batches}")
     _check(a.tis_cap == 0 or a.tis_cap >= 1, "algo.tis_cap", f"must be 0 (off) or >= 1, got {a.tis_cap}")

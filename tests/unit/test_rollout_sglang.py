@@ -73,6 +73,8 @@ def test_launch_command_carries_the_settings():
         chunked_prefill_size=8192,
         disable_cuda_graph=True,
         kv_cache_dtype="fp8_e4m3",
+        return_routed_experts=True,
+        ep_size=2,
         extra_args=("--context-length", "20480", "--hf-token=hf_secret"),
     )
     eng = SGLangRolloutEngine(cfg, pad_token_id=PAD, start=False)
@@ -97,6 +99,8 @@ def test_launch_command_carries_the_settings():
         "--disable-cuda-graph",
         "--kv-cache-dtype fp8_e4m3",
         "--enable-memory-saver",
+        "--enable-return-routed-experts",
+        "--ep-size 2",
         "--context-length 20480",
     ):
         assert piece in joined
@@ -852,3 +856,47 @@ def test_server_tensor_sync_after_release_and_resume(tmp_path):  # pragma: no co
         assert all(len(x.logprobs) == len(x.response_ids) for x in samples)
     finally:
         eng.shutdown()
+
+
+def test_routed_experts_of_a_mixture_of_experts(tmp_path):
+    """A Qwen3-MoE served with --enable-return-routed-experts: asked for them (return_routed_experts, SGLang's
+    request field), every sample carries the experts of each token the server ran ([prompt + response - 1,
+    layers, top-k], SGLang's base64 int32 read into uint8), which are the model's own top k; a request
+    for them is refused by name where the engine or the server was not set up for them."""
+    import torch
+    from support.fake_sglang import FakeSGLangServer
+    from support.models import hf_moe_model, tiny_qwen3_moe_config
+
+    from tempo_mega.rollout.sglang import build_sglang_engine
+
+    cfg = tiny_qwen3_moe_config()
+    model = hf_moe_model(cfg)
+    model.save_pretrained(tmp_path / "moe")
+    sampling = dataclasses.replace(SAMPLING, return_routed_experts=True)
+    server = FakeSGLangServer(str(tmp_path / "moe"), return_routed_experts=True)
+    plain = FakeSGLangServer(str(tmp_path / "moe"))
+    server.start(), plain.start()
+    shape = (cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.num_experts)
+    try:
+        eng = build_sglang_engine(url_cfg(server.url, return_routed_experts=True), pad_token_id=PAD, moe_shape=shape)
+        samples, _ = eng.generate(PROMPTS[:2], 2, sampling)
+        for s in samples:
+            seq = PROMPTS[s.prompt_index] + s.response_ids
+            with torch.no_grad():
+                logits = model.model(input_ids=torch.tensor([seq[:-1]]), output_router_logits=True).router_logits
+            own = torch.stack([x.topk(2, dim=-1).indices for x in logits], dim=1)
+            assert s.routed_experts.dtype == torch.uint8 and s.routed_experts.shape == (len(seq) - 1, 2, 2)
+            assert torch.equal(s.routed_experts.long(), own)
+        assert all(s.routed_experts is None for s in eng.generate(PROMPTS[:1], 1, SAMPLING)[0])
+        eng.shutdown()
+        unset = build_sglang_engine(url_cfg(server.url), pad_token_id=PAD, moe_shape=shape)
+        with pytest.raises(ValueError, match="rollout.sglang.return_routed_experts=true"):
+            unset.generate(PROMPTS[:1], 1, sampling)
+        unset.shutdown()
+        other = build_sglang_engine(url_cfg(plain.url, return_routed_experts=True, max_retries=0), pad_token_id=PAD,
+                                    moe_shape=shape)
+        with pytest.raises(RuntimeError, match="--enable-return-routed-experts"):
+            other.generate(PROMPTS[:1], 1, sampling)
+        other.shutdown()
+    finally:
+        server.stop(), plain.stop()

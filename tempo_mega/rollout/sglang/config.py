@@ -28,6 +28,12 @@ class SGLangConfig:
     quantization: str | None = None  # e.g. "fp8"
     kv_cache_dtype: str = "auto"  # "fp8_e4m3" halves the KV cache of 16K-token rollouts
     enable_memory_saver: bool = True  # needed by /release_memory_occupation
+    # a mixture of experts: launch with --enable-return-routed-experts, so that a request may ask for the
+    # experts of its tokens (return_routed_experts; the trainer sets it for algo.routing_replay=r3)
+    return_routed_experts: bool = False
+    # a mixture of experts: SGLang's expert parallel size inside each engine (--ep-size; 1 = experts
+    # split over tp_size like the rest)
+    ep_size: int = 1
     # colocated with the trainer: release the servers' GPU memory (weights, KV cache, CUDA graphs) after
     # each rollout, for the training phases; the weight push and the next generate take it back
     release_during_training: bool = True
@@ -84,7 +90,7 @@ class SGLangConfig:
             raise bad("urls", "engine mode runs in process; urls are for mode=server")
         if self.watchdog_interval_s < 0:
             raise bad("watchdog_interval_s", f"must be >= 0 (0 = off), got {self.watchdog_interval_s}")
-        for key in ("num_engines", "tp_size", "max_concurrent_requests", "bucket_bytes", "watchdog_failures"):
+        for key in ("num_engines", "tp_size", "ep_size", "max_concurrent_requests", "bucket_bytes", "watchdog_failures"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.max_retries < 0:

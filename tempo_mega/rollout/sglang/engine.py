@@ -44,6 +44,7 @@ exits at once. Requests are fitted to the servers' context length, read at start
 from __future__ import annotations
 
 import atexit
+import base64
 import logging
 import operator
 import os
@@ -55,7 +56,16 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tempo_mega.rollout.base import Sample, SamplingParams, check_generate_args, generation_metrics
+import torch
+from torch import Tensor
+
+from tempo_mega.rollout.base import (
+    Sample,
+    SamplingParams,
+    check_generate_args,
+    expert_ids,
+    generation_metrics,
+)
 from tempo_mega.rollout.sglang.config import SGLangConfig, sync_device
 from tempo_mega.rollout.sglang.handles import _Server
 from tempo_mega.rollout.sglang.servers import _ServerFleet, _Watchdog
@@ -91,9 +101,11 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         start: bool = True,
         log_dir: str | Path | None = None,
         max_response_tokens: int | None = None,
+        moe_shape: tuple[int, int, int] | None = None,
     ) -> None:
         cfg.check_launchable()
         self.cfg = cfg
+        self.moe_shape = moe_shape  # (layers, top-k, experts): reads a response's routed experts
         self.pad_token_id = pad_token_id
         self.servers: list[_Server] = []
         self.pids: list[int] = []  # every process we started, for shutdown and for the record
@@ -104,6 +116,7 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         self._synced = False
         self._begin_end_supported: dict[str, bool] = {}
         self._warned_seed = False
+        self._fields: dict = {"return_logprob": True, "logprob_start_len": -1}  # of the generate call in progress
         self._closed = False
         self._stop_event = threading.Event()  # set by shutdown: ends backoff and restart waits
         # launched servers' logs: under the run's output dir where given, else a temp dir made at the first
@@ -177,8 +190,38 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
             "no_stop_trim": True,  # keep the stop token (it is in the ids either way; this keeps text consistent)
         }
 
+    def _request_fields(self, sampling: SamplingParams) -> dict:
+        """What a /generate body asks besides the prompt and sampling params: log-probs of the response,
+        and with ``return_routed_experts`` the experts of every token (SGLang's ``return_routed_experts``;
+        its servers must run with ``--enable-return-routed-experts``: rollout.sglang.return_routed_experts)."""
+        body: dict = {"return_logprob": True, "logprob_start_len": -1}
+        if sampling.return_routed_experts:
+            if self.moe_shape is None or not self.cfg.return_routed_experts:
+                raise ValueError("SGLangRolloutEngine.generate: return_routed_experts needs a mixture of experts "
+                                 "served with rollout.sglang.return_routed_experts=true")
+            body["return_routed_experts"] = True
+        return body
+
     @staticmethod
-    def _parse_output(out: dict, prompt_index: int) -> Sample:
+    def _routed_experts(meta: dict, tokens: int, moe_shape: tuple[int, int, int] | None) -> Tensor | None:
+        """SGLang's ``meta_info["routed_experts"]`` (base64 of int32 [tokens - 1, layers, top-k], every token
+        the server ran but the last) as ``expert_ids``; None when the response has none."""
+        raw = meta.get("routed_experts")
+        if raw is None or moe_shape is None:
+            return None
+        if int(meta.get("routed_experts_start_len") or 0):
+            raise SGLangServerError("SGLang returned routed experts from routed_experts_start_len="
+                                    f"{meta['routed_experts_start_len']}; this engine reads whole sequences only")
+        layers, k, experts = moe_shape
+        flat = torch.frombuffer(bytearray(base64.b64decode(raw)), dtype=torch.int32)
+        if flat.numel() != (tokens - 1) * layers * k:
+            raise SGLangServerError(f"SGLang returned {flat.numel()} routed-expert ids for {tokens} tokens; expected "
+                                    f"(tokens - 1) x {layers} layers x top-{k} = {(tokens - 1) * layers * k}")
+        return expert_ids(flat.view(tokens - 1, layers, k), experts)
+
+    @staticmethod
+    def _parse_output(out: dict, prompt_index: int, prompt_len: int = 0,
+                      moe_shape: tuple[int, int, int] | None = None) -> Sample:
         meta = out["meta_info"]
         entries = meta.get("output_token_logprobs") or []
         # [logprob, token id, text] per token, as JSON gives them (floats and ints): read in C, no Python
@@ -193,10 +236,12 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
             logprobs=lps,
             finish_reason=kind if kind in ("stop", "length", "abort") else "length",
             extra={"weight_version": meta.get("weight_version")},
+            routed_experts=SGLangRolloutEngine._routed_experts(meta, prompt_len + len(ids), moe_shape)
+            if "routed_experts" in meta else None,
         )
 
     def _generate_prompt(self, s: _Server, i: int, prompt: list[int], sp: dict, n: int) -> list[Sample]:
-        body = {"input_ids": prompt, "sampling_params": sp, "return_logprob": True, "logprob_start_len": -1}
+        body = {"input_ids": prompt, "sampling_params": sp, **self._fields}
         epoch = s.epoch
         try:
             resp = s.call("/generate", body, self.cfg.request_timeout_s)
@@ -215,7 +260,7 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
                 if isinstance(fr, dict) and fr.get("type") == "abort":
                     raise _ServerAbort(f"{s.url}/generate: the server aborted the request itself "
                                        f"(finish_reason abort: {fr.get('message', '')!s:.300})")
-        return [self._parse_output(o, i) for o in outs]
+        return [self._parse_output(o, i, len(prompt), self.moe_shape) for o in outs]
 
     def _fit_to_context(self, prompts: list[list[int]], sp: dict) -> tuple[list[dict], int]:
         """Per prompt sampling params whose max_new_tokens fits the servers' context (prompt + response);
@@ -256,6 +301,7 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
             raise RuntimeError("SGLangRolloutEngine.generate: the engine was shut down")
         prompts = check_generate_args("SGLangRolloutEngine", prompt_ids, n)
         sps, clamped = self._fit_to_context(prompts, self._sampling_dict(n, sampling))
+        self._fields = self._request_fields(sampling)
         self.resume_memory()  # whatever was released for training
         self._aborting.clear()
         t0 = time.perf_counter()
@@ -266,10 +312,9 @@ class SGLangRolloutEngine(_ServerFleet, _WeightSync):
         abort_rounds = 0
         if self.servers and not self.servers[0].routed:  # in-process: one call, a dict per prompt where clamped
             outs = self.servers[0].call("/generate", {
-                "input_ids": prompts, "sampling_params": sps if clamped else sps[0], "return_logprob": True,
-                "logprob_start_len": -1})
+                "input_ids": prompts, "sampling_params": sps if clamped else sps[0], **self._fields})
             for k, o in enumerate(outs):
-                results[k // n].samples.append(self._parse_output(o, k // n))
+                results[k // n].samples.append(self._parse_output(o, k // n, len(prompts[k // n]), self.moe_shape))
         else:
             pending = list(results)
             while pending:
@@ -394,10 +439,13 @@ def build_sglang_engine(
     pad_token_id: int,
     log_dir: str | Path | None = None,
     max_response_tokens: int | None = None,
+    moe_shape: tuple[int, int, int] | None = None,
 ) -> SGLangRolloutEngine:
     """Launch or connect, wait until healthy. ``log_dir``: where launched servers write their logs (the run's output dir;
     None: a temp dir removed at shutdown). ``max_response_tokens`` (rollout.max_response_tokens) is checked
-    against the servers' context length at once."""
+    against the servers' context length at once. ``moe_shape`` (layers, top-k, experts) of a mixture of
+    experts: how a response's routed experts are read."""
     return SGLangRolloutEngine(
         cfg, pad_token_id=pad_token_id, log_dir=log_dir, max_response_tokens=max_response_tokens,
+        moe_shape=moe_shape,
     )

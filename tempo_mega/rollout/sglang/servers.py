@@ -185,6 +185,10 @@ class _ServerFleet:
             cmd += ["--kv-cache-dtype", cfg.kv_cache_dtype]
         if cfg.enable_memory_saver:
             cmd += ["--enable-memory-saver"]
+        if cfg.return_routed_experts:
+            cmd += ["--enable-return-routed-experts"]
+        if cfg.ep_size > 1:
+            cmd += ["--ep-size", str(cfg.ep_size)]
         if self._transport.api_key and not any(a.split("=")[0] == "--api-key" for a in cfg.extra_args):
             cmd.append(f"--api-key={self._transport.api_key}")  # '=' form: a key may start with '-'
         return cmd + list(cfg.extra_args)
@@ -409,4 +413,8 @@ class _ServerFleet:
             kw["kv_cache_dtype"] = cfg.kv_cache_dtype
         if cfg.enable_memory_saver:
             kw["enable_memory_saver"] = True
+        if cfg.return_routed_experts:
+            kw["enable_return_routed_experts"] = True
+        if cfg.ep_size > 1:
+            kw["ep_size"] = cfg.ep_size
         return sglang.Engine(**kw)

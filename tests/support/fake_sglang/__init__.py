@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--abort-requests", type=int, default=0)
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--enable-return-routed-experts", action="store_true")
     args, _unknown = p.parse_known_args(argv)  # SGLang's own flags (--tp-size, ...) are accepted and ignored
     torch.set_num_threads(1)
     state = _FakeState(
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         abort_requests=args.abort_requests,
         context_length=args.context_length,
         api_key=args.api_key,
+        return_routed_experts=args.enable_return_routed_experts,
     )
     httpd = _FakeHTTPServer((args.host, args.port), state)
     httpd.serve_forever()

@@ -220,6 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
             sps = body.get("sampling_params") or {}
             sps = sps if isinstance(sps, list) else [sps] * len(batch)
             rl = body.get("return_logprob") or False
+            rre = bool(body.get("return_routed_experts"))
+            if rre and not st.return_routed_experts:
+                return self._error("return_routed_experts needs a server launched with --enable-return-routed-experts")
             lsl = body.get("logprob_start_len")
             lsl = -1 if lsl is None else lsl
             for i, p in enumerate(batch):
@@ -238,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if abort:  # SGLang cut it short itself: a truncated answer, HTTP 200
                     sp = {**sp, "max_new_tokens": 1}
                 for j in range(int(sp.get("n", 1))):
-                    out = st.generate_one(p, sp, j, rl, lsl)
+                    out = st.generate_one(p, sp, j, rl, lsl, rre)
                     if abort:
                         out["meta_info"]["finish_reason"] = {"type": "abort", "message": "Abort before prefill "
                                                              "(fake: generation paused)", "status_code": 200}

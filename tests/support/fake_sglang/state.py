@@ -27,6 +27,7 @@ class _FakeState:
         api_key: str | None = None,
         request_fields: dict[str, list[str] | set[str] | tuple[str, ...]] | None = None,
         missing_routes: tuple[str, ...] = (),
+        return_routed_experts: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -46,6 +47,7 @@ class _FakeState:
         self.request_fields = {k: frozenset(v) for k, v in (request_fields or {}).items()}
         self.unknown_fields: list[str] = []  # "path: key" of each refused body key
         self.missing_routes = frozenset(missing_routes)  # answered 404, as an older SGLang has no such route
+        self.return_routed_experts = return_routed_experts  # --enable-return-routed-experts
         self.context_length_arg = context_length  # --context-length; /server_info reports it as given
         self.context_len = context_length or int(self.model.config.max_position_embeddings)
         self.session_open = False  # a /begin_weight_update not yet ended
@@ -66,8 +68,21 @@ class _FakeState:
             logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
         return torch.log_softmax(logits / temperature, dim=-1)
 
+    @torch.inference_mode()
+    def routed_experts(self, seq: list[int]) -> str:
+        """SGLang's ``meta_info["routed_experts"]``: base64 of int32 [len(seq) - 1, layers, top-k], the
+        experts of every token the server ran (all but the last), from the model's router logits."""
+        import base64
+
+        with self.model_lock:
+            out = self.model.model(input_ids=torch.tensor([seq[:-1]]), output_router_logits=True)
+        k = self.model.config.num_experts_per_tok
+        ids = torch.stack([x.topk(k, dim=-1).indices for x in out.router_logits], dim=1).to(torch.int32)
+        return base64.b64encode(ids.contiguous().numpy().tobytes()).decode("ascii")
+
     def generate_one(
-        self, ids: list[int], sp: dict, j: int, return_logprob: bool, logprob_start_len: int
+        self, ids: list[int], sp: dict, j: int, return_logprob: bool, logprob_start_len: int,
+        return_routed_experts: bool = False,
     ) -> dict:
         from tempo_mega.rollout.base import SamplingParams
         from tempo_mega.rollout.hf import sample_from_logits
@@ -121,6 +136,8 @@ class _FakeState:
                 meta["input_token_logprobs"] = entries
             else:
                 meta["input_token_logprobs"] = []
+        if return_routed_experts:
+            meta["routed_experts"] = self.routed_experts(seq)
         return {"text": "", "output_ids": out_ids, "meta_info": meta}
 
     def load_from_disk(self, model_path: str) -> None:
