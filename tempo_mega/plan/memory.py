@@ -45,7 +45,7 @@ def _megatron_chunk_params(s: TransformerShape, role: str, tp: int, layers: int,
     if last:
         out.append((h, False, False))  # final norm
         if role == "critic":
-            out += [(h, True, False), (1, True, False)]  # value head, float32
+            out += [(h, False, False), (1, False, False)]  # value head (computed in float32)
         elif not s.tie_word_embeddings or pp > 1:  # tied at PP > 1: the last stage keeps its own copy
             out.append((s.vocab_size // tp * h, False, False))
     return out

@@ -112,9 +112,12 @@ class _Checkpoints:
         for i, chunk in enumerate(self.chunks):
             part = {k[len("model."):]: v for k, v in loaded["model"][f"model{i}"].items()}
             chunk.load_state_dict(part, strict=False)
-        self.optimizer.reload_model_params()
         if state["num_optimizer_steps"]:
+            # the float32 master weights come with the optimizer state; copying the 16-bit model weights
+            # into them first would round them (and the loaded state may share their storage)
             self._load_optimizer_state(loaded["optimizer"])
+        else:
+            self.optimizer.reload_model_params()
         self.num_train_steps = int(state["num_train_steps"])
         self.num_optimizer_steps = int(state["num_optimizer_steps"])
 

@@ -5,7 +5,7 @@ megatron's call convention ``(hidden [s, b, H], weight=None, runtime_gather_outp
 so the trunk, checkpointing and pipeline code stay megatron's own, gathers a sequence-parallel stream,
 keeps the positions ``HeadInputs`` names for the micro-batch in flight and projects only those:
 ``LogprobHead`` (actor) returns the log-probs of the targets from the vocab-parallel output weight, never
-the logits; ``ValueHead`` (critic) returns the values of its [1, hidden] + bias float32 head
+the logits; ``ValueHead`` (critic) returns the values of its [1, hidden] + bias head, computed in float32
 (replicated over TP). The weights keep their names (``output_layer.weight`` / ``output_layer.bias``).
 """
 
@@ -228,19 +228,26 @@ class LogprobHead(SelectedPositionsHead):
 
 
 class ValueHead(SelectedPositionsHead):
-    """The critic's head: ``nn.Linear(hidden, 1)`` in float32 after the decoder's final RMSNorm, values
-    [N, 1, 1]. With ``norm_weight`` given (the decoder's ``final_layernorm`` is then a ``DeferredNorm``),
-    the norm runs here, fused with the projection by ``tempo_mega.kernels.fused_value_head`` (Triton with
-    ``impl="auto"`` on CUDA, its torch reference otherwise): on the selected positions only, never
-    materializing the normed rows."""
+    """The critic's head: ``nn.Linear(hidden, 1)`` computed in float32 after the decoder's final RMSNorm,
+    values [N, 1, 1]. Its parameters are in the model's dtype (``dtype``), as every other parameter:
+    megatron-core's optimizers keep their float32 master copies, and their checkpoints hold no float32
+    parameter of a bf16 model (both the distributed and the plain mixed-precision optimizer map their
+    state to the parameters by position among the 16-bit ones, and a float32 parameter among them breaks
+    that mapping: a bf16 critic could not be checkpointed). With ``norm_weight`` given (the decoder's
+    ``final_layernorm`` is then a ``DeferredNorm``), the norm runs here, fused with the projection by
+    ``tempo_mega.kernels.fused_value_head`` (Triton with ``impl="auto"`` on CUDA, its torch reference
+    otherwise; either upcasts the weights): on the selected positions only, never materializing the
+    normed rows."""
 
     def __init__(self, hidden_size: int, inputs: HeadInputs | None = None, *, sequence_parallel: bool = False,
-                 seed: int = 0, norm_weight: nn.Parameter | None = None, eps: float = 1e-6, impl: str = "torch"):
+                 seed: int = 0, norm_weight: nn.Parameter | None = None, eps: float = 1e-6, impl: str = "torch",
+                 dtype: torch.dtype = torch.float32):
         super().__init__(inputs or HeadInputs(), sequence_parallel=sequence_parallel)
         from tempo_mega.models.critic import init_value_head
 
         head = init_value_head(hidden_size, seed)  # the torch backend's ValueHeadModel init
-        self.weight, self.bias = nn.Parameter(head["weight"]), nn.Parameter(head["bias"])
+        self.weight = nn.Parameter(head["weight"].to(dtype))
+        self.bias = nn.Parameter(head["bias"].to(dtype))
         self._norm_weight = [norm_weight]  # a list: not registered here, it stays decoder.final_layernorm's
         self.eps, self.impl = eps, impl
 
@@ -323,7 +330,7 @@ def build_model(hf_config: Any, megatron_config: MegatronConfig, *, role: str = 
             norm = model.decoder.final_layernorm
             model.output_layer = ValueHead(config.hidden_size, inputs, sequence_parallel=sp, seed=seed,
                                            norm_weight=norm.weight, eps=config.layernorm_epsilon,
-                                           impl="auto" if use_kernels else "torch")
+                                           impl="auto" if use_kernels else "torch", dtype=config.params_dtype)
             model.decoder.final_layernorm = DeferredNorm(norm.weight)
         else:
             model.output_layer = LogprobHead(model.output_layer, inputs, sequence_parallel=sp,

@@ -10,6 +10,13 @@ changes, both made through megatron's own spec (``MoESubmodules.router``), no ho
   micro-batch's router losses are scaled by that same share (``RouterInputs.weight``, set for the
   micro-batch in flight), fixed in the autograd graph at forward time, so pipelining cannot mix the
   weights of two micro-batches up: the role trains ``sum_m w_m (loss_m + aux_coeff aux_m + z_coeff z_m)``.
+- **Routing replay.** Given the sampler's experts for the micro-batch's tokens (``RouterInputs.replay``,
+  per layer), megatron's top-k hook (``router_replay``) routes to them instead of its own top k; the gate
+  weights stay the trainer's (so the router still gets a gradient), and how often its own top k was the
+  sampler's is counted (``moe_routing_agreement``).
+- **Recompute.** Under full activation recompute a layer runs again in the backward, while another
+  micro-batch is in flight (1F1B): each router keeps what its first, gradient-free pass saw (weight,
+  tokens, replayed experts) for its recompute, in order.
 - **Metrics.** In training forwards it counts, per expert, the tokens routed there, the router's
   probability mass and the z statistic; ``moe_step_metrics`` turns one train step's counts, summed over
   every rank that held distinct tokens, into ``moe_load_imbalance`` (max / mean tokens per expert,

@@ -92,8 +92,9 @@ class _Weights:
                     continue  # the last stage's copy of the tied embedding
                 param = params.get(name)
                 for hf_name, hf_t in self._hf_tensors_of(name, t.detach(), param, critic, offset):
-                    keep = dtype is None or hf_name.startswith("value_head.")
-                    yield hf_name, hf_t.to(dtype=hf_t.dtype if keep else dtype).contiguous()
+                    # the value head goes out in float32 (as the torch backend's), the rest in ``dtype``
+                    to = torch.float32 if hf_name.startswith("value_head.") else (dtype or hf_t.dtype)
+                    yield hf_name, hf_t.to(dtype=to).contiguous()
 
     def _hf_tensors_of(self, name: str, t: Tensor, param: Any, critic: bool, offset: int) -> list[tuple[str, Tensor]]:
         """The HF tensors of one local tensor: its TP shards gathered (a collective over the TP group); an
