@@ -41,6 +41,7 @@ for the job (``--api-key``), which the trainer sends from ``$TEMPO_SGLANG_API_KE
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import subprocess
@@ -55,6 +56,7 @@ from tempo_mega.launch.slurm_job import (
     SlurmJob,
     check_run_config,
     request_requeue,
+    sglang_server_flags,
 )
 
 __all__ = [
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.force:
                 raise ValueError(f"{e} (--force renders the script anyway)") from None
             print(f"tempo-mega launch slurm: warning: {e}; rendering anyway (--force)", file=sys.stderr)
+        if job.sglang_placement == "separate":  # the servers the job starts: what the config needs of them
+            job = dataclasses.replace(job, sglang_args=job.sglang_args + sglang_server_flags(job))
         text = render_sbatch(job, command="tempo-mega launch slurm " + shlex.join(shown))
     except ValueError as e:
         print(f"tempo-mega launch slurm: error: {e}", file=sys.stderr)

@@ -145,6 +145,26 @@ def request_requeue(reason: str = "checkpointed", env: dict[str, str] | None = N
     return int(env.get("TEMPO_REQUEUE_EXIT_CODE", REQUEUE_EXIT_CODE))
 
 
+def sglang_server_flags(job: SlurmJob) -> tuple[str, ...]:
+    """The flags the run's config asks of SGLang servers the job starts itself (separate placement) that
+    ``--sglang-arg`` does not already give: ``--enable-return-routed-experts`` for routing replay
+    (``algo.routing_replay``, ``rollout.sglang.return_routed_experts``) and ``--ep-size`` for
+    ``rollout.sglang.ep_size``. Nothing where the config does not compose (``--force``)."""
+    from tempo_mega.config import load_config
+
+    try:
+        cfg = load_config([*job.overrides, f"trainer.output_dir={job.output_dir}"])
+    except Exception:
+        return ()
+    sg, given = cfg.rollout.sglang, {a.split("=")[0] for a in job.sglang_args}
+    flags: list[str] = []
+    if (cfg.algo.routing_replay != "none" or sg.return_routed_experts) and "--enable-return-routed-experts" not in given:
+        flags.append("--enable-return-routed-experts")
+    if sg.ep_size > 1 and "--ep-size" not in given:
+        flags += ["--ep-size", str(sg.ep_size)]
+    return tuple(flags)
+
+
 def check_run_config(job: SlurmJob) -> None:
     """What ``tempo-mega train`` would check on the cluster, before the job waits in the queue: the
     overrides compose and validate (the same ``load_config``), and the parallel layout fits the training

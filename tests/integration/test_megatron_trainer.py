@@ -90,8 +90,9 @@ MOE = ["model.num_experts=4", "model.num_experts_per_tok=2", "model.moe_intermed
 def test_megatron_backend_trains_a_mixture_of_experts_like_torch_and_resumes(tmp_path, megatron_world):
     """A fresh tiny Qwen3-MoE (4 experts, top-2): backend=megatron's first two TEMPO steps give the torch
     backend's losses and grad norms (HF's Qwen3MoeForCausalLM, no router loss either), the HF rollout
-    engine samples from the exported experts, the MoE metrics are logged; with the router losses on, a
-    run resumed from its step-2 checkpoint continues as the uninterrupted one."""
+    engine samples from the exported experts, the MoE metrics are logged; with the router losses and
+    routing replay on (the HF engine records every token's experts), a run resumed from its step-2
+    checkpoint continues as the uninterrupted one."""
     common = ["experiment=debug_cpu", *MOE]
     run_training(load_config([*common, "trainer.total_steps=2", f"trainer.output_dir={tmp_path / 'torch'}"]))
     run_training(load_config([*common, "backend=megatron", "trainer.total_steps=2",
@@ -103,15 +104,20 @@ def test_megatron_backend_trains_a_mixture_of_experts_like_torch_and_resumes(tmp
         for role in ("actor", "critic"):
             assert meg[step][f"{role}/moe_load_imbalance"] >= 1.0 and meg[step][f"{role}/moe_aux_loss"] > 0
 
-    losses = [*common, "backend=megatron", "megatron.moe_aux_loss_coeff=0.01", "megatron.moe_z_loss_coeff=0.001"]
+    losses = [*common, "backend=megatron", "megatron.moe_aux_loss_coeff=0.01", "megatron.moe_z_loss_coeff=0.001",
+              "algo.routing_replay=r3"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_training(load_config([*losses, "trainer.total_steps=3", f"trainer.output_dir={whole}"]))
     run_training(load_config([*losses, "trainer.total_steps=2", "trainer.save_every=2", f"trainer.output_dir={cut}"]))
     run_training(load_config([*losses, "trainer.total_steps=3", f"trainer.output_dir={cut}", "trainer.resume=true"]))
     a, b = read_metrics(whole), read_metrics(cut)
     assert [x["step"] for x in b] == [1, 2, 3]
-    for key in ("actor/loss", "critic/loss", "actor/moe_z_loss", "actor/moe_load_imbalance"):
+    for key in ("actor/loss", "critic/loss", "actor/moe_z_loss", "actor/moe_load_imbalance",
+                "actor/moe_routing_agreement", "rollout/logprob_diff_mean"):
         assert b[2][key] == pytest.approx(a[2][key], abs=1e-5), key
+    # the trainer's own routing is the sampler's nearly everywhere (the weights move between mini-batches)
+    assert all(0.9 < x["actor/moe_routing_agreement"] <= 1.0 for x in a)
+    assert "critic/moe_routing_agreement" not in a[0]  # the critic routes on its own
 
 
 @pytest.mark.parametrize("critic_from", ["critic_dir", "actor"])

@@ -125,6 +125,16 @@ def test_config_is_frozen():
         (["backend=megatron", "megatron.moe_aux_loss_coeff=-0.1"], "megatron.moe_aux_loss_coeff"),
         (["backend=megatron", "megatron.moe_z_loss_coeff=-1"], "megatron.moe_z_loss_coeff"),
         (["backend=megatron", "megatron.moe_expert_capacity_factor=0"], "megatron.moe_expert_capacity_factor"),
+        (["model.num_experts=-1"], "model.num_experts"),
+        (["model.num_experts=4", "model.num_experts_per_tok=5"], "model.num_experts_per_tok"),
+        (["backend=megatron", "model.num_experts=4", "model.num_experts_per_tok=2",
+          "megatron.expert_model_parallel_size=3"], "megatron.expert_model_parallel_size"),
+        (["backend=megatron", "model.num_experts=4", "model.num_experts_per_tok=2", "megatron.tensor_parallel_size=2"],
+         "megatron.sequence_parallel"),
+        (["algo.routing_replay=r2"], "algo.routing_replay"),
+        (["algo.routing_replay=r3", "model.num_experts=4", "model.num_experts_per_tok=2"],
+         "algo.routing_replay"),  # backend=torch
+        (["algo.routing_replay=r3", "backend=megatron"], "algo.routing_replay"),  # a dense model
     ],
 )
 def test_bad_values_name_the_key(override, match):
