@@ -14,7 +14,6 @@ Each layout runs in its own ``torchrun``-like subprocess world (spawned, under a
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,15 +43,11 @@ METRICS = ("loss", "grad_norm", "num_micro_batches", "moe_aux_loss", "moe_z_loss
            "moe_load_imbalance_max", "moe_routing_agreement")
 
 
-def run_world(tmp: Path, layout: str, mode: str, ckpt: Path | None = None, timeout_s: int = 400) -> dict:
-    from support.net import free_port
+def run_world(tmp: Path, layout: str, mode: str, ckpt: Path | None = None) -> dict:
+    """This file as a torchrun script in the world of ``layout``."""
+    from support.worlds import run_world as run
 
-    out = tmp / f"out_{mode}_{layout}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={LAYOUTS[layout][0]}",
-           f"--master-port={free_port()}", str(HERE), layout, mode, str(out), str(ckpt or "")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=HERE.parents[2])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return torch.load(out, weights_only=False)
+    return run(HERE, LAYOUTS[layout][0], tmp, layout, mode, ckpt, timeout_s=400)
 
 
 @pytest.fixture(scope="module")
@@ -223,18 +218,8 @@ def test_routing_replay_routes_the_trainer_as_recorded(megatron_world):
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def _pg_loss(logprobs, micro):
-    mask = micro.response_mask.bool()
-    return -(logprobs * micro.advantages)[mask].sum() / mask.sum(), {}
-
-
-def _value_loss(values, micro):
-    mask = micro.response_mask.bool()
-    return ((values - micro.returns) ** 2)[mask].sum() / mask.sum(), {}
-
-
-_pg_loss.agg = "token"
-_value_loss.agg = "token"
+from support.worlds import pg_loss as _pg_loss  # noqa: E402
+from support.worlds import value_loss as _value_loss  # noqa: E402
 
 
 def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:

@@ -1,0 +1,40 @@
+"""What the multi-process Megatron layout tests share: running a test file as a ``torchrun`` script in
+the world of one layout (``run_world``), and the token-weighted losses their workers train with."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_world(script: Path, ranks: int, tmp: Path, layout: str, mode: str, ckpt: Path | None = None,
+              timeout_s: int = 300) -> dict:
+    """``script`` as a torchrun script of ``ranks`` processes (its argv: layout, mode, output file,
+    checkpoint dir); returns what rank 0 saved. Runs from the repository root, under a timeout."""
+    import torch
+
+    from support.net import free_port
+
+    out = tmp / f"out_{mode}_{layout}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+           f"--master-port={free_port()}", str(script), layout, mode, str(out), str(ckpt or "")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=script.parents[2])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return torch.load(out, weights_only=False)
+
+
+def pg_loss(logprobs, micro):
+    """A policy-gradient loss, mean over the micro-batch's response tokens (``agg = "token"``)."""
+    mask = micro.response_mask.bool()
+    return -(logprobs * micro.advantages)[mask].sum() / mask.sum(), {}
+
+
+def value_loss(values, micro):
+    """The squared error to the returns, mean over the micro-batch's response tokens."""
+    mask = micro.response_mask.bool()
+    return ((values - micro.returns) ** 2)[mask].sum() / mask.sum(), {}
+
+
+pg_loss.agg = "token"
+value_loss.agg = "token"
