@@ -219,6 +219,7 @@ def test_routing_replay_routes_the_trainer_as_recorded(megatron_world):
 
 # ---------------------------------------------------------------------------------------------- worker
 from support.worlds import pg_loss as _pg_loss  # noqa: E402
+from support.worlds import train_or_load  # noqa: E402
 from support.worlds import value_loss as _value_loss  # noqa: E402
 
 
@@ -263,27 +264,7 @@ def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
                                               routing_replay=True)}
         losses = {"actor": _pg_loss, "critic": _value_loss, "replay": _pg_loss}
 
-        def forward(role):
-            b = backends[role]
-            return b.forward_values(batch) if role == "critic" else b.forward_logprobs(batch)
-
-        res = {}
-        if mode == "load":
-            for role, b in backends.items():
-                b.load(Path(ckpt) / role)
-        else:
-            for role, b in backends.items():
-                res[role] = forward(role)
-                res[f"{role}_metrics"] = b.train_step(batch, losses[role])
-                res[f"{role}_after"] = forward(role)
-        for role, b in backends.items():
-            res[f"{role}_weights"] = dict(b.export_weights(dtype=None))
-        if ckpt:
-            if mode != "load":
-                for role, b in backends.items():
-                    b.save(Path(ckpt) / role)
-            backends["actor"].train_step(batch, _pg_loss)
-            res["actor_after_2nd"] = backends["actor"].forward_logprobs(batch)
+        res = train_or_load(backends, batch, losses, mode, ckpt)
         if mode == "train" and layout == "single":  # the actor without router losses
             plain = MegatronBackend("actor", cfg, MegatronConfig(**base), optim, hf_state_dict=actor_sd)
             plain.train_step(batch, _pg_loss)

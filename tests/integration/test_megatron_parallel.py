@@ -101,6 +101,7 @@ def test_checkpoint_loads_at_another_layout(world, saved, loaded):
 
 # ---------------------------------------------------------------------------------------------- worker
 from support.worlds import pg_loss as _pg_loss  # noqa: E402
+from support.worlds import train_or_load  # noqa: E402
 from support.worlds import value_loss as _value_loss  # noqa: E402
 
 
@@ -142,27 +143,7 @@ def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
         losses = {"actor": _pg_loss, "tied": _pg_loss, "critic": _value_loss}
         keys = {"actor": "logprobs", "tied": "tied_logprobs", "critic": "values"}
 
-        def forward(role):
-            b = backends[role]
-            return b.forward_values(batch) if role == "critic" else b.forward_logprobs(batch)
-
-        res = {}
-        if mode == "load":
-            for role, b in backends.items():
-                b.load(Path(ckpt) / role)
-        else:
-            for role, b in backends.items():
-                res[keys[role]] = forward(role)
-                res[f"{role}_metrics"] = b.train_step(batch, losses[role])
-                res[f"{keys[role]}_after"] = forward(role)
-        for role, b in backends.items():
-            res[f"{role}_weights"] = dict(b.export_weights(dtype=None))
-        if ckpt:
-            if mode != "load":
-                for role, b in backends.items():
-                    b.save(Path(ckpt) / role)
-            backends["actor"].train_step(batch, _pg_loss)
-            res["logprobs_after_2nd"] = backends["actor"].forward_logprobs(batch)
+        res = train_or_load(backends, batch, losses, mode, ckpt, keys)
         if mode == "train" and layout == "tp1":  # the reference: the torch backend on the same weights
             ref = {"actor": build_actor(hf_model(cfg), optim), "tied": build_actor(hf_model(cfg_tied, seed=1), optim),
                    "critic": build_critic(critic_ref, optim)}

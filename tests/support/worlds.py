@@ -38,3 +38,37 @@ def value_loss(values, micro):
 
 pg_loss.agg = "token"
 value_loss.agg = "token"
+
+
+def train_or_load(backends: dict, batch, losses: dict, mode: str, ckpt: str, keys: dict | None = None) -> dict:
+    """A layout worker's part every layout test shares. ``mode`` "train": each role's outputs before
+    (``res[key]``) and after (``res[key + "_after"]``) one ``train_step`` and its metrics; "load": the
+    roles loaded from ``ckpt``. Then every role's exported weights; with ``ckpt``, the roles saved there
+    (when trained) and the actor's outputs after one more step (``key + "_after_2nd"``, the optimizer
+    state's check). ``keys``: role -> result name (default the role)."""
+    from pathlib import Path
+
+    keys = keys or {role: role for role in backends}
+
+    def forward(role):
+        b = backends[role]
+        return b.forward_values(batch) if b.role == "critic" else b.forward_logprobs(batch)
+
+    res = {}
+    if mode == "load":
+        for role, b in backends.items():
+            b.load(Path(ckpt) / role)
+    else:
+        for role, b in backends.items():
+            res[keys[role]] = forward(role)
+            res[f"{role}_metrics"] = b.train_step(batch, losses[role])
+            res[f"{keys[role]}_after"] = forward(role)
+    for role, b in backends.items():
+        res[f"{role}_weights"] = dict(b.export_weights(dtype=None))
+    if ckpt:
+        if mode != "load":
+            for role, b in backends.items():
+                b.save(Path(ckpt) / role)
+        backends["actor"].train_step(batch, pg_loss)
+        res[f"{keys['actor']}_after_2nd"] = backends["actor"].forward_logprobs(batch)
+    return res
