@@ -330,3 +330,20 @@ def test_tensor_serializer_call_matches_sglang():
     (ser,) = [f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "serialize"]
     assert [a.arg for a in ser.args.args] == ["obj", "output_str"]
     assert "MultiprocessingSerializer.serialize(bucket, output_str=True)" in _client_source()
+
+
+def test_routed_experts_request_is_sglangs(sglang_types):
+    """Routing replay's /generate body (``return_routed_experts``) is SGLang's: a field of its
+    GenerateReqInput (the HTTP contract too) and an argument of ``Engine.generate``."""
+    from tempo_mega.rollout.base import SamplingParams
+    from tempo_mega.rollout.sglang import SGLangConfig
+    from tempo_mega.rollout.sglang.engine import SGLangRolloutEngine
+
+    eng = SGLangRolloutEngine(SGLangConfig(model_path="/m", return_routed_experts=True), pad_token_id=0,
+                              start=False, moe_shape=(2, 2, 4))
+    fields = eng._request_fields(SamplingParams(return_routed_experts=True))
+    eng.shutdown()
+    assert fields["return_routed_experts"] is True
+    body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}, **fields}
+    assert check_request(sglang_types, "POST", "/generate", body) == []
+    assert set(fields) <= sglang_types["engine"]["generate"]
