@@ -4,7 +4,8 @@ post-step weights of the layout without expert parallelism, for an actor trained
 load-balancing and z losses and a critic without them:
 
 - EP=2 (DP=2), EP=2 with the distributed optimizer, TP=2 x EP=2 (expert TP = TP; sequence parallel,
-  which megatron-core requires for MoE with TP), the same with expert TP 1, PP=2 x EP=2: against DP=2 without EP (the router losses are per micro-batch, so the
+  which megatron-core requires for MoE with TP), the same with expert TP 1, PP=2 x EP=2, CP=2 x EP=2:
+  against DP=2 without EP (the router losses are per micro-batch, so the
   micro-batches must be the same: DP=2's);
 - the critic and an actor replaying recorded experts (no router loss) also against EP=TP=PP=DP=1,
   and full activation recompute against it for all three;
@@ -34,6 +35,7 @@ LAYOUTS = {
     "tp2ep2etp1": (4, {"tensor_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 2,
                        "expert_tensor_parallel_size": 1}),
     "pp2ep2": (4, {"pipeline_parallel_size": 2, "expert_model_parallel_size": 2}),
+    "cp2ep2": (4, {"context_parallel_size": 2, "expert_model_parallel_size": 2}),
     "recompute": (1, {"recompute": "full"}),
     "ep1dist": (1, {"use_distributed_optimizer": True}),  # loads ep2dist's checkpoint
 }
@@ -86,16 +88,16 @@ def _assert_same(got: dict, ref: dict, roles: tuple[str, ...]) -> None:
             assert got[f"{role}_metrics"][name] == pytest.approx(ref[f"{role}_metrics"][name], rel=1e-5), name
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep2dist", "tp2ep2", "tp2ep2etp1", "pp2ep2"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2dist", "tp2ep2", "tp2ep2etp1", "pp2ep2", "cp2ep2"])
 def test_expert_layout_matches_dp2(world, layout):
     _assert_same(world(layout), world("dp2"), ROLES)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep2dist", "tp2ep2", "tp2ep2etp1", "pp2ep2", "recompute"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2dist", "tp2ep2", "tp2ep2etp1", "pp2ep2", "cp2ep2", "recompute"])
 def test_roles_without_router_losses_match_one_process(world, layout):
     """The critic and the replaying actor (no router loss: the same update whatever the micro-batches)
     match one process in every layout: the replayed experts reach the right tokens under EP, sequence
-    parallel, PP and full recompute."""
+    parallel, PP, CP and full recompute."""
     _assert_same(world(layout), world("single"), ("critic", "replay"))
 
 
