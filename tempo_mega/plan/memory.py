@@ -21,33 +21,33 @@ from tempo_mega.telemetry.flops import TransformerShape, param_counts
 
 
 def _megatron_chunk_params(s: TransformerShape, role: str, tp: int, layers: int, first: bool, last: bool,
-                           pp: int, ep: int = 1, etp: int | None = None) -> list[tuple[int, bool, bool]]:
-    """(numel, float32 regardless of the model dtype, expert weight) of one model chunk's parameters on
-    one TP rank, in megatron's parameter order (embedding, per layer: input norm, qkv, q/k norm, proj,
-    MLP norm, fc1, fc2 or router + this EP rank's experts (fc1, fc2 each, split over expert TP); final
-    norm, output layer)."""
+                           pp: int, ep: int = 1, etp: int | None = None) -> list[tuple[int, bool]]:
+    """(numel, expert weight) of one model chunk's parameters on one TP rank, all in the model's dtype
+    (the critic's value head too: it is computed in float32, ``backends/megatron/model.py``), in
+    megatron's parameter order (embedding, per layer: input norm, qkv, q/k norm, proj, MLP norm, fc1, fc2
+    or router + this EP rank's experts (fc1, fc2 each, split over expert TP); final norm, output layer)."""
     h, q, kv, f = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, \
         s.intermediate_size
     etp = tp if etp is None else etp
-    out: list[tuple[int, bool, bool]] = []
+    out: list[tuple[int, bool]] = []
     if first:
-        out.append((s.vocab_size // tp * h, False, False))
+        out.append((s.vocab_size // tp * h, False))
     for _ in range(layers):
-        out += [(h, False, False), ((q + 2 * kv) // tp * h, False, False), (s.head_dim, False, False),
-                (s.head_dim, False, False), (h * (q // tp), False, False), (h, False, False)]
+        out += [(h, False), ((q + 2 * kv) // tp * h, False), (s.head_dim, False), (s.head_dim, False),
+                (h * (q // tp), False), (h, False)]
         if s.num_experts:
             fe = s.moe_intermediate_size
-            out.append((s.num_experts * h, False, False))  # router, replicated
+            out.append((s.num_experts * h, False))  # router, replicated
             for _ in range(s.num_experts // ep):
-                out += [(2 * fe // etp * h, False, True), (h * (fe // etp), False, True)]
+                out += [(2 * fe // etp * h, True), (h * (fe // etp), True)]
         else:
-            out += [(2 * f // tp * h, False, False), (h * (f // tp), False, False)]
+            out += [(2 * f // tp * h, False), (h * (f // tp), False)]
     if last:
-        out.append((h, False, False))  # final norm
+        out.append((h, False))  # final norm
         if role == "critic":
-            out += [(h, False, False), (1, False, False)]  # value head (computed in float32)
+            out += [(h, False), (1, False)]  # value head
         elif not s.tie_word_embeddings or pp > 1:  # tied at PP > 1: the last stage keeps its own copy
-            out.append((s.vocab_size // tp * h, False, False))
+            out.append((s.vocab_size // tp * h, False))
     return out
 
 
@@ -81,15 +81,15 @@ def megatron_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int, tp
     for v in range(vpp):
         chunk = _megatron_chunk_params(s, role, tp, per_chunk, first=pp_rank == 0 and v == 0,
                                        last=pp_rank == pp - 1 and v == vpp - 1, pp=pp, ep=ep, etp=etp)
-        # one DDP buffer per (dense | expert, parameter dtype) in each chunk, parameters in order
-        buffers: dict[tuple[bool, int], list[int]] = {}
-        for n, is32, expert in chunk:
-            buffers.setdefault((expert, 4 if is32 else dtype_bytes), []).append(n)
-        for (expert, pbytes), numels in buffers.items():
+        # one DDP buffer for the dense and one for the expert parameters of each chunk, parameters in order
+        buffers: dict[bool, list[int]] = {}
+        for n, expert in chunk:
+            buffers.setdefault(expert, []).append(n)
+        for expert, numels in buffers.items():
             group = (expert_dp or dp) if expert else dp
             params += sum(numels)
             if not distributed_optimizer:
-                weights += sum(numels) * pbytes
+                weights += sum(numels) * dtype_bytes
                 grads += sum(numels) * 4
                 local = numels
             else:
@@ -100,12 +100,12 @@ def megatron_role_memory(s: TransformerShape, role: str, *, dtype_bytes: int, tp
                     ranges.append((start, start + n))
                     start += n
                 size = _ceil(start, math.lcm(group, 128))
-                weights += size * pbytes
+                weights += size * dtype_bytes
                 grads += size * 4
                 shard = size // group
                 lo, hi = dp_rank * shard, (dp_rank + 1) * shard
                 local = [min(b, hi) - max(a, lo) for a, b in ranges if min(b, hi) > max(a, lo)]
-            if pbytes < 4:
+            if dtype_bytes < 4:
                 masters += sum(local) * 4
             moments += sum(local) * 8
             steps += len(local) * 4
