@@ -220,8 +220,8 @@ def test_routing_replay_routes_the_trainer_as_recorded(megatron_world):
 
 
 # ---------------------------------------------------------------------------------------------- worker
+from support.worlds import finish_world, train_or_load  # noqa: E402
 from support.worlds import pg_loss as _pg_loss  # noqa: E402
-from support.worlds import train_or_load  # noqa: E402
 from support.worlds import value_loss as _value_loss  # noqa: E402
 
 
@@ -271,10 +271,7 @@ def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
             plain = MegatronBackend("actor", cfg, MegatronConfig(**base), optim, hf_state_dict=actor_sd)
             plain.train_step(batch, _pg_loss)
             res["actor_plain_weights"] = dict(plain.export_weights(dtype=None))
-        if dist.get_rank() == 0:
-            torch.save(res, out_path)
-        dist.barrier()
-        dist.destroy_process_group()
+        finish_world(res, out_path)
 
 
 if __name__ == "__main__":

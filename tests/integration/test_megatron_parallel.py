@@ -100,8 +100,8 @@ def test_checkpoint_loads_at_another_layout(world, saved, loaded):
 
 
 # ---------------------------------------------------------------------------------------------- worker
+from support.worlds import finish_world, train_or_load  # noqa: E402
 from support.worlds import pg_loss as _pg_loss  # noqa: E402
-from support.worlds import train_or_load  # noqa: E402
 from support.worlds import value_loss as _value_loss  # noqa: E402
 
 
@@ -151,10 +151,7 @@ def _worker(layout: str, mode: str, out_path: str, ckpt: str) -> None:
                 res[f"torch_{keys[role]}"] = b.forward_values(batch) if role == "critic" else b.forward_logprobs(batch)
                 b.train_step(batch, losses[role])
                 res[f"torch_{role}_weights"] = dict(b.export_weights())
-        if dist.get_rank() == 0:
-            torch.save(res, out_path)
-        dist.barrier()
-        dist.destroy_process_group()
+        finish_world(res, out_path)
 
 
 if __name__ == "__main__":

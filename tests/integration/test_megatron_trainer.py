@@ -83,6 +83,17 @@ def test_megatron_backend_trains_like_torch(tmp_path, megatron_world):
         assert meg[2][key] == pytest.approx(ref[2][key], abs=1e-4), (3, key)
 
 
+def whole_and_resumed(tmp_path, overrides: list[str]) -> tuple[list[dict], list[dict]]:
+    """The metrics of a 3-step run, and of the same run checkpointed at step 2 and resumed to step 3."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_training(load_config([*overrides, "trainer.total_steps=3", f"trainer.output_dir={whole}"]))
+    run_training(load_config([*overrides, "trainer.total_steps=2", "trainer.save_every=2", f"trainer.output_dir={cut}"]))
+    run_training(load_config([*overrides, "trainer.total_steps=3", f"trainer.output_dir={cut}", "trainer.resume=true"]))
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert [x["step"] for x in b] == [1, 2, 3]
+    return a, b
+
+
 MOE = ["model.num_experts=4", "model.num_experts_per_tok=2", "model.moe_intermediate_size=48",
        "megatron.moe_token_dispatcher=allgather"]
 
@@ -106,12 +117,7 @@ def test_megatron_backend_trains_a_mixture_of_experts_like_torch_and_resumes(tmp
 
     losses = [*common, "backend=megatron", "megatron.moe_aux_loss_coeff=0.01", "megatron.moe_z_loss_coeff=0.001",
               "algo.routing_replay=r3"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_training(load_config([*losses, "trainer.total_steps=3", f"trainer.output_dir={whole}"]))
-    run_training(load_config([*losses, "trainer.total_steps=2", "trainer.save_every=2", f"trainer.output_dir={cut}"]))
-    run_training(load_config([*losses, "trainer.total_steps=3", f"trainer.output_dir={cut}", "trainer.resume=true"]))
-    a, b = read_metrics(whole), read_metrics(cut)
-    assert [x["step"] for x in b] == [1, 2, 3]
+    a, b = whole_and_resumed(tmp_path, losses)
     for key in ("actor/loss", "critic/loss", "actor/moe_z_loss", "actor/moe_load_imbalance",
                 "actor/moe_routing_agreement", "rollout/logprob_diff_mean"):
         assert b[2][key] == pytest.approx(a[2][key], abs=1e-5), key
@@ -125,12 +131,7 @@ def test_bf16_megatron_run_resumes_exactly(tmp_path, megatron_world):
     and resumed gives step 3's losses, grad norms and sampler gap of the uninterrupted run, bit for bit
     (a bf16 critic once failed at its first save)."""
     common = ["experiment=debug_cpu", "backend=megatron", "model.dtype=bfloat16", "megatron.use_distributed_optimizer=true"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_training(load_config([*common, "trainer.total_steps=3", f"trainer.output_dir={whole}"]))
-    run_training(load_config([*common, "trainer.total_steps=2", "trainer.save_every=2", f"trainer.output_dir={cut}"]))
-    run_training(load_config([*common, "trainer.total_steps=3", f"trainer.output_dir={cut}", "trainer.resume=true"]))
-    a, b = read_metrics(whole), read_metrics(cut)
-    assert [x["step"] for x in b] == [1, 2, 3]
+    a, b = whole_and_resumed(tmp_path, common)
     for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm", "rollout/logprob_diff_mean"):
         assert b[2][key] == a[2][key], key
 

@@ -72,3 +72,14 @@ def train_or_load(backends: dict, batch, losses: dict, mode: str, ckpt: str, key
         backends["actor"].train_step(batch, pg_loss)
         res[f"{keys['actor']}_after_2nd"] = backends["actor"].forward_logprobs(batch)
     return res
+
+
+def finish_world(res: dict, out_path: str) -> None:
+    """A layout worker's end: rank 0 saves ``res`` for the test, every rank leaves the world."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        torch.save(res, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
