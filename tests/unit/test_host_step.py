@@ -145,6 +145,24 @@ def test_pack_unpack_round_trip_and_the_same_batch():
     assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.rollout_logprobs, y.rollout_logprobs)
 
 
+def test_pack_unpack_carries_routed_experts():
+    """A mixture of experts' samples (routing replay) keep their routed experts across the pack: every
+    rank of a multi-rank trainer replays the sampler's routes, not rank 0 alone."""
+    samples = make_samples(4, 9, seed=2)
+    g = torch.Generator().manual_seed(0)
+    for s in samples:
+        s.routed_experts = torch.randint(0, 128, (3 + len(s.response_ids), 2, 4), generator=g).to(torch.uint8)
+    tensors, rest = pack_samples(samples)
+    assert len(tensors) == 5 and tensors[4].dtype == torch.uint8
+    back = unpack_samples(tensors, rest)
+    for a, b in zip(back, samples):
+        assert a.routed_experts.dtype == torch.uint8 and torch.equal(a.routed_experts, b.routed_experts)
+    samples[1].routed_experts = None
+    with pytest.raises(ValueError, match="some samples carry routed experts and some do not"):
+        pack_samples(samples)
+    assert all(s.routed_experts is None for s in unpack_samples(*pack_samples(make_samples(2, 3))))
+
+
 def test_pack_samples_rejects_a_log_prob_count_mismatch():
     s = Sample(prompt_index=3, response_ids=[1, 2], logprobs=[-0.5], finish_reason="stop")
     with pytest.raises(ValueError, match="prompt 3 has 2 response tokens but 1 log-probs"):
@@ -152,7 +170,8 @@ def test_pack_samples_rejects_a_log_prob_count_mismatch():
 
 
 _BROADCAST_WORKER = """
-import json, os, random, sys
+import dataclasses, json, os, random, sys
+import torch
 import torch.distributed as dist
 from tempo_mega.rollout.base import Sample
 from tempo_mega.rollout.samples import broadcast_samples
@@ -164,8 +183,13 @@ mine = [Sample(prompt_index=i, response_ids=[rng.randrange(50000) for _ in range
                logprobs=[-rng.random() for _ in range(n)], finish_reason="stop", extra={"v": i})
         for i, n in enumerate([25, 0, 7, 25])]
 got = broadcast_samples(mine if rank == 0 else None)
+# a mixture of experts' samples: their routed experts travel too
+mine = [dataclasses.replace(s, routed_experts=torch.arange(i, i + 3 * (len(s.response_ids) + 2)).view(-1, 3, 1)
+                            .to(torch.uint8)) for i, s in enumerate(mine)]
+moe = broadcast_samples(mine if rank == 0 else None)
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-    json.dump([[s.prompt_index, s.response_ids, s.logprobs, s.finish_reason, s.extra] for s in got], f)
+    json.dump([[s.prompt_index, s.response_ids, s.logprobs, s.finish_reason, s.extra] for s in got]
+              + [[m.routed_experts.tolist(), str(m.routed_experts.dtype), g.routed_experts] for m, g in zip(moe, got)], f)
 dist.destroy_process_group()
 """
 
@@ -184,8 +208,11 @@ def test_broadcast_samples_over_gloo(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
+    r0, e0, r1, e1 = r0[:4], r0[4:], r1[:4], r1[4:]
     assert len(r0) == 4 and r0[1][1] == []
     assert [x[:2] + x[3:] for x in r0] == [x[:2] + x[3:] for x in r1]
+    assert e0 == e1 and [e[1:] for e in e1] == [["torch.uint8", None]] * 4
+    assert [len(e[0]) for e in e1] == [27, 2, 9, 27]
     for a, b in zip(r0, r1):
         assert b[2] == pytest.approx(a[2], abs=1e-6)
 
