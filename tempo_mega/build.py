@@ -16,7 +16,7 @@ from tempo_mega.backends.torch import build_actor, build_critic
 from tempo_mega.config import TrainConfig, sglang_config
 from tempo_mega.models import fresh_qwen3_config
 from tempo_mega.rollout.hf import HFRolloutEngine
-from tempo_mega.rollout.rank_zero import RankZeroRollout, RankZeroSGLang
+from tempo_mega.rollout.rank_zero import NodeGroupSGLang, RankZeroRollout, RankZeroSGLang
 
 log = logging.getLogger("tempo_mega")
 
@@ -138,7 +138,8 @@ def build_megatron_models(cfg: TrainConfig, source, optim: dict[str, BackendOpti
 def build_rollout(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
     """The sampler for ``rollout.engine`` on ``backend``: the HF engine (a copy of the actor) or SGLang
     (rollout.sglang.*, serving model.path until the controller's first ``sync_weights``). backend=megatron
-    wraps either in ``RankZeroRollout`` (rank 0 samples for every rank). Engines are given no model or
+    wraps either in ``RankZeroRollout`` (rank 0 samples for every rank), or launched SGLang servers in
+    ``NodeGroupSGLang`` (every node's first rank owns its node's servers). Engines are given no model or
     closure of the trainer's: the controller pushes weights and runs the probe."""
     key = (cfg.rollout.engine, cfg.backend)
     if key not in ROLLOUT_BUILDERS:
@@ -182,7 +183,11 @@ def _sglang_on_torch(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, d
 
 
 def _sglang_on_megatron(cfg: TrainConfig, actor: TrainBackend, pad_token_id: int, device: torch.device):
+    # servers launched here: on every node by its first rank (rollout.sglang.launch_on=every_node), or by
+    # rank 0 alone; servers given by URL and the in-process engine are driven from rank 0
     sg, where = _sglang_config(cfg, actor)
+    if sg.launch_on == "every_node" and not sg.urls and sg.mode == "server":
+        return NodeGroupSGLang(sg, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype], **where)
     return RankZeroSGLang(sg, pad_token_id=pad_token_id, weights_dtype=DTYPES[cfg.model.dtype], **where)
 
 

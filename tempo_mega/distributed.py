@@ -65,3 +65,23 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def node_ranks() -> list[list[int]]:
+    """The ranks of each node, the same lists on every rank: node 0 holds rank 0, nodes in the order of
+    their first rank, ranks in order. A node is what torchrun calls one (its ``GROUP_RANK``, the node
+    rank), or without torchrun a host name. A collective (every rank calls it); one process: [[0]]."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return [[0]]
+    group = os.environ.get("GROUP_RANK")
+    keys: list[Any] = [None] * world_size()
+    dist.all_gather_object(keys, f"node {group}" if group is not None else f"host {socket.gethostname()}")
+    nodes: dict[str, list[int]] = {}
+    for r, k in enumerate(keys):
+        nodes.setdefault(k, []).append(r)
+    return list(nodes.values())

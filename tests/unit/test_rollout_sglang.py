@@ -57,6 +57,8 @@ def test_config_validation_names_the_key():
     SGLangConfig(urls=("http://x",)).check_launchable()  # running servers: nothing to launch
     with pytest.raises(ValueError, match="rollout.sglang.kv_cache_dtype"):
         SGLangConfig(model_path="m", kv_cache_dtype="fp4")
+    with pytest.raises(ValueError, match="rollout.sglang.launch_on"):
+        SGLangConfig(model_path="m", launch_on="node0")
     for key, bad in (("watchdog_interval_s", -1.0), ("watchdog_timeout_s", 0.0), ("watchdog_failures", 0)):
         with pytest.raises(ValueError, match=f"rollout.sglang.{key}"):
             SGLangConfig(model_path="m", **{key: bad})
@@ -900,3 +902,30 @@ def test_routed_experts_of_a_mixture_of_experts(tmp_path):
         other.shutdown()
     finally:
         server.stop(), plain.stop()
+
+
+def test_prompts_are_split_over_node_groups_by_their_servers():
+    from tempo_mega.rollout.rank_zero import split_prompts
+
+    assert split_prompts(6, [1, 1]) == [[0, 2, 4], [1, 3, 5]]  # equal nodes take turns
+    assert split_prompts(6, [2, 1]) == [[0, 2, 3, 5], [1, 4]]  # in proportion to the servers
+    assert split_prompts(3, [1, 0, 1]) == [[0, 2], [], [1]]  # a node without servers takes none
+    assert split_prompts(0, [1, 1]) == [[], []]
+    with pytest.raises(ValueError, match="no group has a server"):
+        split_prompts(2, [0, 0])
+
+
+def test_node_group_metrics_sum_the_counters_and_keep_each_node():
+    from tempo_mega.rollout.base import Sample
+    from tempo_mega.rollout.rank_zero import NodeGroupRollout
+
+    per_node = [{"rollout/tokens_per_s": 10.0, "rollout/servers_up": 2.0, "rollout/servers": 2.0,
+                 "rollout/retried_requests": 1.0, "timing/x": 3.0},
+                {"rollout/tokens_per_s": 30.0, "rollout/servers_up": 1.0, "rollout/servers": 2.0,
+                 "rollout/retried_requests": 0.0, "timing/x": 5.0}]
+    samples = [Sample(0, [1, 2, 3], [-1.0] * 3, "stop"), Sample(1, [4], [-1.0], "length")]
+    m = NodeGroupRollout._merged_metrics(per_node, samples, 2.0)
+    assert m["rollout/tokens_per_s"] == 2.0 and m["rollout/response_len_mean"] == 2.0  # 4 tokens in 2 s
+    assert m["rollout/servers_up"] == 3.0 and m["rollout/servers"] == 4.0 and m["rollout/retried_requests"] == 1.0
+    assert m["rollout/node0/tokens_per_s"] == 10.0 and m["rollout/node1/tokens_per_s"] == 30.0
+    assert m["rollout/node1/servers_up"] == 1.0 and m["timing/x"] == 5.0

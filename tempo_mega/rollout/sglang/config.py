@@ -9,19 +9,26 @@ from dataclasses import dataclass
 _MODES = ("server", "engine")
 _SYNC_MODES = ("tensor", "distributed", "disk")
 _KV_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16")
+_LAUNCH_ON = ("every_node", "rank0")
 
 
 @dataclass(frozen=True)
 class SGLangConfig:
     """How to reach SGLang. ``urls`` non-empty: connect to running servers; otherwise launch
-    ``num_engines`` servers (``model_path`` required), engine k on GPUs ``[k*tp_size, (k+1)*tp_size)``."""
+    ``num_engines`` servers (``model_path`` required), engine k on GPUs ``[k*tp_size, (k+1)*tp_size)``
+    of the node that launches them: with ``launch_on=every_node`` (a multi-rank trainer) each node's first
+    rank launches and owns its node's ``num_engines`` servers (node j's listen on ``base_port +
+    j*num_engines + k``), with ``rank0`` only the first node's are launched."""
 
     mode: str = "server"  # "server" (HTTP) | "engine" (in-process sglang.Engine)
     urls: tuple[str, ...] = ()
     # launch settings
     model_path: str | None = None
-    num_engines: int = 1
+    num_engines: int = 1  # per node that launches servers
     tp_size: int = 1
+    # which nodes of a multi-rank trainer (backend=megatron) launch servers: every node (its first rank owns
+    # them; a step's prompts are spread over all nodes' servers) or rank 0's node alone
+    launch_on: str = "every_node"
     mem_fraction_static: float | None = None
     chunked_prefill_size: int | None = None
     disable_cuda_graph: bool = False
@@ -84,6 +91,8 @@ class SGLangConfig:
             raise bad("mode", f"must be one of {_MODES}, got {self.mode!r}")
         if self.weight_sync not in _SYNC_MODES:
             raise bad("weight_sync", f"must be one of {_SYNC_MODES}, got {self.weight_sync!r}")
+        if self.launch_on not in _LAUNCH_ON:
+            raise bad("launch_on", f"must be one of {_LAUNCH_ON}, got {self.launch_on!r}")
         if self.kv_cache_dtype not in _KV_DTYPES:
             raise bad("kv_cache_dtype", f"must be one of {_KV_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.mode == "engine" and self.urls:
