@@ -73,6 +73,10 @@ def render_sbatch(job: SlurmJob, command: str | None = None) -> str:
         f"GPUS_PER_NODE={job.gpus_per_node}",
         f"SGLANG_NODES={job.sglang_nodes if separate else 0}  # nodes at the end of the allocation that serve SGLang "
         f"({job.sglang_placement} placement)",
+        *([] if separate else [
+            "# colocated SGLang: with rollout.sglang.launch_on=every_node (the default), each training node's first rank",
+            "# launches rollout.sglang.num_engines servers on its own GPUs and pushes them the weights; every node samples",
+        ]),
         "# torchrun forwards these to every rank, then waits SHUTDOWN_TIMEOUT_S before killing them",
         'TORCHRUN_SIGNALS="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"',
         f"SHUTDOWN_TIMEOUT_S={job.shutdown_timeout}",

@@ -362,3 +362,13 @@ def test_separate_placement_starts_servers_passes_urls_and_stops_them(tmp_path):
         assert a[a.index("--tp-size") + 1] == "4" and a[a.index("--dp-size") + 1] == "2"
         assert a[a.index("--model-path") + 1] == "/shared/models/actor"
         assert "--container-image=/shared/containers/tempo.sqsh" in a
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_colocated_jobs_sample_on_every_node(nodes):
+    """Colocated SGLang on 1..N nodes: one torchrun per node (each node's first rank then launches that
+    node's servers, rollout.sglang.launch_on=every_node), no server step of the script's own."""
+    text = render_sbatch(job(nodes=nodes))
+    assert f"#SBATCH --nodes={nodes}" in text and "SGLANG_NODES=0" in text
+    assert "each training node's first rank" in text and "sglang.launch_server" not in text
+    assert '--nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --ntasks-per-node=1' in text
