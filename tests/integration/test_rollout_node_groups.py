@@ -104,6 +104,18 @@ def test_every_node_owns_its_servers_and_recovers_alone(tmp_path):
     assert r0["again_metrics"]["rollout/probe_logprob_diff_max"] < 1e-4
 
 
+@pytest.mark.slow
+def test_bench_rollout_nodes_simulation_runs():
+    """``scripts/bench_rollout.py --nodes``: one CSV row per node count, every node's samples counted
+    (the figures themselves are for docs/benchmarks.md, not asserted)."""
+    script = Path(__file__).parents[2] / "scripts" / "bench_rollout.py"
+    out = subprocess.run([sys.executable, str(script), "--nodes", "1,2", "--prompts", "8", "--n", "2", "--tokens", "4",
+                          "--token-latency-s", "0.002", "--reps", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    rows = [line.split(",") for line in out.stdout.splitlines() if line[:2] in ("1,", "2,")]
+    assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 6 and float(r[1]) > 0 for r in rows)
+
+
 def _stats(engine) -> dict:
     from support.sglang import stats
 

@@ -28,7 +28,9 @@ does when its scheduler makes no progress), ``abort_requests`` (the next N gener
 HTTP 200 with ``finish_reason`` abort, as SGLang answers a request it aborts itself), ``fail_updates``
 (the next N tensor/distributed updates answer ``success: false``, HTTP 400). ``FakeSGLangServer.restart``
 takes an in-process server down and brings a fresh one (the weights it started with) up on the same port.
-``GET /fake/stats`` reports request counts and the most generate requests seen in flight at once.
+``token_latency_s`` and ``max_running`` (benchmarks) replace the model's forward by a latency model: a
+request holds one of ``max_running`` slots for ``max_new_tokens x token_latency_s`` and returns that many
+tokens drawn from (prompt ids, j). ``GET /fake/stats`` reports request counts and the most generate requests seen in flight at once.
 ``request_fields`` (in process only: ``{path: field names}``, e.g. read from SGLang's own ``io_struct`` by
 the contract test) makes a POST body with a key outside its path's fields an HTTP 400, as SGLang's
 request structs refuse unknown fields; ``sampling_params`` keys are checked against the ``"sampling_params"``
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--api-key", default=None)
     p.add_argument("--enable-return-routed-experts", action="store_true")
+    p.add_argument("--token-latency-s", type=float, default=0.0)
+    p.add_argument("--max-running", type=int, default=0)
     args, _unknown = p.parse_known_args(argv)  # SGLang's own flags (--tp-size, ...) are accepted and ignored
     torch.set_num_threads(1)
     state = _FakeState(
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         context_length=args.context_length,
         api_key=args.api_key,
         return_routed_experts=args.enable_return_routed_experts,
+        token_latency_s=args.token_latency_s,
+        max_running=args.max_running,
     )
     httpd = _FakeHTTPServer((args.host, args.port), state)
     httpd.serve_forever()

@@ -235,6 +235,17 @@ class _Handler(BaseHTTPRequestHandler):
             with st.stats_lock:
                 abort = st.abort_requests > 0
                 st.abort_requests -= int(abort)
+            if st.token_latency_s > 0:  # the latency model: a slot for max_new_tokens x token_latency_s
+                if st.slots is not None:
+                    st.slots.acquire()
+                try:
+                    time.sleep(max(int(sp.get("max_new_tokens", 128)) for sp in sps) * st.token_latency_s)
+                finally:
+                    if st.slots is not None:
+                        st.slots.release()
+                outs = [st.timed_one(p, sps[i], j) for i, p in enumerate(batch) for j in range(int(sps[i].get("n", 1)))]
+                single = not (ids and isinstance(ids[0], list))
+                return self._send(200, outs[0] if single and len(outs) == 1 else outs)
             outs = []
             for i, p in enumerate(batch):
                 sp = sps[i]
@@ -256,6 +267,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _FakeHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # the listen backlog (socketserver's default is 5): more concurrent connections than that would wait
+    # for a SYN retransmit (about 1 s); SGLang's server (uvicorn) takes 2048
+    request_queue_size = 2048
 
     def __init__(self, addr, state: _FakeState):
         super().__init__(addr, _Handler)

@@ -28,6 +28,8 @@ class _FakeState:
         request_fields: dict[str, list[str] | set[str] | tuple[str, ...]] | None = None,
         missing_routes: tuple[str, ...] = (),
         return_routed_experts: bool = False,
+        token_latency_s: float = 0.0,
+        max_running: int = 0,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -48,6 +50,11 @@ class _FakeState:
         self.unknown_fields: list[str] = []  # "path: key" of each refused body key
         self.missing_routes = frozenset(missing_routes)  # answered 404, as an older SGLang has no such route
         self.return_routed_experts = return_routed_experts  # --enable-return-routed-experts
+        # a latency model instead of the model's forward (benchmarks): a request takes max_new_tokens x
+        # token_latency_s in one of max_running slots (0: unbounded), as a server decoding a batch of at most
+        # max_running requests at a fixed time per token
+        self.token_latency_s = token_latency_s
+        self.slots = threading.BoundedSemaphore(max_running) if max_running > 0 else None
         self.context_length_arg = context_length  # --context-length; /server_info reports it as given
         self.context_len = context_length or int(self.model.config.max_position_embeddings)
         self.session_open = False  # a /begin_weight_update not yet ended
@@ -79,6 +86,21 @@ class _FakeState:
         k = self.model.config.num_experts_per_tok
         ids = torch.stack([x.topk(k, dim=-1).indices for x in out.router_logits], dim=1).to(torch.int32)
         return base64.b64encode(ids.contiguous().numpy().tobytes()).decode("ascii")
+
+    def timed_one(self, ids: list[int], sp: dict, j: int) -> dict:
+        """One sample of the latency model: ``max_new_tokens`` tokens drawn from (prompt ids, j), each of
+        log-prob -log(vocab), finished by length (the caller waits the time)."""
+        import math
+
+        max_new = int(sp.get("max_new_tokens", 128))
+        digest = hashlib.sha256(json.dumps([ids, j]).encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        out_ids = torch.randint(0, self.vocab_size, (max_new,), generator=gen).tolist()
+        lp = -math.log(self.vocab_size)
+        return {"meta_info": {"id": "", "finish_reason": {"type": "length", "length": max_new},
+                              "prompt_tokens": len(ids), "completion_tokens": max_new, "cached_tokens": 0,
+                              "weight_version": self.weight_version,
+                              "output_token_logprobs": [[lp, t, None] for t in out_ids]}}
 
     def generate_one(
         self, ids: list[int], sp: dict, j: int, return_logprob: bool, logprob_start_len: int,
