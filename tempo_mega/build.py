@@ -166,6 +166,8 @@ def _sglang_config(cfg: TrainConfig, actor: TrainBackend):
     sg = sglang_config(cfg)
     if cfg.algo.routing_replay != "none":  # the servers must be able to return every token's experts
         sg = dataclasses.replace(sg, return_routed_experts=True)
+    if cfg.trainer.offload_during_rollout != "none":  # the KV cache comes back after the trainer's hand-over
+        sg = dataclasses.replace(sg, resume_after_push=False)
     # server logs under the run's output dir; the response budget checked against the servers' context;
     # a mixture of experts' shape, to read the routed experts of its responses
     hf = getattr(actor, "hf_config", None) or getattr(getattr(actor, "model", None), "config", None)

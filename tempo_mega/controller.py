@@ -26,6 +26,7 @@ from tempo_mega.batch import RolloutBatch
 from tempo_mega.config import TrainConfig
 from tempo_mega.data.pool import PromptSource
 from tempo_mega.distributed import broadcast_object
+from tempo_mega.offload import TrainerOffload
 from tempo_mega.rewards import default_grading_workers, grade_responses, start_grading_workers
 from tempo_mega.rollout.base import RolloutEngine, SamplingParams
 from tempo_mega.rollout.parts import SampledPart
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 # failed, weight re-syncs of restarted servers), summed over a step's generate calls
 ENGINE_COUNTERS = ("rollout/retried_requests", "rollout/weight_resyncs", "rollout/server_aborts",
                    "rollout/clamped_requests")
-# what an engine reports of its state after a call (the step keeps the last): servers serving, of all
+# what an engine reports of its state after a call (the step keeps the last): servers serving, of all;
+# and, from an engine on several nodes, each node's own figures (rollout/node<k>/...)
 ENGINE_GAUGES = ("rollout/servers_up", "rollout/servers")
+PER_NODE_PREFIX = "rollout/node"
 
 
 class TempoController:
@@ -47,7 +50,9 @@ class TempoController:
                  prompts: PromptSource, timer: PhaseTimer | None = None):
         self.cfg, self.actor, self.critic, self.rollout, self.prompts = cfg, actor, critic, rollout, prompts
         self.recipe = recipe(cfg.algo.mode)
-        self.weights = WeightSync(actor, rollout, prompts.pad_token_id)
+        # trainer.offload_during_rollout: both roles' memory is the engine's while it generates
+        self.offload = TrainerOffload(cfg.trainer.offload_during_rollout, (actor, critic))
+        self.weights = WeightSync(actor, rollout, prompts.pad_token_id, offload=self.offload)
         self.timer = timer or PhaseTimer()
         self.grading_workers = cfg.algo.grading_workers or default_grading_workers()
         if self.grading_workers > 1:  # started beside the model set-up, not in the first step
@@ -64,6 +69,7 @@ class TempoController:
                 batch, m = self.collect_batch(step)
                 if self.rollout.release_during_training:
                     self.rollout.release_memory()  # colocated: the GPU memory is the trainer's until the sync
+                self.offload.reload()  # and the trainer's own state back (trainer.offload_during_rollout)
             if len(batch) == 0:  # every group was uninformative, even after refills: nothing to learn from
                 log.warning("step %d: no informative group after %d generation batches; no update",
                             step, int(m["rollout/gen_batches"]))
@@ -112,6 +118,7 @@ class TempoController:
                     first_group: int, n: int | None = None, temperature: float | None = None) -> SampledPart:
         """``generate``'s samples, texts and scores, before any tensor is built."""
         n = n or self.cfg.algo.num_samples_per_prompt
+        self._gen.update(self.offload.offload())  # the trainer's memory to the engine (idempotent)
         t0 = time.perf_counter()
         # a restarted server without the weights is re-synced and the call generated again (WeightSync)
         samples, engine = self.weights.generate([p for p, _ in prompts], n, self.sampling(seed, temperature))
@@ -119,7 +126,8 @@ class TempoController:
         self._gen["tokens"] += sum(len(s.response_ids) for s in samples)
         for key in ENGINE_COUNTERS:  # SGLang's fault counters, where it reports them
             self._gen[key] += float(engine.get(key, 0.0))
-        self._gen.update({key: float(engine[key]) for key in ENGINE_GAUGES if key in engine})
+        self._gen.update({key: float(v) for key, v in engine.items()
+                          if key in ENGINE_GAUGES or key.startswith(PER_NODE_PREFIX)})
         texts = self.prompts.decode_many([s.response_ids for s in samples])
         answers = [prompts[s.prompt_index][1] for s in samples]
         a = self.cfg.algo
@@ -173,8 +181,11 @@ class TempoController:
         m["rollout/generated_tokens"] = self._gen["tokens"]
         m["rollout/tokens_per_s"] = self._gen["tokens"] / max(self._gen["seconds"], 1e-9)
         m.update({key: self._gen[key] for key in ENGINE_COUNTERS})
-        m.update({key: self._gen[key] for key in ENGINE_GAUGES if key in self._gen})
+        m.update({key: v for key, v in self._gen.items()
+                  if key in ENGINE_GAUGES or key.startswith(PER_NODE_PREFIX) or key == "perf/offloaded_gib"})
         m["timing/rollout_wait_s"] = self._gen["seconds"]  # the trainer waited for samples this long
+        # trainer.offload_during_rollout: the probe of the last push, whose engine side ran before sampling
+        m.update(self.weights.take_deferred_probe())
         if result is not None:
             m["rollout/dropped_groups"] = float(result.dropped_groups)
             m["rollout/groups_short"] = float(result.groups_needed)

@@ -192,6 +192,7 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def save_checkpoint(run: Run, completed_steps: int) -> Path:
+    run.ctrl.offload.reload()  # the state on its devices first (trainer.offload_during_rollout)
     root = run.out / "checkpoints"
     with atomic_checkpoint(root, completed_steps) as d:  # a collective in a multi-process run
         run.actor.save(d / "actor")
@@ -214,6 +215,7 @@ def save_checkpoint(run: Run, completed_steps: int) -> Path:
 
 def export_hf(run: Run, directory: Path) -> None:
     """An HF-loadable actor (with tokenizer) and the critic beside it, for the next stage."""
+    run.ctrl.offload.reload()
     run.actor.export_hf(directory / "actor")  # collectives for the Megatron backend; rank 0 writes
     if is_rank0():
         run.pool.tokenizer.save_pretrained(directory / "actor")

@@ -43,10 +43,25 @@ def probe_logprobs(actor: TrainBackend, ids: Sequence[int], pad_token_id: int) -
 
 
 class WeightSync:
-    """The actor's weights into ``rollout``, checked, and the re-push a restarted server needs."""
+    """The actor's weights into ``rollout``, checked, and the re-push a restarted server needs.
 
-    def __init__(self, actor: TrainBackend, rollout: RolloutEngine, pad_token_id: int):
+    ``offload`` (``tempo_mega.offload.TrainerOffload``, trainer.offload_during_rollout): the trainer's
+    memory goes to the engine while it generates, so the engine's side of the probe waits for the next
+    ``generate`` (the engine takes its KV cache back only then, after the offload): ``push`` computes
+    the actor's side at once and ``generate`` compares before sampling. A re-sync during ``generate``
+    takes the trainer's memory back for the export and hands it over again."""
+
+    def __init__(self, actor: TrainBackend, rollout: RolloutEngine, pad_token_id: int, offload=None):
         self.actor, self.rollout, self.pad_token_id = actor, rollout, pad_token_id
+        self.offload = offload if offload is not None and offload.mode != "none" else None
+        self._pending_probe: torch.Tensor | None = None  # the actor's probe log-probs, for the next generate
+        self._deferred: dict[str, float] = {}  # what that probe measured, until take_deferred_probe()
+
+    def take_deferred_probe(self) -> dict[str, float]:
+        """What the last push's probe measured where its engine side ran at a later ``generate``
+        (``offload``), once: {} otherwise."""
+        out, self._deferred = self._deferred, {}
+        return out
 
     def export(self):
         """The actor's HF-named weights, streamed, exported where the engine takes them."""
@@ -54,17 +69,29 @@ class WeightSync:
 
     def push(self) -> dict[str, float]:
         """``update_weights`` with the actor's weights, then the probe; returns what the probe measured (the
-        push's time is the controller's ``weight_sync`` phase)."""
+        push's time is the controller's ``weight_sync`` phase). With ``offload`` the engine's side of the
+        probe runs at the next ``generate`` and {} is returned here."""
         self.rollout.update_weights(self.export())
+        if self.offload is not None:
+            self._pending_probe = self._actor_probe()
+            return {}
         return self.probe()
+
+    def _actor_probe(self) -> torch.Tensor | None:
+        ids = self.rollout.probe_ids
+        if not ids:
+            return None
+        return torch.tensor(probe_logprobs(self.actor, ids, self.pad_token_id), dtype=torch.float64)
 
     def probe(self) -> dict[str, float]:
         """Engine vs trainer log-probs of the engine's ``probe_ids`` (every server of it); RuntimeError past
         its ``probe_tolerance``. {} for an engine that asks for no probe (a copy of the actor)."""
+        return self._compare(self._actor_probe())
+
+    def _compare(self, want: torch.Tensor | None) -> dict[str, float]:
         ids = self.rollout.probe_ids
-        if not ids:
+        if want is None or not ids:
             return {}
-        want = torch.tensor(probe_logprobs(self.actor, ids, self.pad_token_id), dtype=torch.float64)
         worst = 0.0
         for got in self.rollout.prompt_logprobs(list(ids)):
             got = torch.as_tensor(got, dtype=torch.float64).flatten()
@@ -87,6 +114,9 @@ class WeightSync:
         (``RolloutNeedsWeights``), the actor's weights go to what was restarted (``resync_stale``), are
         probed, and the whole call is generated again, at most ``max_resyncs`` times."""
         resyncs, resynced = 0, {}
+        if self._pending_probe is not None:  # the push's probe, now that the engine holds its memory again
+            want, self._pending_probe = self._pending_probe, None
+            self._deferred = self._compare(want)
         while True:
             try:
                 samples, metrics = self.rollout.generate(prompt_ids, n, sampling)
@@ -96,8 +126,13 @@ class WeightSync:
                     raise RuntimeError(f"rollout: the engine lost its weights again after {resyncs} re-syncs: {e}") from e
                 log.warning("rollout: %s; re-sending the weights", e)
                 t0 = time.perf_counter()
+                if self.offload is not None:  # the export and the probe forward need the actor's weights
+                    self.offload.reload()
                 self.rollout.resync_stale(self.export())
-                resynced = {**self.probe(), "timing/weight_resync_s": time.perf_counter() - t0}
+                want = self._actor_probe()
+                if self.offload is not None:
+                    self.offload.offload()
+                resynced = {**self._compare(want), "timing/weight_resync_s": time.perf_counter() - t0}
                 resyncs += 1
         if resyncs:
             resynced["rollout/weight_resyncs"] = float(resyncs)

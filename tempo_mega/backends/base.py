@@ -83,6 +83,12 @@ class TrainBackend(Protocol):
         """Forget the optimizer's moments, keep the weights."""
         ...
 
+    def offload_set(self, mode: str):
+        """What ``trainer.offload_during_rollout=mode`` hands over while the engine generates
+        (``tempo_mega.offload.OffloadSet``): ``optimizer``, the optimizer's state and master weights;
+        ``all``, the weights too, and the gradient buffers (dropped)."""
+        ...
+
     def save(self, directory: str | Path) -> None:
         """Weights, optimizer and backend state into a checkpoint directory (a collective where sharded)."""
         ...

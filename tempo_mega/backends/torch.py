@@ -251,6 +251,17 @@ class TorchBackend:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
 
+    def offload_set(self, mode: str):
+        """AdamW's moments (the parameters are the model's own); with ``all`` the weights too (the
+        gradients are freed after every step: nothing to drop)."""
+        from tempo_mega.offload import OffloadSet, optimizer_tensors, storage_keys
+
+        params = list(self.model.parameters())
+        out = OffloadSet(keep=optimizer_tensors([self.optimizer], storage_keys(params)))
+        if mode == "all":
+            out.keep += params
+        return out
+
     def save(self, directory: str | Path) -> None:
         """``model.safetensors`` (weights), ``optimizer.pt`` (AdamW state), ``backend_state.json``."""
         d = Path(directory)

@@ -159,6 +159,10 @@ class TrainerConfig:
     # retain: malloc keeps the step's large host buffers for the next step (no page faults per step; the
     # RSS stays at its peak, tempo_mega/hostmem.py); system: malloc as the C library sets it
     host_memory: str = "retain"
+    # while the rollout engine generates, the trainer's GPU memory is the engine's: none | optimizer (Adam
+    # moments and fp32 master weights to host memory) | all (also the weights; the gradient buffers are
+    # freed). tempo_mega/offload.py; colocated SGLang then takes its KV cache back after the hand-over
+    offload_during_rollout: str = "none"
 
 
 @dataclass(frozen=True)
@@ -342,6 +346,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(t.layout in ("padded", "packed"), "trainer.layout", f"must be 'padded' or 'packed', got {t.layout!r}")
     _check(t.host_memory in ("retain", "system"), "trainer.host_memory",
            f"must be 'retain' or 'system', got {t.host_memory!r}")
+    _check(t.offload_during_rollout in ("none", "optimizer", "all"), "trainer.offload_during_rollout",
+           f"must be none, optimizer or all, got {t.offload_during_rollout!r}")
     _check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
     _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0")
     _check(t.eval_num_samples >= 1, "trainer.eval_num_samples", "must be >= 1")

@@ -74,6 +74,7 @@ def evaluate(ctrl: TempoController, pool: PromptPool, cfg: TrainConfig, seed: in
     m.update(trap_metrics(records, answers, table))
     # every reward a mode could train on, scored against the hidden answers: TEMPO's critic reward and
     # the group pseudo-rewards, each from its recipe
+    ctrl.offload.reload()  # the critic's weights, if the rollout had them (trainer.offload_during_rollout)
     rewards = {"critic": critic_reward(ctrl.critic.forward_values(batch), batch.response_mask).tolist()}
     groups = [texts[p * k:(p + 1) * k] for p in range(len(records))]
     for name in PSEUDO_REWARDS:

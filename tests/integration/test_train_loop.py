@@ -319,3 +319,49 @@ def test_tis_run_matches_plain_when_sampler_equals_trainer(tmp_path):
     for x, y in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tis")):
         assert y["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-5)
         assert x["actor/loss"] == pytest.approx(y["actor/loss"], rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "all"])
+def test_offload_during_rollout_trains_exactly_like_without(tmp_path, mode):
+    """trainer.offload_during_rollout: the trainer's state leaves its device for every rollout (eval's
+    included) and comes back for the step, the checkpoint and the export: the run is the same run."""
+    base = train(tmp_path / "base", "trainer.total_steps=2")
+    off = train(tmp_path / "off", "trainer.total_steps=2", f"trainer.offload_during_rollout={mode}")
+    keys = ("actor/loss", "critic/loss", "actor/grad_norm", "rollout/response_len_mean", "eval/accuracy")
+    a, b = read_metrics(tmp_path / "base"), read_metrics(tmp_path / "off")
+    for x, y in zip(a, b):
+        assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}
+        assert "perf/offloaded_gib" not in x
+    # torch's AdamW makes its moments at the first step: nothing but the weights to move before it
+    assert b[1]["perf/offloaded_gib"] > 0 and (b[0]["perf/offloaded_gib"] > 0) == (mode == "all")
+    assert not off.ctrl.offload.active  # back on its device at the end (the export read it)
+    for (n1, p1), (n2, p2) in zip(base.actor.model.state_dict().items(), off.actor.model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    s1, s2 = base.actor.optimizer.state_dict()["state"], off.actor.optimizer.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+
+
+def test_offload_with_sglang_takes_the_kv_cache_back_after_the_hand_over(tmp_path):
+    """With trainer.offload_during_rollout the push leaves the server's KV cache released (the trainer
+    still holds its memory then: test_rollout_sglang's resume_after_push test); the probe's engine side
+    runs at the next rollout, after the hand-over, and is logged with that step; the samples are the
+    trainer's."""
+    from support.fake_sglang import FakeSGLangServer
+
+    train(tmp_path / "base", "trainer.total_steps=1")
+    actor_dir = tmp_path / "base" / "hf" / "actor"
+    server = FakeSGLangServer(str(actor_dir))
+    url = server.start()
+    try:
+        train(tmp_path / "sg", "trainer.total_steps=2", "rollout.engine=sglang", f"model.path={actor_dir}",
+              f"model.critic_path={tmp_path / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
+              "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}",
+              "trainer.offload_during_rollout=all")
+        got = read_metrics(tmp_path / "sg")
+        assert [x["step"] for x in got] == [1, 2]
+        for line in got:
+            assert line["rollout/probe_logprob_diff_max"] < 1e-4 and line["rollout/logprob_diff_max"] < 1e-3
+            assert line["perf/offloaded_gib"] > 0
+        assert server.state.counts["/release_memory_occupation"] == 2  # after each step's rollout
+    finally:
+        server.stop()

@@ -259,6 +259,23 @@ def test_release_resume_tracks_tags_as_sglang_does(fake):
     eng.shutdown()
 
 
+def test_a_push_can_leave_the_kv_cache_released_until_the_next_request(fake):
+    """resume_after_push=false (trainer.offload_during_rollout): the push takes back the weights only; the
+    KV cache and CUDA graphs come back with the next probe or generate request, after the trainer handed
+    its memory over."""
+    s = fake()
+    new = tiny_qwen3(1)
+    eng = build_sglang_engine(url_cfg(s.url, resume_after_push=False), pad_token_id=PAD)
+    eng.release_memory()
+    eng.update_weights(new.state_dict().items())
+    assert stats(s.url)["released"] == ["cuda_graph", "kv_cache"]
+    assert probe_gap(eng, new) < 1e-4 and stats(s.url)["released"] == []  # the probe request takes them back
+    eng.release_memory()
+    eng.update_weights(new.state_dict().items())
+    assert len(eng.generate(PROMPTS[:1], 2, SAMPLING)[0]) == 2 and stats(s.url)["released"] == []
+    eng.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------- faults
 
 

@@ -377,6 +377,25 @@ class MegatronBackend(_Checkpoints, _Weights):
         loss, metrics = loss_fn(full, micro.batch)
         return loss * micro.weight, one, {"filler": False, "result": (loss.detach(), metrics, micro.weight)}
 
+    def offload_set(self, mode: str):
+        """What ``trainer.offload_during_rollout=mode`` hands over (``tempo_mega.offload``): each
+        optimizer's Adam moments and fp32 master weights (not the model's own weights, which an fp32
+        optimizer steps in place); with ``all`` also the weights (the DDP parameter buffers with the
+        distributed optimizer, the parameters otherwise) and the fp32 gradient buffers (dropped: every
+        step zeroes them first)."""
+        from tempo_mega.offload import OffloadSet, optimizer_tensors, storage_keys
+
+        buffers = [b for d in self.ddp for b in (*d.buffers, *d.expert_parallel_buffers)]
+        weights = [p for c in self.chunks for p in c.parameters()]
+        weights += [b.param_data for b in buffers if b.param_data is not None]
+        grads = [b.grad_data for b in buffers if b.grad_data is not None]
+        inner = [o.optimizer for o in self._sub_optimizers if getattr(o, "optimizer", None) is not None]
+        out = OffloadSet(keep=optimizer_tensors(inner, storage_keys(weights) | storage_keys(grads)))
+        if mode == "all":
+            out.keep += weights
+            out.drop += grads
+        return out
+
     # ------------------------------------------------------------------ training
     def train_step(self, batch: RolloutBatch, loss_fn: LossSpec | LossFn) -> dict[str, float]:
         """Same rule as ``TorchBackend.train_step``: epochs x mini-batches, micro-batches weighted by

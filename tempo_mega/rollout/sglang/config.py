@@ -44,6 +44,10 @@ class SGLangConfig:
     # colocated with the trainer: release the servers' GPU memory (weights, KV cache, CUDA graphs) after
     # each rollout, for the training phases; the weight push and the next generate take it back
     release_during_training: bool = True
+    # after a weight push, take the KV cache and CUDA graphs back at once (true), or leave them released
+    # until the next generate or probe request (false: set where the trainer hands its own memory over
+    # for the rollout, trainer.offload_during_rollout, which happens after the push)
+    resume_after_push: bool = True
     extra_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     base_port: int = 30000

@@ -60,7 +60,8 @@ class _WeightSync:
                 if s.healthy:
                     s.weights_stale = False
         self._synced = True
-        self.resume_memory()
+        if self.cfg.resume_after_push:
+            self.resume_memory()
         self._call("/flush_cache", {})
 
     def resync_stale(self, named_tensors: Iterable[tuple[str, Tensor]]) -> list[str]:
@@ -137,7 +138,8 @@ class _WeightSync:
 
     def prompt_logprobs(self, ids: Sequence[int]) -> list[list[float]]:
         """Each server's log-probs of ``ids[1:]`` (``input_token_logprobs`` of a request at temperature 1),
-        for the caller's post-sync probe."""
+        for the caller's post-sync probe. Takes back whatever memory was released (a request needs the KV cache)."""
+        self.resume_memory()
         ids = list(ids)
         body = {
             "input_ids": ids,
