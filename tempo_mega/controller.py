@@ -47,11 +47,11 @@ PER_NODE_PREFIX = "rollout/node"
 
 class TempoController:
     def __init__(self, cfg: TrainConfig, actor: TrainBackend, critic: TrainBackend, rollout: RolloutEngine,
-                 prompts: PromptSource, timer: PhaseTimer | None = None):
+                 prompts: PromptSource, timer: PhaseTimer | None = None, offload: TrainerOffload | None = None):
         self.cfg, self.actor, self.critic, self.rollout, self.prompts = cfg, actor, critic, rollout, prompts
         self.recipe = recipe(cfg.algo.mode)
         # trainer.offload_during_rollout: both roles' memory is the engine's while it generates
-        self.offload = TrainerOffload(cfg.trainer.offload_during_rollout, (actor, critic))
+        self.offload = offload or TrainerOffload(cfg.trainer.offload_during_rollout, (actor, critic))
         self.weights = WeightSync(actor, rollout, prompts.pad_token_id, offload=self.offload)
         self.timer = timer or PhaseTimer()
         self.grading_workers = cfg.algo.grading_workers or default_grading_workers()

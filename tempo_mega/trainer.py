@@ -36,6 +36,7 @@ from tempo_mega.distributed import any_rank, barrier, broadcast_object, is_rank0
 from tempo_mega.eval.in_training import evaluate
 from tempo_mega.hostmem import apply_host_memory
 from tempo_mega.launch.preemption import Preempted, PreemptionWatch
+from tempo_mega.offload import TrainerOffload
 from tempo_mega.plan import headline_for_run
 from tempo_mega.rollout.hf import HFRolloutEngine
 from tempo_mega.telemetry import JsonlSink, MultiSink, PhaseTimer, ProgressSink, WandbSink
@@ -149,7 +150,15 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("%s", headline_for_run(cfg, vocab_size=len(tokenizer)))  # `tempo-mega plan` of this run: memory per GPU, step time
     actor, critic = build_models(cfg, tokenizer, device)  # starts the process group of a megatron run
     src = pool.source()
-    rollout = build_rollout(cfg, actor, src.pad_token_id, device)
+    # trainer.offload_during_rollout: SGLang servers size their KV cache against the memory free when they
+    # start, so they start with the trainer's state away (the HF engine copies the actor's weights: not then)
+    offload = TrainerOffload(t.offload_during_rollout, (actor, critic))
+    if cfg.rollout.engine == "sglang":
+        offload.offload()
+    try:
+        rollout = build_rollout(cfg, actor, src.pad_token_id, device)
+    finally:
+        offload.reload()
     # trainer.resume=false, or overwrite: prepare_output_dir made sure there is nothing to resume
     ckpt = find_resume_checkpoint(out / "checkpoints") if t.resume != "false" and not t.overwrite else None
     # checkpoints and metric lines count completed steps: step_00000003 holds the weights after 3 steps
@@ -168,7 +177,7 @@ def setup(cfg: TrainConfig) -> Run:
     sink = MultiSink(sinks)
     if is_rank0():
         save_json(out / "config.json", to_dict(cfg))
-    ctrl = TempoController(cfg, actor, critic, rollout, src, PhaseTimer())
+    ctrl = TempoController(cfg, actor, critic, rollout, src, PhaseTimer(), offload=offload)
     run = Run(cfg, out, pool, actor, critic, rollout, ctrl, sink, start_step=0)
     if ckpt is not None:
         actor.load(ckpt / "actor")

@@ -3,7 +3,7 @@
     tempo-mega plan experiment=qwen3_32b_tempo --nodes 4 --gpu h100-80gb [hydra overrides...]
 
 What is counted, per GPU (the busiest one: DP rank 0 of the first pipeline stage, on rank 0's node, which
-also holds a colocated SGLang engine):
+also holds a colocated SGLang engine, as every node does with ``rollout.sglang.launch_on=every_node``):
 
 - **Exact** (bytes the backends allocate): each role's weights, gradient buffers and optimizer state.
   backend=megatron: bf16 (``megatron.params_dtype``) weights, megatron's fp32 gradient buffer
@@ -196,12 +196,24 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
     samples = int(round((al.labeled_prompts_per_step + al.unlabeled_prompts_per_step) * al.num_samples_per_prompt
                         * a.gen_batches))
     mean_resp = a.mean_response_tokens or r.max_response_tokens // 2
+    # trainer.offload_during_rollout: what leaves the GPU while SGLang holds its memory (the servers launch
+    # while it is away, so their KV cache is sized without it), and pinned host memory per node for it
+    offload = cfg.trainer.offload_during_rollout
+    parts = {"none": (), "optimizer": ("optimizer",), "all": ("weights", "grads", "optimizer")}[offload]
+    memory["offloaded"] = sum(memory[f"{role}_{p}"] for role in roles for p in parts)
+    resident = memory["trainer_state"] - memory["offloaded"]
+    if offload != "none":
+        notes.append(f"trainer.offload_during_rollout={offload}: {memory['offloaded'] / GIB:.1f} GiB per GPU to pinned "
+                     f"host memory during rollout ({memory['offloaded'] * gpus_per_node / GIB:.0f} GiB per node)")
     if a.sglang_placement == "colocated":
-        free_at_launch = card.memory_bytes - memory["reserve"] - memory["trainer_state"]
+        free_at_launch = card.memory_bytes - memory["reserve"] - resident
         if engines * sg_tp > gpus_per_node:
             raise ValueError(f"rollout.sglang.num_engines={engines} x rollout.sglang.tp_size={sg_tp} GPUs do not fit "
-                             f"on rank 0's node of {gpus_per_node} GPUs (colocated)")
-        total_engines = engines
+                             f"on a node of {gpus_per_node} GPUs (colocated)")
+        # servers launched by the trainer: on every node (rollout.sglang.launch_on=every_node, backend=megatron),
+        # else on rank 0's; servers given by URL are counted by whoever started them (here: one node's worth)
+        every = sg.launch_on == "every_node" and cfg.backend == "megatron" and not sg.urls and sg.mode == "server"
+        total_engines = engines * (nodes if every else 1)
     else:
         free_at_launch = card.memory_bytes - memory["reserve"]
         total_engines = engines * a.sglang_nodes
@@ -225,6 +237,9 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
     if r.engine == "sglang":
         # rollout: SGLang needs its weights to fit inside its static share, and a KV cache
         headroom["rollout"] = static - sg_weights
+        if a.sglang_placement == "colocated" and offload != "none":
+            # the push: the trainer's whole state is back (it exports the weights) while SGLang takes its own
+            headroom["weight_push"] = card.memory_bytes - memory["reserve"] - memory["trainer_state"] - sg_weights
     fits = {k: v > 0 for k, v in headroom.items()}
     if "rollout" in fits:  # and room for at least one whole response
         fits["rollout"] = kv / kv_bytes_per_token(s, sg_tp, kv_db) >= a.prompt_tokens + r.max_response_tokens

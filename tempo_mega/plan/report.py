@@ -52,6 +52,7 @@ class Plan:
             "train_peak_gib": g["train_peak"],
             "activations_gib": g["activations"],
             "logits_gib": g["logits"],
+            **({"offloaded_gib": g["offloaded"]} if self.memory.get("offloaded") else {}),
             "sglang_weights_gib": g["sglang_weights"],
             "sglang_kv_gib": g["sglang_kv"],
             "kv_tokens_per_engine": int(round(self.sglang["kv_tokens_per_engine"], -3)),
@@ -92,16 +93,18 @@ class Plan:
             "logits": "log-prob logits chunk + gathered hidden (estimate)",
             "reserve": "reserved: CUDA context, NCCL, allocator (assumed)",
             "train_peak": "= training peak",
+            "offloaded": "off the GPU while SGLang generates (trainer.offload_during_rollout)",
             "sglang_weights": f"SGLang weights (TP {self.sglang['tp']})",
             "sglang_kv": f"SGLang KV cache (mem_fraction_static {self.sglang['mem_fraction_static']})",
             "sglang_rest": "SGLang's own activations and graphs (1 - mem_fraction_static)",
         }
         for key, label in labels.items():
-            if key in self.memory:
+            if key in self.memory and not (key == "offloaded" and not self.memory[key]):
                 lines.append(f"  {label:<76}{g(self.memory[key])}")
         lines.append("")
         for phase, ok in self.fits.items():
-            room = "headroom" if phase == "training" else "KV cache beside the weights in SGLang's share:"
+            room = {"training": "headroom", "weight_push": "headroom with the trainer's state back and SGLang's "
+                    "weights in:"}.get(phase, "KV cache beside the weights in SGLang's share:")
             lines.append(f"{phase}: {'fits' if ok else 'DOES NOT FIT'}, {room} {self.headroom[phase] / GIB:.2f} GiB")
         sg = self.sglang
         lines += [

@@ -162,6 +162,30 @@ def test_distributed_optimizer_shards_and_more_nodes_help():
     assert h200.sglang["kv_tokens_per_engine"] > two.sglang["kv_tokens_per_engine"]
 
 
+@pytest.mark.parametrize("mode, parts", [("optimizer", ("optimizer",)), ("all", ("weights", "grads", "optimizer"))])
+def test_offload_during_rollout_frees_what_it_moves_for_the_kv_cache(mode, parts):
+    """trainer.offload_during_rollout: the bytes moved are exactly the roles' parts it names; colocated
+    SGLang starts with them away (its static share grows by mem_fraction_static x those bytes), and the
+    push, with the trainer's state back and SGLang's weights in, is checked too."""
+    base = plan(preset_cfg("qwen3_32b_tempo"), nodes=2)
+    off = plan(preset_cfg("qwen3_32b_tempo", f"trainer.offload_during_rollout={mode}"), nodes=2)
+    moved = sum(base.memory[f"{role}_{p}"] for role in ("actor", "critic") for p in parts)
+    assert off.memory["offloaded"] == moved and base.memory["offloaded"] == 0
+    assert off.sglang["free_at_launch"] == pytest.approx(base.sglang["free_at_launch"] + moved)
+    frac = base.sglang["mem_fraction_static"]
+    assert base.memory["sglang_kv"] < 0.1 * GIB  # 2 nodes: SGLang's weights fill its share
+    assert off.memory["sglang_kv"] == pytest.approx(frac * off.sglang["free_at_launch"] - off.memory["sglang_weights"])
+    assert base.fits["rollout"] is False and off.fits["rollout"] and "weight_push" in off.fits
+    assert "weight_push" not in base.fits and off.numbers()["offloaded_gib"] == round(moved / GIB, 1)
+
+
+def test_colocated_engines_on_every_node_share_the_samples():
+    one = plan(preset_cfg("qwen3_32b_tempo", "rollout.sglang.launch_on=rank0"), nodes=4)
+    every = plan(preset_cfg("qwen3_32b_tempo"), nodes=4)
+    assert one.sglang["engines"] == 1 and every.sglang["engines"] == 4
+    assert every.step_s["rollout"] < one.step_s["rollout"]
+
+
 def test_train_logs_the_plan_headline(tmp_path):
     """``train`` logs the plan of its own config at start; a preset without a checkpoint is planned from
     configs/model's shape and the synthetic tokenizer's vocabulary for a fresh model."""
