@@ -96,6 +96,11 @@ class RolloutConfig:
     top_k: int = -1
     max_response_tokens: int = 16384
     max_batch_size: int = 64
+    # one-step-off asynchronous steps: 1 = the rollout of step t+1 (its first generation round) runs while
+    # step t trains, with the weights step t started from; the staleness is corrected by truncated
+    # importance sampling (algo.tis_cap). Needs a sampler off the trainer's GPUs (rollout.sglang.urls:
+    # separate placement; the HF engine is allowed for CPU runs). 0 = every step waits for its own rollout.
+    async_steps: int = 0
     # rollout.engine=sglang: the SGLang engine (mode, urls, model_path, tp_size, mem_fraction_static,
     # weight_sync, bucket_bytes, probe, ...), typed and checked with the rest; a launch's model_path is
     # checked when the engine is built (sglang_config)
@@ -307,6 +312,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(r.engine in ("hf", "sglang"), "rollout.engine", f"must be 'hf' or 'sglang', got {r.engine!r}")
     # rollout.sglang.* is typed and was checked as it was read; a fresh model's missing checkpoint
     # (model_path) only matters to a launch, and is said when the engine is built (sglang_config)
+    _check(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1, got {r.async_steps}")
+    if r.async_steps:
+        _check(a.tis_cap >= 1, "algo.tis_cap", "rollout.async_steps=1 samples with the weights of the step before: "
+               "set algo.tis_cap (e.g. 2.0) so that truncated importance sampling corrects the staleness")
+        _check(r.engine != "sglang" or bool(r.sglang.urls), "rollout.async_steps",
+               "=1 needs SGLang servers off the trainer's GPUs (separate placement: rollout.sglang.urls, "
+               "tempo-mega launch slurm --sglang-placement separate); colocated servers share the GPUs the step "
+               "trains on")
+        _check(t.offload_during_rollout == "none", "trainer.offload_during_rollout",
+               "hands the trainer's memory to a colocated sampler; rollout.async_steps=1 trains while sampling")
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", f"must be -1 (off) or >= 1, got {r.top_k}")

@@ -91,7 +91,6 @@ class NodeGroupRollout:
         self.release_during_training = release_during_training  # the same on every rank too
         self.probe_ids = tuple(probe_ids) if probe_ids is not None else None
         self.probe_tolerance, self.max_resyncs = probe_tolerance, max_resyncs
-        self._samples: list | None = None
         self._done: tuple | None = None  # (call key, samples, metrics) of this leader's finished share
         self.engine = None
 
@@ -147,35 +146,65 @@ class NodeGroupRollout:
         rank: every rank then exports the weights for ``resync_stale``, and the retried call generates the
         missing shares only."""
         t0 = time.perf_counter()
-        prompts = [list(p) for p in prompt_ids]
-        if len(self.groups) == 1:
-            shares, key = [list(range(len(prompts)))], None
-        else:
-            shares = split_prompts(len(prompts), self.servers_per_group)
-            key = hashlib.sha1(json.dumps([prompts, n, repr(sampling)]).encode()).hexdigest()
+        plan = self._plan(prompt_ids)
+        box: dict = {}
 
         def attempt() -> dict[str, float]:
-            mine = shares[self.group]
-            if key is not None and self._done is not None and self._done[0] == key:
-                self._samples, metrics = self._done[1], self._done[2]  # finished before a resync elsewhere
-                return metrics
-            if len(self.groups) == 1:
-                self._samples, metrics = self.engine.generate(prompts, n, sampling)
-                return metrics
-            self._done = None
-            samples, metrics = self.engine.generate([prompts[i] for i in mine], n, sampling) if mine else ([], {})
-            for s in samples:  # the group's prompt indices -> the call's
-                s.prompt_index = mine[s.prompt_index]
-            self._samples = samples
-            self._done = (key, samples, metrics)
+            box["samples"], metrics = self._local(plan, n, sampling)
             return metrics
 
         per_group = self._on_leaders(attempt)
         self._done = None
+        return self._gather(per_group, box.get("samples"), t0)
+
+    def start_generate(self, calls):
+        """``calls`` ((prompt ids, n, sampling) each) sampled in the background (``rollout.background``):
+        each leader samples its groups' shares on a thread; the other ranks do nothing until
+        ``finish_generate``, which every rank calls (the samples reach every rank there)."""
+        from tempo_mega.rollout.background import Background
+
+        jobs = [(self._plan(p), n, sampling) for p, n, sampling in calls]
+        bg = Background(lambda job: self._local(*job), jobs) if self.is_leader else None
+        return {"bg": bg, "jobs": jobs, "t0": time.perf_counter()}
+
+    def finish_generate(self, handle) -> list[tuple[list, dict[str, float]]]:
+        """The (samples, metrics) of each call of ``start_generate`` on every rank; a leader's error is
+        raised on every rank (``RolloutNeedsWeights`` as such)."""
+        bg = handle["bg"]
+        per_group = self._on_leaders(lambda: [m for _, m in bg.result()])
+        self._done = None
+        return [self._gather([calls[k] for calls in per_group], bg.results[k][0] if bg is not None else None,
+                             handle["t0"]) for k in range(len(handle["jobs"]))]
+
+    def _plan(self, prompt_ids) -> tuple[list[list[int]], list[list[int]]]:
+        """The prompts and each group's share of them."""
+        prompts = [list(p) for p in prompt_ids]
+        if len(self.groups) == 1:
+            return prompts, [list(range(len(prompts)))]
+        return prompts, split_prompts(len(prompts), self.servers_per_group)
+
+    def _local(self, plan, n: int, sampling) -> tuple[list, dict[str, float]]:
+        """On a leader: its group's share of the call, sampled by its engine (a share that finished before
+        another group asked for a re-sync is given again, not sampled again)."""
+        prompts, shares = plan
+        if len(self.groups) == 1:
+            return self.engine.generate(prompts, n, sampling)
+        key = hashlib.sha1(json.dumps([prompts, n, repr(sampling)]).encode()).hexdigest()
+        if self._done is not None and self._done[0] == key:
+            return self._done[1], self._done[2]
+        self._done = None
+        mine = shares[self.group]
+        samples, metrics = self.engine.generate([prompts[i] for i in mine], n, sampling) if mine else ([], {})
+        for s in samples:  # the group's prompt indices -> the call's
+            s.prompt_index = mine[s.prompt_index]
+        self._done = (key, samples, metrics)
+        return samples, metrics
+
+    def _gather(self, per_group: list[dict], mine: list | None, t0: float) -> tuple[list, dict[str, float]]:
+        """Each leader's samples on every rank, in prompt order, and the call's metrics."""
         samples: list = []
         for leader in self.leaders:
-            samples += broadcast_samples(self._samples if self.rank == leader else None, src=leader)
-        self._samples = None
+            samples += broadcast_samples(mine if self.rank == leader else None, src=leader)
         if len(self.groups) == 1:
             return samples, per_group[0]
         samples.sort(key=lambda s: s.prompt_index)  # stable: a prompt's n samples keep their order
