@@ -28,8 +28,10 @@ from tempo_mega.data.pool import PromptSource
 from tempo_mega.distributed import broadcast_object
 from tempo_mega.offload import TrainerOffload
 from tempo_mega.rewards import default_grading_workers, grade_responses, start_grading_workers
-from tempo_mega.rollout.base import RolloutEngine, SamplingParams
+from tempo_mega.rollout.background import finish_generate, start_generate
+from tempo_mega.rollout.base import RolloutEngine, RolloutNeedsWeights, SamplingParams
 from tempo_mega.rollout.parts import SampledPart
+from tempo_mega.rollout.samples import pack_samples, unpack_samples
 from tempo_mega.telemetry.timing import PhaseTimer
 from tempo_mega.weight_sync import WeightSync
 
@@ -59,6 +61,10 @@ class TempoController:
             threading.Thread(target=start_grading_workers, args=(self.grading_workers,), daemon=True,
                              name="grading-workers-start").start()
         self._gen: defaultdict[str, float] = defaultdict(float)  # the step's generate calls, summed
+        # rollout.async_steps=1: the next step's first generation round, in flight (_pending) or in hand
+        # (_prefetched: its prompts and samples, checkpointed with the run)
+        self._pending: dict | None = None
+        self._prefetched: dict | None = None
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, float]:
@@ -66,13 +72,16 @@ class TempoController:
         t.reset()
         with t.phase("step"):
             with t.phase("rollout"):
-                batch, m = self.collect_batch(step)
+                batch, m = self.collect_batch(step, self._take_prefetched(step))
                 if self.rollout.release_during_training:
                     self.rollout.release_memory()  # colocated: the GPU memory is the trainer's until the sync
                 self.offload.reload()  # and the trainer's own state back (trainer.offload_during_rollout)
+                if self.cfg.rollout.async_steps and step + 1 < self.cfg.trainer.total_steps:
+                    self.start_prefetch(step + 1)  # sampled while this step trains, with the weights it started from
             if len(batch) == 0:  # every group was uninformative, even after refills: nothing to learn from
                 log.warning("step %d: no informative group after %d generation batches; no update",
                             step, int(m["rollout/gen_batches"]))
+                self.finish_prefetch()
                 m.update(t.metrics())
                 return m
             with t.phase("logprob"):
@@ -90,7 +99,10 @@ class TempoController:
             with t.phase("m_step"):
                 m.update(self.actor.train_step(batch, r.policy_loss(a)))
             with t.phase("weight_sync"):
+                self.finish_prefetch()  # the next step's samples are all in before the engine's weights change
                 m.update(self.sync_weights())
+                if self._prefetched is not None:
+                    self._prefetched["pushes_since"] += 1
         m.update(t.metrics())
         m["perf/tokens_per_s"] = batch.num_tokens() / max(m["timing/step_s"], 1e-9)
         m["perf/num_tokens"] = float(batch.num_tokens())
@@ -122,7 +134,15 @@ class TempoController:
         t0 = time.perf_counter()
         # a restarted server without the weights is re-synced and the call generated again (WeightSync)
         samples, engine = self.weights.generate([p for p, _ in prompts], n, self.sampling(seed, temperature))
-        self._gen["seconds"] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        return self.score_part(prompts, labeled, first_group, samples, engine, elapsed, elapsed)
+
+    def score_part(self, prompts: list[tuple[list[int], str | None]], labeled: bool, first_group: int,
+                   samples: list, engine: dict[str, float], gen_s: float, wait_s: float) -> SampledPart:
+        """The texts and scores of one generate call's samples (``engine``: what the engine measured;
+        ``gen_s`` its sampling time, ``wait_s`` how long the trainer waited for it)."""
+        self._gen["seconds"] += gen_s
+        self._gen["wait_seconds"] += wait_s
         self._gen["tokens"] += sum(len(s.response_ids) for s in samples)
         for key in ENGINE_COUNTERS:  # SGLang's fault counters, where it reports them
             self._gen[key] += float(engine.get(key, 0.0))
@@ -142,25 +162,110 @@ class TempoController:
                            labeled=labeled, group_ids=[first_group + s.prompt_index for s in samples],
                            scores=scores, texts=texts, answers=answers)
 
-    def collect_batch(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """Steps 1-3: one mixed batch, labeled groups filtered and refilled up to max_gen_batches. The
-        filter reads the per-row scores only; the tensors are built once, from the rows kept."""
+    # ------------------------------------------------------------------ one-step-off (rollout.async_steps)
+    def _draw_round(self, want: dict[str, int], seed: int, gen_batches: int, next_group: int) -> tuple[list[dict], int]:
+        """The prompts of one generation round (a generate call per kind), drawn from the pool now."""
+        calls = []
+        for kind, count in want.items():
+            if count > 0:
+                drawn = self.prompts.draw(kind, count)
+                calls.append({"prompts": drawn, "labeled": kind == "labeled",
+                              "seed": seed + gen_batches * 17 + (kind == "labeled"), "first_group": next_group})
+                next_group += len(drawn)
+        return calls, next_group
+
+    def _step_seed(self, step: int) -> int:
+        return self.cfg.trainer.seed * 1_000_003 + step * 1009
+
+    def start_prefetch(self, step: int) -> None:
+        """Draw step ``step``'s first generation round and sample it in the background, with the weights the
+        engine holds now (the trainer trains meanwhile): ``finish_prefetch`` collects it."""
         a = self.cfg.algo
-        seed = self.cfg.trainer.seed * 1_000_003 + step * 1009
+        want = self.recipe.prompt_counts(a.labeled_prompts_per_step, a.unlabeled_prompts_per_step)
+        calls, next_group = self._draw_round(want, self._step_seed(step), 0, 0)
+        n = a.num_samples_per_prompt
+        jobs = [([p for p, _ in c["prompts"]], n, self.sampling(c["seed"])) for c in calls]
+        self._pending = {"step": step, "calls": calls, "next_group": next_group,
+                         "handle": start_generate(self.rollout, jobs)}
+
+    def finish_prefetch(self) -> None:
+        """Wait for the samples ``start_prefetch`` asked for (every rank; the samples reach every rank). A
+        sampler that lost its weights meanwhile (``RolloutNeedsWeights``: a restarted server) loses the
+        round: the step samples the same prompts again after the weight push, without staleness."""
+        pend, self._pending = self._pending, None
+        if pend is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            results = finish_generate(self.rollout, pend["handle"])
+        except RolloutNeedsWeights as e:
+            log.warning("rollout: step %d's samples were lost in the background (%s); they are sampled again "
+                        "after the weight push", pend["step"], e)
+            results = None
+        self._prefetched = {"step": pend["step"], "calls": pend["calls"], "next_group": pend["next_group"],
+                            "results": results, "waited_s": time.perf_counter() - t0, "pushes_since": 0}
+
+    def _take_prefetched(self, step: int) -> dict | None:
+        pre, self._prefetched = self._prefetched, None
+        if pre is not None and pre["step"] != step:
+            raise RuntimeError(f"rollout.async_steps: samples prefetched for step {pre['step']} at step {step}")
+        return pre
+
+    def prefetch_state(self) -> dict | None:
+        """The prefetched round (prompts, samples, staleness) for a checkpoint: a resumed run trains on the
+        samples the uninterrupted one would have (SGLang does not sample reproducibly, so they are kept
+        rather than sampled again). Only plain data: ``pack_samples``' tensors and bytes."""
+        if self._pending is not None:
+            raise RuntimeError("prefetch_state: a background rollout is still in flight (finish_prefetch first)")
+        pre = self._prefetched
+        if pre is None:
+            return None
+        results = None if pre["results"] is None else [
+            {"samples": list(pack_samples(samples)), "metrics": dict(metrics)} for samples, metrics in pre["results"]]
+        return {**{k: pre[k] for k in ("step", "next_group", "waited_s", "pushes_since")},
+                "calls": [{**c, "prompts": [[list(ids), ans] for ids, ans in c["prompts"]]} for c in pre["calls"]],
+                "results": results}
+
+    def load_prefetch_state(self, state: dict | None) -> None:
+        if state is None:
+            self._prefetched = None
+            return
+        results = None if state["results"] is None else [
+            (unpack_samples(*r["samples"]), r["metrics"]) for r in state["results"]]
+        calls = [{**c, "prompts": [(list(ids), ans) for ids, ans in c["prompts"]]} for c in state["calls"]]
+        self._prefetched = {**{k: state[k] for k in ("step", "next_group", "waited_s", "pushes_since")},
+                            "calls": calls, "results": results}
+
+    def collect_batch(self, step: int, prefetched: dict | None = None) -> tuple[RolloutBatch, dict[str, float]]:
+        """Steps 1-3: one mixed batch, labeled groups filtered and refilled up to max_gen_batches. The
+        filter reads the per-row scores only; the tensors are built once, from the rows kept.
+        ``prefetched`` (rollout.async_steps): the first round's prompts and samples, sampled while the
+        step before trained (``rollout/staleness``: the weight pushes since; refills are sampled now)."""
+        a = self.cfg.algo
+        seed = self._step_seed(step)
         self._gen.clear()
         parts: list[SampledPart] = []
         next_group, gen_batches, result = 0, 0, None
         want = self.recipe.prompt_counts(a.labeled_prompts_per_step, a.unlabeled_prompts_per_step)
         target = sum(want.values())
+        staleness = 0.0
         while gen_batches < a.max_gen_batches:
-            for kind, count in want.items():
-                if count > 0:
-                    drawn = self.prompts.draw(kind, count)
-                    part = self.sample_part(drawn, kind == "labeled", seed + gen_batches * 17 + (kind == "labeled"), next_group)
-                    next_group += len(drawn)
-                    if kind == "unlabeled" and self.recipe.pseudo_reward:
-                        self.apply_pseudo_reward(part)
-                    parts.append(part)
+            if gen_batches == 0 and prefetched is not None:
+                calls, next_group, results = prefetched["calls"], prefetched["next_group"], prefetched["results"]
+                if results is not None:
+                    staleness = float(prefetched["pushes_since"])
+            else:
+                (calls, next_group), results = self._draw_round(want, seed, gen_batches, next_group), None
+            for k, c in enumerate(calls):
+                if results is None:
+                    part = self.sample_part(c["prompts"], c["labeled"], c["seed"], c["first_group"])
+                else:
+                    samples, engine = results[k]
+                    part = self.score_part(c["prompts"], c["labeled"], c["first_group"], samples, engine,
+                                           engine.get("timing/rollout_s", 0.0), prefetched["waited_s"] if k == 0 else 0.0)
+                if not c["labeled"] and self.recipe.pseudo_reward:
+                    self.apply_pseudo_reward(part)
+                parts.append(part)
             gen_batches += 1
             if not a.filter_groups:
                 break
@@ -183,7 +288,9 @@ class TempoController:
         m.update({key: self._gen[key] for key in ENGINE_COUNTERS})
         m.update({key: v for key, v in self._gen.items()
                   if key in ENGINE_GAUGES or key.startswith(PER_NODE_PREFIX) or key == "perf/offloaded_gib"})
-        m["timing/rollout_wait_s"] = self._gen["seconds"]  # the trainer waited for samples this long
+        m["timing/rollout_wait_s"] = self._gen["wait_seconds"]  # the trainer waited for samples this long
+        if self.cfg.rollout.async_steps:
+            m["rollout/staleness"] = staleness  # weight pushes between the first round's sampling and this step
         # trainer.offload_during_rollout: the probe of the last push, whose engine side ran before sampling
         m.update(self.weights.take_deferred_probe())
         if result is not None:

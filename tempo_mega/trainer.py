@@ -186,6 +186,14 @@ def setup(cfg: TrainConfig) -> Run:
         # files hold tensors, numbers, strings and lists/dicts/tuples only (checkpoint.rng_state).
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         pool.load_state_dict(state["samplers"])
+        # rollout.async_steps=1: the next step's samples, sampled before the checkpoint (a resumed run trains
+        # on them as the uninterrupted one would); resumed with async_steps=0, that step samples its prompts again
+        prefetched = state.get("prefetched")
+        if prefetched is not None and not cfg.rollout.async_steps:
+            log.warning("the checkpoint holds step %d's prefetched samples (rollout.async_steps=1 before); with "
+                        "rollout.async_steps=0 the step samples those prompts again", prefetched["step"])
+            prefetched = {**prefetched, "results": None}
+        ctrl.load_prefetch_state(prefetched)
         own_rng = ckpt / f"rng_rank{rank()}.pt"
         set_rng_state(torch.load(own_rng, weights_only=True) if rank() > 0 and own_rng.is_file() else state["rng"])
         run.start_step = done_steps
@@ -207,7 +215,8 @@ def save_checkpoint(run: Run, completed_steps: int) -> Path:
         run.actor.save(d / "actor")
         run.critic.save(d / "critic")
         if is_rank0():
-            torch.save({"samplers": run.pool.state_dict(), "rng": rng_state()}, d / "trainer_state.pt")
+            torch.save({"samplers": run.pool.state_dict(), "rng": rng_state(),
+                        "prefetched": run.ctrl.prefetch_state()}, d / "trainer_state.pt")
             state: dict[str, Any] = {"completed_steps": completed_steps}
             wandb_sinks = [x for x in getattr(run.sink, "sinks", []) if isinstance(x, WandbSink)]
             if wandb_sinks:

@@ -155,7 +155,7 @@ class NodeGroupRollout:
 
         per_group = self._on_leaders(attempt)
         self._done = None
-        return self._gather(per_group, box.get("samples"), t0)
+        return self._gather(per_group, box.get("samples"), time.perf_counter() - t0)
 
     def start_generate(self, calls):
         """``calls`` ((prompt ids, n, sampling) each) sampled in the background (``rollout.background``):
@@ -165,7 +165,7 @@ class NodeGroupRollout:
 
         jobs = [(self._plan(p), n, sampling) for p, n, sampling in calls]
         bg = Background(lambda job: self._local(*job), jobs) if self.is_leader else None
-        return {"bg": bg, "jobs": jobs, "t0": time.perf_counter()}
+        return {"bg": bg, "jobs": jobs}
 
     def finish_generate(self, handle) -> list[tuple[list, dict[str, float]]]:
         """The (samples, metrics) of each call of ``start_generate`` on every rank; a leader's error is
@@ -173,8 +173,10 @@ class NodeGroupRollout:
         bg = handle["bg"]
         per_group = self._on_leaders(lambda: [m for _, m in bg.result()])
         self._done = None
+        # each call's time: its slowest group's own (the background overlapped other work)
         return [self._gather([calls[k] for calls in per_group], bg.results[k][0] if bg is not None else None,
-                             handle["t0"]) for k in range(len(handle["jobs"]))]
+                             elapsed_s=max(calls[k].get("timing/rollout_s", 0.0) for calls in per_group))
+                for k in range(len(handle["jobs"]))]
 
     def _plan(self, prompt_ids) -> tuple[list[list[int]], list[list[int]]]:
         """The prompts and each group's share of them."""
@@ -200,15 +202,15 @@ class NodeGroupRollout:
         self._done = (key, samples, metrics)
         return samples, metrics
 
-    def _gather(self, per_group: list[dict], mine: list | None, t0: float) -> tuple[list, dict[str, float]]:
-        """Each leader's samples on every rank, in prompt order, and the call's metrics."""
+    def _gather(self, per_group: list[dict], mine: list | None, elapsed_s: float) -> tuple[list, dict[str, float]]:
+        """Each leader's samples on every rank, in prompt order, and the call's metrics (over ``elapsed_s``)."""
         samples: list = []
         for leader in self.leaders:
             samples += broadcast_samples(mine if self.rank == leader else None, src=leader)
         if len(self.groups) == 1:
             return samples, per_group[0]
         samples.sort(key=lambda s: s.prompt_index)  # stable: a prompt's n samples keep their order
-        return samples, self._merged_metrics(per_group, samples, time.perf_counter() - t0)
+        return samples, self._merged_metrics(per_group, samples, elapsed_s)
 
     @staticmethod
     def _merged_metrics(per_group: list[dict], samples: list, elapsed_s: float) -> dict[str, float]:

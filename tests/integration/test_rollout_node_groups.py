@@ -101,6 +101,10 @@ def test_every_node_owns_its_servers_and_recovers_alone(tmp_path):
     assert again[0]["generate_requests"] == share[0]["generate_requests"] + 3 + 1 and again[0]["pid"] == lead0["pid"]
     assert again[1]["generate_requests"] == 1 + 3 and again[1]["pid"] != lead1["pid"]  # probe, node 1's share
     assert r0["again_metrics"]["rollout/weight_resyncs"] == 1.0
+    # sampled in the background: the same samples on every rank, each call's own
+    for r in res:
+        assert r["background"] == r0["again"] and r["background_small"] == [0, 1]
+    assert r0["background_metrics"]["rollout/servers_up"] == 2
     assert r0["again_metrics"]["rollout/probe_logprob_diff_max"] < 1e-4
 
 
@@ -167,6 +171,12 @@ def _worker(served: str, out_dir: str, base_port: str) -> None:
         res["counts_again"] = [counts[0], counts[2]]
         if own is not None:
             res["after"] = {"restarts": own.restarts, "pid": own.proc.pid}
+        # in the background (rollout.async_steps): the leaders sample on a thread while this rank goes on
+        handle = rollout.start_generate([(PROMPTS, 2, sampling), (PROMPTS[:2], 1, sampling)])
+        (bg, bg_metrics), (small, _) = rollout.finish_generate(handle)
+        res["background"] = [(s.prompt_index, s.response_ids, s.logprobs) for s in bg]
+        res["background_small"] = [s.prompt_index for s in small]
+        res["background_metrics"] = bg_metrics
         weights = dict(actor.export_weights())
         if rank == 0:
             res["weights"] = weights

@@ -365,3 +365,83 @@ def test_offload_with_sglang_takes_the_kv_cache_back_after_the_hand_over(tmp_pat
         assert server.state.counts["/release_memory_occupation"] == 2  # after each step's rollout
     finally:
         server.stop()
+
+
+def test_one_step_off_trains_on_the_weights_before_with_exact_tis(tmp_path):
+    """rollout.async_steps=1: step t's samples were drawn (in the background, while step t-1 trained) from
+    the weights step t-1 started from: their log-probs are those weights', not the current ones; the TIS
+    weights logged are exactly min(exp(trainer - sampler), cap) over the response tokens; staleness is
+    logged (0 for the first step, sampled in the foreground)."""
+    import copy
+
+    from tempo_mega.backends.torch import build_actor
+
+    cap = 2.0
+    cfg = load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}", "trainer.total_steps=3",
+                       "rollout.async_steps=1", f"algo.tis_cap={cap}"])
+    run = setup(cfg)
+    ctrl, seen = run.ctrl, []
+    advantages = ctrl.advantages
+
+    def spy(batch):  # the batch as the step trains on it, before TIS reweights its advantages
+        seen.append((batch.rollout_logprobs.clone(), batch.old_logprobs.clone(), batch.response_mask.clone(),
+                     copy.deepcopy(batch)))
+        return advantages(batch)
+
+    ctrl.advantages = spy
+    before = [copy.deepcopy(run.actor.model)]  # the actor's weights at the start of each step
+    lines = []
+    for step in range(3):
+        lines.append(ctrl.step(step))
+        before.append(copy.deepcopy(run.actor.model))
+    assert [x["rollout/staleness"] for x in lines] == [0.0, 1.0, 1.0]
+    assert ctrl._pending is None and ctrl._prefetched is None  # nothing prefetched past the last step
+    for step, (rollout_lp, trainer_lp, mask, batch) in enumerate(seen):
+        m = mask.bool()
+        sampled_with = before[max(step - 1, 0)]  # step 0 sampled in the foreground, with its own weights
+        ref = build_actor(sampled_with, temperature=cfg.rollout.temperature).forward_logprobs(batch)
+        torch.testing.assert_close(rollout_lp[m], ref[m], atol=1e-5, rtol=0)
+        if step:
+            assert (trainer_lp[m] - rollout_lp[m]).abs().max() > 1e-3  # one update apart
+        w = torch.exp(trainer_lp - rollout_lp)[m].clamp(max=cap)
+        assert lines[step]["rollout/tis_weight_mean"] == pytest.approx(float(w.double().mean()), abs=1e-9)
+        assert lines[step]["timing/rollout_wait_s"] >= 0
+
+
+def test_one_step_off_resume_equals_uninterrupted(tmp_path):
+    """The prefetched samples of the next step are in the checkpoint: a run resumed after step 2 trains on
+    the samples the uninterrupted run trained on (sampled while step 2 trained), bit for bit."""
+    from tempo_mega.trainer import save_checkpoint
+
+    over = ["rollout.async_steps=1", "algo.tis_cap=2.0", "trainer.total_steps=4", "trainer.eval_every=0"]
+    full = train(tmp_path / "full", *over)
+    # a 4-step run stopped after its 2nd step's checkpoint (as a preemption stops it): step 3's samples,
+    # sampled while step 2 trained, are in that checkpoint
+    cut = setup(load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path / 'cut'}", *over]))
+    for step in range(2):
+        cut.sink.log(cut.ctrl.step(step), step=step + 1)
+    assert cut.ctrl._prefetched["step"] == 2
+    save_checkpoint(cut, 2)
+    cut.sink.close()
+    resumed = train(tmp_path / "cut", "trainer.resume=true", *over)
+    assert resumed.start_step == 2
+    keys = ("actor/loss", "critic/loss", "actor/grad_norm", "rollout/response_len_mean", "rollout/staleness",
+            "rollout/tis_weight_mean")
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [x["step"] for x in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert {k: x[k] for k in keys} == {k: y[k] for k in keys}
+    for (n1, p1), (n2, p2) in zip(full.actor.model.state_dict().items(), resumed.actor.model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["rollout.async_steps=1"], "algo.tis_cap"),
+    (["rollout.async_steps=2", "algo.tis_cap=2"], "rollout.async_steps"),
+    (["rollout.async_steps=1", "algo.tis_cap=2", "rollout.engine=sglang", "model.path=/m"], "rollout.async_steps"),
+    (["rollout.async_steps=1", "algo.tis_cap=2", "trainer.offload_during_rollout=optimizer"],
+     "trainer.offload_during_rollout"),
+])
+def test_one_step_off_config_is_checked_by_key(tmp_path, overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}", *overrides])
