@@ -15,7 +15,10 @@ drives its own fake SGLang servers (tests/support/fake_sglang with its latency m
 of ``--max-running`` slots for ``--tokens`` x ``--token-latency-s``, no model forward). Every run samples
 the same ``--prompts`` x ``--n``. Prints one CSV row per N: nodes, wall_s (median of ``--reps`` calls),
 speedup over 1 node, efficiency (speedup / N; the goal is >= 0.9), tokens_per_s, and the slowest node's
-tokens/s (``rollout/node<k>/tokens_per_s``).
+tokens/s (``rollout/node<k>/tokens_per_s``). With ``--train-s T``, also the trainer's wait for its
+samples per step, for a train phase of T seconds: ``rollout.async_steps=0`` waits the whole rollout, ``1``
+(the next step's rollout in the background, ``start_generate`` / ``finish_generate``) only what the
+rollout takes beyond the train phase (the goal: max(0, rollout - T)).
 """
 
 from __future__ import annotations
@@ -68,12 +71,32 @@ def _nodes_worker(args) -> None:
         t0 = time.perf_counter()
         samples, metrics = rollout.generate(prompts, args.n, sampling)
         walls.append(time.perf_counter() - t0)
+    waits = {}
+    if args.train_s > 0:  # the trainer's wait for its samples, one step at a time: synchronous vs one-step-off
+        for mode in ("sync", "async"):
+            got = []
+            for _ in range(args.reps):
+                dist.barrier()
+                if mode == "sync":  # the step waits for its own rollout, then trains
+                    t0 = time.perf_counter()
+                    rollout.generate(prompts, args.n, sampling)
+                    got.append(time.perf_counter() - t0)
+                    time.sleep(args.train_s)
+                else:  # the next step's rollout runs while this one trains (rollout.async_steps=1)
+                    handle = rollout.start_generate([(prompts, args.n, sampling)])
+                    time.sleep(args.train_s)
+                    t0 = time.perf_counter()
+                    rollout.finish_generate(handle)
+                    got.append(time.perf_counter() - t0)
+            waits[mode] = statistics.median(got)
     if rank == 0:
         assert len(samples) == args.prompts * args.n
         slowest = min(v for k, v in metrics.items() if k.startswith("rollout/node") and k.endswith("tokens_per_s")) \
             if world > 1 else metrics["rollout/tokens_per_s"]
         print(f"RESULT {world} {statistics.median(walls):.4f} {metrics['rollout/tokens_per_s']:.1f} {slowest:.1f}",
               flush=True)
+        if waits:
+            print(f"WAIT {world} {waits['sync']:.4f} {waits['async']:.4f}", flush=True)
     rollout.shutdown()
     for s in servers:
         s.stop()
@@ -93,7 +116,7 @@ def nodes_main(args) -> int:
     print(f"# {args.prompts} prompts x n={args.n}, {args.tokens} tokens, {args.token_latency_s * 1e3:g} ms/token, "
           f"{args.servers_per_node} server(s) per node of {args.max_running} running requests")
     print("nodes,wall_s,speedup,efficiency,tokens_per_s,slowest_node_tokens_per_s")
-    base = None
+    base, waits = None, []
     for n in counts:
         import socket
 
@@ -102,7 +125,7 @@ def nodes_main(args) -> int:
             port = sock.getsockname()[1]
         # the worker's settings through the environment: torchrun reads options anywhere on its command line
         work = {k: getattr(args, k) for k in ("prompts", "n", "tokens", "token_latency_s", "max_running",
-                                              "servers_per_node", "reps")}
+                                              "servers_per_node", "reps", "train_s")}
         env["TEMPO_BENCH_NODES"] = json.dumps({**work, "model_dir": model_dir})
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", f"--master-port={port}",
                str(Path(__file__).resolve()), "--nodes-worker"]
@@ -116,6 +139,16 @@ def nodes_main(args) -> int:
         base = base or wall * n  # the 1-node wall (the first count, scaled to 1 node)
         speedup = base / wall
         print(f"{world},{wall:.3f},{speedup:.2f},{speedup / n:.2f},{float(tps):.0f},{float(slowest):.0f}")
+        wait = next((x for x in out.stdout.splitlines() if x.startswith("WAIT ")), None)
+        if wait is not None:
+            _, _, sync_s, async_s = wait.split()
+            waits.append((n, wall, float(sync_s), float(async_s)))
+    if waits:
+        print(f"# the trainer's wait per step with a {args.train_s:g} s train phase: async_steps 0 vs 1 "
+              "(goal: max(0, rollout - train))")
+        print("nodes,rollout_s,wait_async0_s,wait_async1_s,goal_s")
+        for n, wall, sync_s, async_s in waits:
+            print(f"{n},{wall:.3f},{sync_s:.3f},{async_s:.3f},{max(0.0, wall - args.train_s):.3f}")
     return 0
 
 
@@ -128,6 +161,8 @@ def main() -> int:
     p.add_argument("--max-running", type=int, default=8, help="--nodes: requests a fake server runs at once")
     p.add_argument("--servers-per-node", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--train-s", type=float, default=0.0,
+                   help="--nodes: also the trainer's wait per step with a train phase this long, async_steps 0 vs 1")
     p.add_argument("--model-path", default=None)
     p.add_argument("--prompts", type=int, default=None, help="32 (GPU), 128 (--nodes)")
     p.add_argument("--prompt-len", type=int, default=256)

@@ -114,10 +114,13 @@ def test_bench_rollout_nodes_simulation_runs():
     (the figures themselves are for docs/benchmarks.md, not asserted)."""
     script = Path(__file__).parents[2] / "scripts" / "bench_rollout.py"
     out = subprocess.run([sys.executable, str(script), "--nodes", "1,2", "--prompts", "8", "--n", "2", "--tokens", "4",
-                          "--token-latency-s", "0.002", "--reps", "1"], capture_output=True, text=True, timeout=300)
+                          "--token-latency-s", "0.002", "--reps", "1", "--train-s", "0.01"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     rows = [line.split(",") for line in out.stdout.splitlines() if line[:2] in ("1,", "2,")]
-    assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 6 and float(r[1]) > 0 for r in rows)
+    scaling, waits = rows[:2], rows[2:]
+    assert [r[0] for r in scaling] == ["1", "2"] and all(len(r) == 6 and float(r[1]) > 0 for r in scaling)
+    assert [r[0] for r in waits] == ["1", "2"] and all(len(r) == 5 for r in waits)
 
 
 def _stats(engine) -> dict:
