@@ -102,6 +102,9 @@ class RolloutEngine(Protocol):
       for an engine that is a copy of the actor).
     - ``max_resyncs``: how often one ``generate`` may raise ``RolloutNeedsWeights`` and be retried after
       ``resync_stale``.
+    - optional ``start_generate(calls)`` / ``finish_generate(handle)``: ``generate`` calls in the
+      background (``rollout.background``, rollout.async_steps); an engine without them has its
+      ``generate`` run on a thread.
     """
 
     release_during_training: bool

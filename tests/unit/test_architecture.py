@@ -57,7 +57,8 @@ def under(prefix: str) -> list[str]:
 # the engines: what builds, holds or drives a model or a server (the seams and config modules are not)
 SEAMS_AND_CONFIGS = {"tempo_mega.backends", "tempo_mega.backends.base", "tempo_mega.backends.megatron",
                      "tempo_mega.backends.megatron.config", "tempo_mega.rollout", "tempo_mega.rollout.base",
-                     "tempo_mega.rollout.sglang.config", "tempo_mega.rollout.parts", "tempo_mega.rollout.samples"}
+                     "tempo_mega.rollout.sglang.config", "tempo_mega.rollout.parts", "tempo_mega.rollout.samples",
+                     "tempo_mega.rollout.background"}
 ENGINES = {m for m in under("tempo_mega.backends") + under("tempo_mega.rollout") if m not in SEAMS_AND_CONFIGS}
 RUN_LAYER = {"tempo_mega.trainer", "tempo_mega.build", "tempo_mega.controller"}
 
