@@ -101,6 +101,11 @@ class RolloutConfig:
     # importance sampling (algo.tis_cap). Needs a sampler off the trainer's GPUs (rollout.sglang.urls:
     # separate placement; the HF engine is allowed for CPU runs). 0 = every step waits for its own rollout.
     async_steps: int = 0
+    # where SGLang runs: colocated (on the training GPUs, launched by the trainer: rollout.sglang.launch_on)
+    # or separate (on rollout_nodes nodes of their own at the end of the allocation; tempo-mega launch slurm
+    # starts them and hands the run their URLs, rollout.sglang.urls)
+    placement: str = "colocated"
+    rollout_nodes: int = 0
     # rollout.engine=sglang: the SGLang engine (mode, urls, model_path, tp_size, mem_fraction_static,
     # weight_sync, bucket_bytes, probe, ...), typed and checked with the rest; a launch's model_path is
     # checked when the engine is built (sglang_config)
@@ -240,6 +245,10 @@ def sglang_config(cfg: TrainConfig) -> SGLangConfig:
     """``cfg.rollout.sglang``, checked for what a launch needs too (a ``model_path`` or ``urls``): what the
     engine is built from. Raises ValueError naming the key (``rollout.sglang.<key>``)."""
     sg = cfg.rollout.sglang
+    if cfg.rollout.placement == "separate" and not sg.urls:
+        raise ValueError("config key 'rollout.sglang.urls': rollout.placement=separate runs the SGLang servers on "
+                         "nodes of their own, started outside the trainer: give their URLs (tempo-mega launch slurm "
+                         "starts them and passes rollout.sglang.urls)")
     try:
         sg.check_launchable()
     except ValueError as e:
@@ -312,14 +321,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(r.engine in ("hf", "sglang"), "rollout.engine", f"must be 'hf' or 'sglang', got {r.engine!r}")
     # rollout.sglang.* is typed and was checked as it was read; a fresh model's missing checkpoint
     # (model_path) only matters to a launch, and is said when the engine is built (sglang_config)
+    _check(r.placement in ("colocated", "separate"), "rollout.placement",
+           f"must be colocated or separate, got {r.placement!r}")
+    if r.placement == "separate":
+        _check(r.engine == "sglang", "rollout.placement", "=separate runs SGLang servers on nodes of their own: "
+               "set rollout.engine=sglang")
+        _check(r.rollout_nodes >= 1, "rollout.rollout_nodes", f"=separate needs the nodes that serve SGLang, >= 1; "
+               f"got {r.rollout_nodes}")
+        _check(r.sglang.weight_sync != "tensor", "rollout.sglang.weight_sync",
+               "tensor sync hands CUDA IPC handles to servers on the trainer's own node; rollout.placement=separate "
+               "needs distributed (NCCL, bucketed) or disk")
+    else:
+        _check(r.rollout_nodes == 0, "rollout.rollout_nodes", "is for rollout.placement=separate")
     _check(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1, got {r.async_steps}")
     if r.async_steps:
         _check(a.tis_cap >= 1, "algo.tis_cap", "rollout.async_steps=1 samples with the weights of the step before: "
                "set algo.tis_cap (e.g. 2.0) so that truncated importance sampling corrects the staleness")
-        _check(r.engine != "sglang" or bool(r.sglang.urls), "rollout.async_steps",
-               "=1 needs SGLang servers off the trainer's GPUs (separate placement: rollout.sglang.urls, "
-               "tempo-mega launch slurm --sglang-placement separate); colocated servers share the GPUs the step "
-               "trains on")
+        _check(r.engine != "sglang" or r.placement == "separate" or bool(r.sglang.urls), "rollout.async_steps",
+               "=1 needs SGLang servers off the trainer's GPUs (separate placement: rollout.placement=separate "
+               "with rollout.rollout_nodes, or servers given by rollout.sglang.urls); colocated servers share the "
+               "GPUs the step trains on")
         _check(t.offload_during_rollout == "none", "trainer.offload_during_rollout",
                "hands the trainer's memory to a colocated sampler; rollout.async_steps=1 trains while sampling")
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")

@@ -95,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout-s", type=int, default=None,
                    help="torchrun's wait for the ranks after a signal (default: signal lead - 30 s, >= 30)")
     p.add_argument("--max-requeues", type=int, default=d.max_requeues)
-    p.add_argument("--sglang-placement", choices=PLACEMENTS, default=d.sglang_placement)
-    p.add_argument("--sglang-nodes", type=int, default=0, help="with separate placement: nodes that run SGLang")
+    p.add_argument("--sglang-placement", choices=PLACEMENTS, default=None,
+                   help="default: the run's rollout.placement (colocated)")
+    p.add_argument("--sglang-nodes", type=int, default=None,
+                   help="with separate placement: nodes that run SGLang (default: the run's rollout.rollout_nodes)")
     p.add_argument("--sglang-tp", type=int, default=None, help="tensor parallel size per server (default: all GPUs)")
     p.add_argument("--sglang-port", type=int, default=d.sglang_port)
     p.add_argument("--sglang-model", default=None, help="model the servers load (default: the model.path override)")
@@ -118,18 +120,51 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _placement(args) -> tuple[str, int, tuple[str, ...]]:
+    """SGLang's placement and nodes: the flags where given (the run's overrides then say the same:
+    rollout.placement, rollout.rollout_nodes, and weight_sync=distributed where the config had tensor
+    sync, which reaches no other node), else the run's config (a preset may name them)."""
+    overrides = tuple(args.overrides)
+    if args.sglang_placement is None and args.sglang_nodes is None:
+        try:
+            from tempo_mega.config import load_config
+
+            r = load_config(list(overrides)).rollout
+            return r.placement, r.rollout_nodes, overrides
+        except ValueError:  # check_run_config says what is wrong with the config
+            return "colocated", 0, overrides
+    placement = args.sglang_placement or ("separate" if args.sglang_nodes else "colocated")
+    nodes = args.sglang_nodes or 0
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    extra = tuple(o for key, o in (("rollout.placement", f"rollout.placement={placement}"),
+                                   ("rollout.rollout_nodes", f"rollout.rollout_nodes={nodes}")) if key not in given)
+    if placement == "separate" and "rollout.sglang.weight_sync" not in given:
+        # CUDA IPC (tensor sync, the colocated presets' choice) does not reach other nodes: NCCL does
+        try:
+            from tempo_mega.config import load_config
+
+            # (read with the placement left neutral: what depends on it is checked with the job's own, later)
+            neutral = ["rollout.placement=colocated", "rollout.rollout_nodes=0", "rollout.async_steps=0"]
+            if load_config([*overrides, *neutral]).rollout.sglang.weight_sync == "tensor":
+                extra += ("rollout.sglang.weight_sync=distributed",)
+        except ValueError:  # check_run_config says what is wrong with the config
+            pass
+    return placement, nodes, overrides + extra
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     out = Path(args.output_dir).expanduser()
     out = out if out.is_absolute() else Path.cwd() / out
+    placement, sglang_nodes, overrides = _placement(args)
     job = SlurmJob(
         nodes=args.nodes, output_dir=str(out), gpus_per_node=args.gpus_per_node, partition=args.partition,
         account=args.account, time_limit=args.time_limit, job_name=args.job_name,
         container_image=args.container_image, container_mounts=tuple(args.container_mount),
-        container_workdir=args.container_workdir, venv=args.venv, overrides=tuple(args.overrides),
+        container_workdir=args.container_workdir, venv=args.venv, overrides=overrides,
         signal_lead_s=args.signal_lead_s, shutdown_timeout_s=args.shutdown_timeout_s,
-        max_requeues=args.max_requeues, sglang_placement=args.sglang_placement, sglang_nodes=args.sglang_nodes,
+        max_requeues=args.max_requeues, sglang_placement=placement, sglang_nodes=sglang_nodes,
         sglang_tp=args.sglang_tp, sglang_port=args.sglang_port, sglang_model=args.sglang_model,
         sglang_urls_key=args.sglang_urls_key, sglang_ready_timeout_s=args.sglang_ready_timeout_s,
         sglang_args=tuple(args.sglang_arg), nccl_socket_ifname=args.nccl_socket_ifname,

@@ -123,6 +123,8 @@ def plan(cfg: Any, *, nodes: int = 1, gpus_per_node: int = 8, gpu: str = "h100-8
         raise ValueError(f"--gpu: unknown card {gpu!r} (one of {', '.join(CARDS)})")
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError("--nodes and --gpus-per-node must be >= 1")
+    if a.sglang_placement == "colocated" and cfg.rollout.placement == "separate":  # the run's own, unless told
+        a = dataclasses.replace(a, sglang_placement="separate", sglang_nodes=cfg.rollout.rollout_nodes)
     if a.sglang_placement not in ("colocated", "separate"):
         raise ValueError(f"--sglang-placement must be colocated or separate, got {a.sglang_placement!r}")
     card, s = CARDS[gpu], model_shape(cfg, vocab_size)

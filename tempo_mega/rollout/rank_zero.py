@@ -296,8 +296,8 @@ class RankZeroSGLang(RankZeroRollout):
     SGLang gets the tensors in ``weights_dtype`` (model.dtype: what the torch backend exports, bf16 in
     the Qwen3 presets). The process group's timeout must also cover rank 0's server launch. With tensor
     sync, a restarted server is re-synced by every rank exporting the weights again (the controller's
-    ``WeightSync.generate``); disk sync re-syncs from its last copy; distributed (NCCL) sync cannot take a
-    restarted server back into its weight group, which is an error."""
+    ``WeightSync.generate``); disk sync re-syncs from its last copy; distributed (NCCL) sync makes its
+    weight group again with the restarted server in it."""
 
     def __init__(self, cfg, *, pad_token_id: int, weights_dtype: torch.dtype, **engine_kw):
         from tempo_mega.rollout.sglang import build_sglang_engine

@@ -229,3 +229,26 @@ def test_engine_configs_are_typed_and_named_in_errors():
     fresh = load_config(["rollout=sglang", "rollout.sglang.model_path=null"])  # a launch needs a checkpoint,
     with pytest.raises(ValueError, match=r"config key 'rollout\.sglang\.model_path'"):  # said when built
         sglang_config(fresh)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["rollout.placement=elsewhere"], "rollout.placement"),
+    (["rollout.engine=sglang", "rollout.placement=separate", "rollout.sglang.weight_sync=distributed"],
+     "rollout.rollout_nodes"),
+    (["rollout.rollout_nodes=2"], "rollout.rollout_nodes"),
+    (["rollout.placement=separate", "rollout.rollout_nodes=1"], "rollout.placement"),  # the HF engine
+    (["rollout.engine=sglang", "rollout.placement=separate", "rollout.rollout_nodes=1"], "rollout.sglang.weight_sync"),
+])
+def test_rollout_placement_is_checked_by_key(tmp_path, overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}", "model.path=/m", *overrides])
+
+
+def test_separate_placement_wants_the_servers_urls(tmp_path):
+    from tempo_mega.config import sglang_config
+
+    over = ["experiment=debug_cpu", f"trainer.output_dir={tmp_path}", "model.path=/m", "rollout.engine=sglang",
+            "rollout.placement=separate", "rollout.rollout_nodes=1", "rollout.sglang.weight_sync=distributed"]
+    with pytest.raises(ValueError, match=r"rollout\.sglang\.urls.*launch slurm"):
+        sglang_config(load_config(over))
+    assert sglang_config(load_config([*over, 'rollout.sglang.urls=["http://h:30000"]'])).urls == ("http://h:30000",)

@@ -186,6 +186,16 @@ def test_colocated_engines_on_every_node_share_the_samples():
     assert every.step_s["rollout"] < one.step_s["rollout"]
 
 
+def test_the_run_s_own_placement_is_planned():
+    """The 235B preset says rollout.placement=separate on 4 nodes: planned so without the flags."""
+    from tempo_mega.plan import Assumptions
+
+    own = plan(preset_cfg("qwen3_235b_a22b_tempo"), nodes=32)
+    told = plan(preset_cfg("qwen3_235b_a22b_tempo"), nodes=32,
+                assumptions=Assumptions(sglang_placement="separate", sglang_nodes=4))
+    assert own.sglang["placement"] == "separate" and own.numbers() == told.numbers()
+
+
 def test_train_logs_the_plan_headline(tmp_path):
     """``train`` logs the plan of its own config at start; a preset without a checkpoint is planned from
     configs/model's shape and the synthetic tokenizer's vocabulary for a fresh model."""

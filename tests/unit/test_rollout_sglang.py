@@ -625,6 +625,42 @@ def test_failed_distributed_update_closes_the_session_and_the_next_push_succeeds
     eng.shutdown()
 
 
+def test_a_server_back_as_a_new_process_rejoins_the_nccl_weight_group(fake, monkeypatch):
+    """distributed sync: an NCCL group takes no new member, so a server that came back as a new process
+    makes the engine form the group again (the survivor leaves the old one, every healthy server and this
+    process join the next, at group_master_port + 1) and push to all of them; then the call goes on."""
+    import tempo_mega.rollout.sglang.weight_push as weight_push
+
+    groups: list[tuple[int, int]] = []
+    monkeypatch.setattr(weight_push, "_init_weight_group", lambda addr, port, world: groups.append((port, world)) or port)
+    monkeypatch.setattr(weight_push, "_destroy_weight_group", lambda pg: groups.append(("destroyed", pg)))
+    sent: list[int] = []
+    monkeypatch.setattr(weight_push.NcclPush, "broadcast_bucket", lambda self, bucket: sent.append(len(bucket)))
+    a, b = fake(), fake()
+    cfg = url_cfg(a.url, b.url, weight_sync="distributed", probe=False, restart_wait_s=30.0, group_master_port=29700)
+    eng = build_sglang_engine(cfg, pad_token_id=PAD)
+    weights = tiny_qwen3(1).state_dict()
+    eng.update_weights(weights.items())
+    assert groups == [(29700, 3)] and stats(a.url)["weight_groups"] == stats(b.url)["weight_groups"] == {
+        weight_push.GROUP_NAME: 29700}
+    b.restart(down_s=0.5).join(timeout=30)  # a preempted node: back as a fresh process, in no group
+    eng.servers[1].fail(eng.servers[1].epoch, "gone")  # as a refused request marks it
+    with pytest.raises(RolloutNeedsWeights):  # no copy of the weights here: the caller streams them again
+        eng.generate(PROMPTS, 2, SAMPLING)
+    sent.clear()
+    assert eng.resync_stale(weights.items()) == [b.url]
+    assert groups[1:] == [("destroyed", 29700), (29701, 3)] and sum(sent) == len(weights)
+    assert stats(a.url)["weight_groups"] == stats(b.url)["weight_groups"] == {weight_push.GROUP_NAME: 29701}
+    assert stats(a.url)["counts"]["/destroy_weights_update_group"] == 1
+    a_updates, b_updates = (stats(x.url)["counts"]["/update_weights_from_distributed"] for x in (a, b))
+    assert a_updates == 2 * b_updates  # both took the re-sync's broadcast (a had the first push too)
+    out, m = eng.generate(PROMPTS, 2, SAMPLING)
+    assert len(out) == len(PROMPTS) * 2 and m["rollout/servers_up"] == 2
+    eng.update_weights(weights.items())  # the next push: the same group, nothing made again
+    assert len(groups) == 3
+    eng.shutdown()
+
+
 def test_server_aborts_are_retried_and_never_returned(fake):
     """SGLang answers a request it aborted itself with HTTP 200 and finish_reason abort: those truncated
     samples are resubmitted (with a backoff), never returned; an abort that persists fails the call."""

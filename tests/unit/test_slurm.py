@@ -172,6 +172,17 @@ def test_main_renders_a_layout_that_fits(tmp_path):
                  "model.path=/m"]) == 0
 
 
+def test_one_step_off_needs_separate_placement_and_renders_with_it(tmp_path, capsys):
+    """rollout.async_steps=1 is checked as the run will see it: with separate placement the script hands
+    the run its servers' URLs; colocated, it is refused before the job waits in the queue."""
+    over = ["experiment=qwen3_8b_tempo", "model.path=/m", "rollout.async_steps=1", "algo.tis_cap=2.0"]
+    assert main(["--nodes", "1", "--output-dir", str(tmp_path / "a"), *over]) == 2
+    assert "separate placement" in capsys.readouterr().err
+    assert main(["--nodes", "2", "--sglang-placement", "separate", "--sglang-nodes", "1",
+                 "--output-dir", str(tmp_path / "b"), *over]) == 0
+    assert (tmp_path / "b" / "tempo.sbatch").is_file()
+
+
 def test_submit_without_sbatch_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert main(["--nodes", "1", "--output-dir", str(tmp_path / "run"), "--submit", *OVERRIDES]) == 2
@@ -372,3 +383,18 @@ def test_colocated_jobs_sample_on_every_node(nodes):
     assert f"#SBATCH --nodes={nodes}" in text and "SGLANG_NODES=0" in text
     assert "each training node's first rank" in text and "sglang.launch_server" not in text
     assert '--nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --ntasks-per-node=1' in text
+
+
+def test_a_preset_names_its_placement_for_the_launcher(capsys):
+    """rollout.placement / rollout.rollout_nodes (the 235B preset: separate, 4 nodes) are what launch slurm
+    uses without --sglang-placement; the flags given say the same to the run."""
+    assert main(["--nodes", "36", "--output-dir", "/shared/runs/x", "--print", "experiment=qwen3_235b_a22b_tempo",
+                 "model.path=/m"]) == 0
+    text = capsys.readouterr().out
+    assert "SGLANG_NODES=4  # nodes at the end of the allocation that serve SGLang (separate placement)" in text
+    assert "rollout.placement=separate" not in text  # the preset says it already
+    assert main(["--nodes", "2", "--sglang-placement", "separate", "--sglang-nodes", "1", "--output-dir",
+                 "/shared/runs/y", "--print", *OVERRIDES]) == 0
+    text = capsys.readouterr().out
+    assert all(f"  {o}" in text for o in ("rollout.placement=separate", "rollout.rollout_nodes=1",
+                                          "rollout.sglang.weight_sync=distributed"))

@@ -44,6 +44,7 @@ class _Server:
     released: set[str] = field(default_factory=set)  # memory tags it has released (SGLang tracks the same)
     session_open: bool = False  # a /begin_weight_update of ours that no /end_weight_update has closed
     log_path: Path | None = None  # where a launched server writes its output
+    incarnation: int = 0  # +1 each time it comes back as a new process (restarted, or a given URL back)
 
     # one request per prompt, routed over the servers (False: the whole call in one request, in-process)
     routed = True

@@ -313,6 +313,7 @@ class _ServerFleet:
         # a new process (ours, or one someone else restarted) holds the weights it started with, all its
         # memory, and no weight-update session
         s.healthy, s.weights_stale, s.released, s.session_open = True, True, set(), False
+        s.incarnation += 1
 
     def _wait_for_given_servers(self) -> None:
         """No server is healthy: the given ones (URL mode) may be restarting (a preempted node, an OOM

@@ -17,6 +17,7 @@ push to (None: every healthy one). ``WEIGHT_PUSH`` maps the config's name to the
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,8 @@ from tempo_mega.rollout.sglang.transport import _check_success
 
 if TYPE_CHECKING:
     from tempo_mega.rollout.sglang.engine import SGLangRolloutEngine
+
+log = logging.getLogger(__name__)
 
 GROUP_NAME = "tempo_weight_update"
 
@@ -65,6 +68,10 @@ def _init_weight_group(master_address: str, master_port: int, world_size: int):
     pg, _ = _new_process_group_helper(world_size, rank, [], "nccl", store, group_name=GROUP_NAME)
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+def _destroy_weight_group(pg) -> None:
+    torch.distributed.destroy_process_group(pg)
 
 
 class WeightPush:
@@ -164,20 +171,29 @@ class TensorPush(WeightPush):
 
 
 class NcclPush(WeightPush):
+    """NCCL broadcast from this process (rank 0 of a group outside the trainer's world) to every server's TP
+    ranks. An NCCL group cannot take a new member: when a server comes back as a new process (restarted,
+    or a given URL that went away), the group is made again with every healthy server (the survivors
+    leave the old one: ``/destroy_weights_update_group``), at ``group_master_port + k`` for the k-th group,
+    and the push goes to all of them (a broadcast reaches every member)."""
+
     name = "distributed"
 
     def __init__(self, cfg: SGLangConfig):
         super().__init__(cfg)
         self.group = None
         self.ready = False
+        self.groups_made = 0
+        self._members: dict[str, int] = {}  # url -> the incarnation of the server process in the group
 
     def push(self, eng, named_tensors, only) -> None:
-        """NCCL broadcast from this process (rank 0) to every server's TP ranks (GPU only)."""
         cfg = self.cfg
-        if only is not None and self.ready:
-            raise RuntimeError("SGLangRolloutEngine: a restarted server cannot rejoin the NCCL weight group")
+        healthy = [s for s in eng.servers if s.healthy]
         if not self.ready:
-            self.join(eng.servers)
+            self.join(healthy)
+        elif any(self._members.get(s.url) != s.incarnation for s in healthy):
+            self.rejoin(healthy)
+            only = None  # every member of the new group takes the broadcast
         with eng._update_session(only):
             for bucket in bucket_named_tensors(named_tensors, cfg.bucket_bytes):
                 body = {
@@ -199,19 +215,36 @@ class NcclPush(WeightPush):
         while this process does (rank 0)."""
         cfg = self.cfg
         world = 1 + cfg.tp_size * max(len(servers), 1)
+        port = cfg.group_master_port + self.groups_made
 
         def body_for(k: int) -> dict:
-            return {"master_address": cfg.group_master_address, "master_port": cfg.group_master_port,
+            return {"master_address": cfg.group_master_address, "master_port": port,
                     "rank_offset": 1 + k * cfg.tp_size, "world_size": world, "group_name": GROUP_NAME,
                     "backend": "nccl"}
 
         with ThreadPoolExecutor(max_workers=len(servers) + 1) as pool:
             futs = [pool.submit(s.call, "/init_weights_update_group", body_for(k), cfg.request_timeout_s)
                     for k, s in enumerate(servers)]
-            self.group = _init_weight_group(cfg.group_master_address, cfg.group_master_port, world)
+            self.group = _init_weight_group(cfg.group_master_address, port, world)
             for f in futs:
                 _check_success(f.result(), "init_weights_update_group")
+        self.groups_made += 1
+        self._members = {s.url: s.incarnation for s in servers}
         self.ready = True
+
+    def rejoin(self, servers: list[_Server]) -> None:
+        """A new group of ``servers``: the survivors of the old one leave it, this process too, then
+        ``join``."""
+        back = [s.url for s in servers if self._members.get(s.url) != s.incarnation]
+        log.warning("SGLang %s came back as new processes: the NCCL weight group is made again with %d servers",
+                    ", ".join(back), len(servers))
+        for s in servers:
+            if self._members.get(s.url) == s.incarnation:  # a member of the old group: leave it
+                resp = s.call("/destroy_weights_update_group", {"group_name": GROUP_NAME}, self.cfg.request_timeout_s)
+                _check_success(resp, f"{s.url}/destroy_weights_update_group")
+        self.close()
+        self.ready = False
+        self.join(servers)
 
     def broadcast_bucket(self, bucket: list[tuple[str, Tensor]]) -> None:
         """The bucket's tensors, one NCCL broadcast each from this process (rank 0 of the weight group)."""
@@ -220,7 +253,7 @@ class NcclPush(WeightPush):
 
     def close(self) -> None:
         if self.group is not None:
-            torch.distributed.destroy_process_group(self.group)
+            _destroy_weight_group(self.group)
             self.group = None
 
 

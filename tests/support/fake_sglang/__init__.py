@@ -14,7 +14,9 @@ Tokens come from a real (tiny) causal LM loaded from ``--model-path`` with trans
 really changes the outputs and the client's probe compares against true trainer log-probs. Sampling is
 deterministic: sample ``j`` of a prompt draws its uniforms from a generator seeded by (prompt ids, j).
 
-What SGLang 0.5.23 enforces, the fake does too: ``/begin_weight_update`` while a session is open and
+``/init_weights_update_group`` and ``/destroy_weights_update_group`` keep the process's weight groups
+(one per name: a second init of a name is a 400, and so are a destroy of a group it is not in and a
+distributed update outside one). What SGLang 0.5.23 enforces, the fake does too: ``/begin_weight_update`` while a session is open and
 ``/end_weight_update`` without one are HTTP 400, and so are tensor and distributed updates outside a session;
 a request whose prompt + ``max_new_tokens`` reaches the context length is a 400 (``/server_info`` reports
 ``context_length`` when ``--context-length`` was given, else ``max_req_input_len``, as SGLang's does); with

@@ -127,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
                     st.fail_updates -= 1
                     return self._send(400, {"success": False, "message": "Failed to update weights (fake fault)"})
                 if path == "/update_weights_from_distributed":  # the tensors come over NCCL: none here
+                    if body.get("group_name", "weight_update_group") not in st.weight_groups:
+                        return self._send(400, {"success": False, "message": "not in the weight-update group "
+                                                f"{body.get('group_name')!r} (init_weights_update_group first)"})
                     return self._send(200, {"success": True, "message": "Succeeded to update model weights."})
                 # one payload per TP rank of the server, all the same bucket: load the first
                 blobs = body.get("serialized_named_tensors")
@@ -135,7 +138,16 @@ class _Handler(BaseHTTPRequestHandler):
                 st.load_tensors(list(FakeTensorSerializer.deserialize(blobs[0])))
                 self._send(200, {"success": True, "message": "Succeeded to update model weights."})
             elif path == "/init_weights_update_group":
+                name = body.get("group_name", "weight_update_group")
+                if name in st.weight_groups:  # a process holds one group of a name: leave it first
+                    return self._send(400, {"success": False, "message": f"group {name} already exists"})
+                st.weight_groups[name] = dict(body)
                 self._send(200, {"success": True, "message": "Succeeded to initialize custom process group."})
+            elif path == "/destroy_weights_update_group":
+                name = body.get("group_name", "weight_update_group")
+                if st.weight_groups.pop(name, None) is None:
+                    return self._send(400, {"success": False, "message": "The group to be destroyed does not exist."})
+                self._send(200, {"success": True, "message": "Succeeded to destroy custom process group."})
             elif path == "/begin_weight_update":
                 if st.session_open:
                     return self._send(400, {"success": False, "message": "a weight-update session is already open"})
@@ -171,6 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "released": sorted(st.released),
                             "session_open": st.session_open,
                             "unknown_fields": list(st.unknown_fields),
+                            "weight_groups": {k: v.get("master_port") for k, v in st.weight_groups.items()},
                             "pid": os.getpid(),
                         },
                     )

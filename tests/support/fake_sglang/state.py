@@ -58,6 +58,7 @@ class _FakeState:
         self.context_length_arg = context_length  # --context-length; /server_info reports it as given
         self.context_len = context_length or int(self.model.config.max_position_embeddings)
         self.session_open = False  # a /begin_weight_update not yet ended
+        self.weight_groups: dict[str, dict] = {}  # /init_weights_update_group's groups, by name (their bodies)
         self.unhang = threading.Event()
         self.abort_event = threading.Event()
         self.released: set[str] = set()  # memory tags released, as SGLang's scheduler tracks them
