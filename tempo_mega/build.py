@@ -168,6 +168,10 @@ def _sglang_config(cfg: TrainConfig, actor: TrainBackend):
         sg = dataclasses.replace(sg, return_routed_experts=True)
     if cfg.trainer.offload_during_rollout != "none":  # the KV cache comes back after the trainer's hand-over
         sg = dataclasses.replace(sg, resume_after_push=False)
+    if cfg.rollout.placement == "separate" or cfg.rollout.async_steps:
+        # servers on GPUs of their own keep their memory: releasing it between rollouts frees nothing the
+        # trainer could use (and one-step-off samples while the trainer trains)
+        sg = dataclasses.replace(sg, release_during_training=False)
     # server logs under the run's output dir; the response budget checked against the servers' context;
     # a mixture of experts' shape, to read the routed experts of its responses
     hf = getattr(actor, "hf_config", None) or getattr(getattr(actor, "model", None), "config", None)

@@ -48,6 +48,9 @@ class HostOffload:
     def __init__(self) -> None:
         self._held: list[tuple[torch.UntypedStorage, Tensor | None, int]] = []  # storage, host copy, bytes
         self.offloaded_bytes = 0
+        # the host buffers, kept from one offload to the next (pinning tens of GiB takes seconds: once per
+        # run, as megatron-core keeps its param_data_cpu), by storage
+        self._buffers: dict[int, Tensor] = {}
 
     @property
     def active(self) -> bool:
@@ -75,7 +78,11 @@ class HostOffload:
         for st, copy in todo:
             host = None
             if copy:
-                host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=st.device.type == "cuda")
+                key = st._cdata  # the storage itself (its data pointer changes with every resize)
+                host = self._buffers.get(key)
+                if host is None or host.numel() != st.nbytes():
+                    host = self._buffers[key] = torch.empty(st.nbytes(), dtype=torch.uint8,
+                                                            pin_memory=st.device.type == "cuda")
                 host.untyped_storage().copy_(st, non_blocking=st.device.type == "cuda")
             self._held.append((st, host, st.nbytes()))
         if cuda:

@@ -41,6 +41,12 @@ def test_host_offload_frees_and_restores_storages_in_place():
     assert torch.equal(g, torch.zeros(50))  # dropped: back zeroed, as a gradient buffer before a step
     h.reload()  # idempotent too
     assert torch.equal(a, want_a)
+    buffers = dict(h._buffers)
+    a.mul_(2)  # the next cycle: the same host buffers (pinned once per run on a GPU), the new data
+    h.offload(OffloadSet(keep=[a, b], drop=[g]))
+    assert h._buffers == buffers and all(h._buffers[k] is buffers[k] for k in buffers)
+    h.reload()
+    assert torch.equal(a, 2 * want_a) and torch.equal(b, want_b)
 
 
 def test_a_bad_mode_names_the_key():

@@ -445,3 +445,28 @@ def test_one_step_off_resume_equals_uninterrupted(tmp_path):
 def test_one_step_off_config_is_checked_by_key(tmp_path, overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}", *overrides])
+
+
+def test_one_step_off_against_a_fake_sglang_server(tmp_path):
+    """rollout.async_steps=1 with SGLang servers of their own (given by URL): the next step's requests go
+    out while the step trains, the servers keep their memory (nothing to hand to the trainer), and the
+    sampler-vs-trainer gap is the one update between them, which TIS corrects."""
+    from support.fake_sglang import FakeSGLangServer
+
+    train(tmp_path / "base", "trainer.total_steps=1")
+    actor_dir = tmp_path / "base" / "hf" / "actor"
+    server = FakeSGLangServer(str(actor_dir))
+    url = server.start()
+    try:
+        train(tmp_path / "sg", "trainer.total_steps=3", "rollout.engine=sglang", f"model.path={actor_dir}",
+              f"model.critic_path={tmp_path / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
+              "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}",
+              "rollout.async_steps=1", "algo.tis_cap=2.0")
+        got = read_metrics(tmp_path / "sg")
+        assert [x["rollout/staleness"] for x in got] == [0.0, 1.0, 1.0]
+        assert got[0]["rollout/logprob_diff_max"] < 1e-3 < got[1]["rollout/logprob_diff_max"]
+        assert all(0 < x["rollout/tis_weight_mean"] <= 2.0 for x in got)
+        assert "/release_memory_occupation" not in server.state.counts
+        assert server.state.counts["/update_weights_from_disk"] == 4  # at the start and after each step
+    finally:
+        server.stop()
