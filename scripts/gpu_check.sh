@@ -12,7 +12,8 @@
 #                   unless this checkout is the tempo_mega that imports already
 #   env             scripts/check_env.py: versions, the card, which features work here
 #   compile_kernels scripts/compile_kernels.py, where this checkout has it
-#   kernel_tests    the `gpu`-marked kernel tests at real shapes (tests/unit/test_kernels_*.py)
+#   kernel_tests    the `gpu`-marked kernel tests at real shapes (tests/unit/test_kernels_*.py) and the
+#                   trainer offload on CUDA (tests/integration/test_offload.py)
 #   bench_kernels   scripts/bench_kernels.py --csv (peak bandwidth from the card's name)
 #   train_torch     scripts/bench_train_step.py --backends torch: the torch backend's train step
 #   train_megatron  scripts/bench_train_step.py --backends megatron --spec local (megatron-core's local
@@ -195,7 +196,7 @@ fi
 
 part kernel_tests 120 cuda "$PY" -P -m pytest -q -p no:cacheprovider -m gpu -rs \
     "$ROOT"/tests/unit/test_kernels_logprob.py "$ROOT"/tests/unit/test_kernels_value_head.py \
-    "$ROOT"/tests/unit/test_kernels_seq_losses.py
+    "$ROOT"/tests/unit/test_kernels_seq_losses.py "$ROOT"/tests/integration/test_offload.py
 
 if [[ $HAVE_CUDA == 1 ]]; then
     peak_args=()

@@ -106,3 +106,23 @@ def test_megatron_backend_offload_round_trip(monkeypatch, mode, dtype, distribut
         for role, loss in (("actor", pg_loss), ("critic", value_loss)):
             _round_trip(lambda role=role: MegatronBackend(role, hf.config, mc, hf_state_dict=hf.state_dict(), seed=1),
                         _batch(hf.config.vocab_size), loss, mode)
+
+
+@pytest.mark.gpu
+def test_cuda_offload_frees_device_memory_into_pinned_buffers():
+    """On a GPU: the device memory the storages held is free while they are away (torch's allocator
+    counts it, empty_cache hands it back), the copies sit in pinned host memory, and the data comes back."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    weights = torch.randn(64, 2**20, device="cuda")  # 256 MiB
+    moments = [torch.randn(32, 2**20, device="cuda") for _ in range(2)]
+    want = [t.clone().cpu() for t in (weights, *moments)]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    h = HostOffload()
+    freed = h.offload(OffloadSet(keep=[weights, *moments]))
+    assert freed == (64 + 64) * 2**20 * 4
+    assert before - torch.cuda.memory_allocated() >= freed
+    assert all(b.is_pinned() for b in h._buffers.values())
+    h.reload()
+    assert all(torch.equal(t.cpu(), w) for t, w in zip((weights, *moments), want))
