@@ -171,8 +171,12 @@ class NodeGroupRollout:
         """The (samples, metrics) of each call of ``start_generate`` on every rank; a leader's error is
         raised on every rank (``RolloutNeedsWeights`` as such)."""
         bg = handle["bg"]
-        per_group = self._on_leaders(lambda: [m for _, m in bg.result()])
-        self._done = None
+        try:
+            per_group = self._on_leaders(lambda: [m for _, m in bg.result()])
+        finally:
+            # no share of a background call is kept: the caller samples a failed one again later, with
+            # other weights (generate keeps shares across a re-sync of the same weights only)
+            self._done = None
         # each call's time: its slowest group's own (the background overlapped other work)
         return [self._gather([calls[k] for calls in per_group], bg.results[k][0] if bg is not None else None,
                              elapsed_s=max(calls[k].get("timing/rollout_s", 0.0) for calls in per_group))
