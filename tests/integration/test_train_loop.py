@@ -1,5 +1,6 @@
 """End-to-end runs of the EM loop on CPU with the debug preset (seconds each)."""
 
+import contextlib
 import json
 import math
 import subprocess
@@ -25,6 +26,25 @@ REQUIRED = ("step", "actor/loss", "critic/loss", "rollout/score_mean", "perf/tok
 def train(tmp: Path, *overrides: str):
     cfg = load_config(["experiment=debug_cpu", f"trainer.output_dir={tmp}", *overrides])
     return run_training(cfg)
+
+
+@contextlib.contextmanager
+def against_a_fake_sglang(tmp: Path, *overrides: str):
+    """A debug run trained for one step serves as the fake SGLang server's model; yields (the run of
+    ``overrides`` against that server by URL, with disk weight sync, its metric lines, the server)."""
+    from support.fake_sglang import FakeSGLangServer
+
+    train(tmp / "base", "trainer.total_steps=1")
+    actor_dir = tmp / "base" / "hf" / "actor"
+    server = FakeSGLangServer(str(actor_dir))
+    url = server.start()
+    try:
+        run = train(tmp / "sg", "rollout.engine=sglang", f"model.path={actor_dir}",
+                    f"model.critic_path={tmp / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
+                    "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp / 'sync'}", *overrides)
+        yield run, read_metrics(tmp / "sg"), server
+    finally:
+        server.stop()
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -273,17 +293,7 @@ def test_study_script_tiny(tmp_path):
 def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
     """rollout.engine=sglang and nothing else changes: the loop runs against the fake SGLang server
     (HTTP /generate with log-probs, disk weight sync, the post-sync probe)."""
-    from support.fake_sglang import FakeSGLangServer
-
-    train(tmp_path / "base", "trainer.total_steps=1")
-    actor_dir = tmp_path / "base" / "hf" / "actor"
-    server = FakeSGLangServer(str(actor_dir))
-    url = server.start()
-    try:
-        run = train(tmp_path / "sg", "trainer.total_steps=2", "rollout.engine=sglang", f"model.path={actor_dir}",
-                    f"model.critic_path={tmp_path / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
-                    "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}")
-        got = read_metrics(tmp_path / "sg")
+    with against_a_fake_sglang(tmp_path, "trainer.total_steps=2") as (run, got, server):
         assert [x["step"] for x in got] == [1, 2]
         for line in got:  # the sampler's log-probs are the trainer's, through HTTP and disk sync
             assert line["rollout/logprob_diff_max"] < 1e-3
@@ -295,8 +305,6 @@ def test_sglang_engine_switch_runs_the_loop_against_a_fake_server(tmp_path):
         # into released weights) and by generate; every resume matched a release (SGLang fails others)
         counts = server.state.counts
         assert counts["/release_memory_occupation"] == 2 and counts["/resume_memory_occupation"] == 4
-    finally:
-        server.stop()
 
 
 def test_truncated_importance_sampling_weights():
@@ -346,25 +354,13 @@ def test_offload_with_sglang_takes_the_kv_cache_back_after_the_hand_over(tmp_pat
     still holds its memory then: test_rollout_sglang's resume_after_push test); the probe's engine side
     runs at the next rollout, after the hand-over, and is logged with that step; the samples are the
     trainer's."""
-    from support.fake_sglang import FakeSGLangServer
-
-    train(tmp_path / "base", "trainer.total_steps=1")
-    actor_dir = tmp_path / "base" / "hf" / "actor"
-    server = FakeSGLangServer(str(actor_dir))
-    url = server.start()
-    try:
-        train(tmp_path / "sg", "trainer.total_steps=2", "rollout.engine=sglang", f"model.path={actor_dir}",
-              f"model.critic_path={tmp_path / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
-              "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}",
-              "trainer.offload_during_rollout=all")
-        got = read_metrics(tmp_path / "sg")
+    with against_a_fake_sglang(tmp_path, "trainer.total_steps=2", "trainer.offload_during_rollout=all") as (
+            _, got, server):
         assert [x["step"] for x in got] == [1, 2]
         for line in got:
             assert line["rollout/probe_logprob_diff_max"] < 1e-4 and line["rollout/logprob_diff_max"] < 1e-3
             assert line["perf/offloaded_gib"] > 0
         assert server.state.counts["/release_memory_occupation"] == 2  # after each step's rollout
-    finally:
-        server.stop()
 
 
 def test_one_step_off_trains_on_the_weights_before_with_exact_tis(tmp_path):
@@ -451,22 +447,10 @@ def test_one_step_off_against_a_fake_sglang_server(tmp_path):
     """rollout.async_steps=1 with SGLang servers of their own (given by URL): the next step's requests go
     out while the step trains, the servers keep their memory (nothing to hand to the trainer), and the
     sampler-vs-trainer gap is the one update between them, which TIS corrects."""
-    from support.fake_sglang import FakeSGLangServer
-
-    train(tmp_path / "base", "trainer.total_steps=1")
-    actor_dir = tmp_path / "base" / "hf" / "actor"
-    server = FakeSGLangServer(str(actor_dir))
-    url = server.start()
-    try:
-        train(tmp_path / "sg", "trainer.total_steps=3", "rollout.engine=sglang", f"model.path={actor_dir}",
-              f"model.critic_path={tmp_path / 'base' / 'hf' / 'critic'}", f'rollout.sglang.urls=["{url}"]',
-              "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_dir={tmp_path / 'sync'}",
-              "rollout.async_steps=1", "algo.tis_cap=2.0")
-        got = read_metrics(tmp_path / "sg")
+    with against_a_fake_sglang(tmp_path, "trainer.total_steps=3", "rollout.async_steps=1", "algo.tis_cap=2.0") as (
+            _, got, server):
         assert [x["rollout/staleness"] for x in got] == [0.0, 1.0, 1.0]
         assert got[0]["rollout/logprob_diff_max"] < 1e-3 < got[1]["rollout/logprob_diff_max"]
         assert all(0 < x["rollout/tis_weight_mean"] <= 2.0 for x in got)
         assert "/release_memory_occupation" not in server.state.counts
         assert server.state.counts["/update_weights_from_disk"] == 4  # at the start and after each step
-    finally:
-        server.stop()
