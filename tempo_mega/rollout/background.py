@@ -5,14 +5,12 @@ thread and returns at once; ``finish_generate(rollout, handle)`` waits for them 
 metrics) per call, or raises the first error. An engine with its own ``start_generate`` /
 ``finish_generate`` (``NodeGroupRollout``: only the engine-owning ranks sample in the background, the
 collectives that hand the samples to every rank run in ``finish_generate``, on the caller's thread) is
-used through them; any other engine's ``generate`` runs on the thread as it is. A handle's ``waited_s``
-is how long ``finish_generate`` waited for the thread (the trainer's wait for its samples).
+used through them; any other engine's ``generate`` runs on the thread as it is.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +23,6 @@ class Background:
     def __init__(self, fn: Callable[[Call], Any], calls: Sequence[Call]):
         self.results: list = []
         self.error: BaseException | None = None
-        self.waited_s = 0.0
         self._thread = threading.Thread(target=self._run, args=(fn, list(calls)), name="rollout-async", daemon=True)
         self._thread.start()
 
@@ -36,13 +33,8 @@ class Background:
         except BaseException as e:  # raised on the caller's thread by result()
             self.error = e
 
-    def join(self) -> None:
-        t0 = time.perf_counter()
-        self._thread.join()
-        self.waited_s += time.perf_counter() - t0
-
     def result(self) -> list:
-        self.join()
+        self._thread.join()
         if self.error is not None:
             raise self.error
         return self.results
