@@ -150,10 +150,11 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("%s", headline_for_run(cfg, vocab_size=len(tokenizer)))  # `tempo-mega plan` of this run: memory per GPU, step time
     actor, critic = build_models(cfg, tokenizer, device)  # starts the process group of a megatron run
     src = pool.source()
-    # trainer.offload_during_rollout: SGLang servers size their KV cache against the memory free when they
-    # start, so they start with the trainer's state away (the HF engine copies the actor's weights: not then)
+    # trainer.offload_during_rollout: SGLang servers started here size their KV cache against the memory
+    # free when they start, so they start with the trainer's state away (servers given by URL are already
+    # up; the HF engine copies the actor's weights)
     offload = TrainerOffload(t.offload_during_rollout, (actor, critic))
-    if cfg.rollout.engine == "sglang":
+    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang.urls:
         offload.offload()
     try:
         rollout = build_rollout(cfg, actor, src.pad_token_id, device)
