@@ -120,35 +120,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rollout_config(overrides):
+    """The run's ``rollout`` config, or None where the overrides do not compose (check_run_config then
+    says what is wrong)."""
+    from tempo_mega.config import load_config
+
+    try:
+        return load_config(list(overrides)).rollout
+    except ValueError:
+        return None
+
+
 def _placement(args) -> tuple[str, int, tuple[str, ...]]:
     """SGLang's placement and nodes: the flags where given (the run's overrides then say the same:
     rollout.placement, rollout.rollout_nodes, and weight_sync=distributed where the config had tensor
     sync, which reaches no other node), else the run's config (a preset may name them)."""
     overrides = tuple(args.overrides)
     if args.sglang_placement is None and args.sglang_nodes is None:
-        try:
-            from tempo_mega.config import load_config
-
-            r = load_config(list(overrides)).rollout
-            return r.placement, r.rollout_nodes, overrides
-        except ValueError:  # check_run_config says what is wrong with the config
-            return "colocated", 0, overrides
+        r = _rollout_config(overrides)
+        return (r.placement, r.rollout_nodes, overrides) if r is not None else ("colocated", 0, overrides)
     placement = args.sglang_placement or ("separate" if args.sglang_nodes else "colocated")
     nodes = args.sglang_nodes or 0
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     extra = tuple(o for key, o in (("rollout.placement", f"rollout.placement={placement}"),
                                    ("rollout.rollout_nodes", f"rollout.rollout_nodes={nodes}")) if key not in given)
     if placement == "separate" and "rollout.sglang.weight_sync" not in given:
-        # CUDA IPC (tensor sync, the colocated presets' choice) does not reach other nodes: NCCL does
-        try:
-            from tempo_mega.config import load_config
-
-            # (read with the placement left neutral: what depends on it is checked with the job's own, later)
-            neutral = ["rollout.placement=colocated", "rollout.rollout_nodes=0", "rollout.async_steps=0"]
-            if load_config([*overrides, *neutral]).rollout.sglang.weight_sync == "tensor":
-                extra += ("rollout.sglang.weight_sync=distributed",)
-        except ValueError:  # check_run_config says what is wrong with the config
-            pass
+        # CUDA IPC (tensor sync, the colocated presets' choice) does not reach other nodes: NCCL does. Read
+        # with the placement left neutral: what depends on it is checked with the job's own, later
+        r = _rollout_config([*overrides, "rollout.placement=colocated", "rollout.rollout_nodes=0",
+                             "rollout.async_steps=0"])
+        if r is not None and r.sglang.weight_sync == "tensor":
+            extra += ("rollout.sglang.weight_sync=distributed",)
     return placement, nodes, overrides + extra
 
 
